@@ -1,0 +1,119 @@
+"""From a DICOM radiograph to the tensor the published X-ray age weights expect.
+
+The published SENet-154 (Ieki et al. 2022, distributed with torchxrayvision) was trained on 8-bit
+display images: values mapped to [-1024, 1024], then ``(x + 1024) / 2048`` to [0, 1], resized to
+320x320 and ImageNet-normalised, grey repeated on 3 channels. A DICOM radiograph gets there by:
+
+1. Modality LUT (PS3.3 C.11.1): stored values to modality values.
+2. VOI LUT or the first window (PS3.3 C.11.2), or the full range when the file has neither,
+   to 8-bit display values (rounded, as the 8-bit training images were).
+3. MONOCHROME1 inverted so that bone is bright, as in the training images.
+4. Centre crop to a square (as torchxrayvision's ``XRayCenterCrop``), bilinear resize with
+   antialias to the model's input size, intensity mapping and normalisation.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import torch
+import torch.nn.functional as F
+from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
+from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class PreprocessError(ValueError):
+    """The image cannot be turned into model input; the message says why."""
+
+
+def _window(values: np.ndarray, center: float, width: float, function: str) -> np.ndarray:
+    """Window to [0, 255] (PS3.3 C.11.2.1.2 LINEAR, C.11.2.1.3.1 LINEAR_EXACT and SIGMOID)."""
+    if function == "SIGMOID":
+        return 255.0 / (1.0 + np.exp(-4.0 * (values - center) / width))
+    if function == "LINEAR_EXACT":
+        return np.clip((values - center) / width + 0.5, 0.0, 1.0) * 255.0
+    if width < 1:
+        raise PreprocessError(f"window width {width} is below 1")
+    scaled = (values - (center - 0.5)) / (width - 1) + 0.5
+    return np.clip(scaled, 0.0, 1.0) * 255.0
+
+
+def _first(value: object) -> float:
+    if isinstance(value, MultiValue):
+        value = value[0]
+    return float(value)  # type: ignore[arg-type]
+
+
+def display_values(ds: Dataset) -> np.ndarray:
+    """8-bit display values (float32 array of integers 0..255), MONOCHROME2 sense."""
+    if "PixelData" not in ds:
+        raise PreprocessError("no Pixel Data")
+    if int(ds.get("SamplesPerPixel", 1)) != 1:
+        raise PreprocessError(f"{ds.get('PhotometricInterpretation')} colour image, not greyscale")
+    if int(ds.get("NumberOfFrames", 1) or 1) != 1:
+        raise PreprocessError("multi-frame image")
+    photometric = str(ds.get("PhotometricInterpretation", "")).upper()
+    if photometric not in ("MONOCHROME1", "MONOCHROME2"):
+        raise PreprocessError(f"photometric interpretation {photometric or 'missing'}")
+    try:
+        stored = ds.pixel_array
+    except Exception as e:  # decoders raise many types; all mean the same to the operator
+        raise PreprocessError(f"pixel data cannot be decoded: {e}") from None
+    padding = stored == ds.PixelPaddingValue if "PixelPaddingValue" in ds else None
+    values = np.asarray(apply_modality_lut(stored, ds), dtype=np.float64)
+
+    if "VOILUTSequence" in ds and len(ds.VOILUTSequence) > 0:
+        lut = ds.VOILUTSequence[0]
+        out_max = float(2 ** int(lut.LUTDescriptor[2]) - 1)
+        display = np.asarray(apply_voi_lut(values, ds, index=0), dtype=np.float64) / out_max * 255
+    elif "WindowCenter" in ds and "WindowWidth" in ds:
+        function = str(ds.get("VOILUTFunction", "LINEAR")).upper() or "LINEAR"
+        display = _window(values, _first(ds.WindowCenter), _first(ds.WindowWidth), function)
+    else:
+        valid = values[~padding] if padding is not None and (~padding).any() else values
+        lo, hi = float(valid.min()), float(valid.max())
+        display = (values - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(values)
+
+    display = np.clip(np.rint(display), 0, 255).astype(np.float32)
+    if photometric == "MONOCHROME1":
+        display = 255.0 - display
+    if padding is not None:
+        display[padding] = 0.0
+    return display
+
+
+def to_tensor(display: np.ndarray, input_size: int = 320) -> torch.Tensor:
+    """3 x size x size float32 tensor in the published weights' convention."""
+    h, w = display.shape
+    side = min(h, w)
+    top, left = (h - side) // 2, (w - side) // 2
+    square = display[top : top + side, left : left + side]
+    x = torch.from_numpy(np.ascontiguousarray(square)) / 255.0 * 2048.0 - 1024.0
+    x = F.interpolate(
+        x[None, None],
+        size=(input_size, input_size),
+        mode="bilinear",
+        antialias=True,
+        align_corners=False,
+    )[0]
+    x = (x + 1024.0) / 2048.0
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    return (x.expand(3, -1, -1) - mean) / std
+
+
+def load_dataset(path: Path) -> Dataset:
+    try:
+        return pydicom.dcmread(path)
+    except Exception as e:
+        raise PreprocessError(f"{path.name}: not a readable DICOM file ({e})") from None
+
+
+def preprocess(ds: Dataset, input_size: int = 320) -> torch.Tensor:
+    return to_tensor(display_values(ds), input_size)

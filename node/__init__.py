@@ -1,0 +1,1 @@
+"""The DICOM node: networking, acceptance rules, reports, delivery, service and CLI."""

@@ -1,0 +1,136 @@
+"""Configuration: embedded defaults, then a TOML file, then ``XRAYAGE_*`` environment variables.
+
+Nested keys use a double underscore: ``XRAYAGE_NODE__PORT=11112`` overrides ``[node] port``;
+lists take JSON: ``XRAYAGE_DESTINATIONS='[{"name": "pacs", ...}]'``. Unknown keys in the file
+are refused, so a typo cannot silently fall back to a default.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+
+class ConfigError(ValueError):
+    pass
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def _ae_title(value: str) -> str:
+    # PS3.5 6.2: AE, at most 16 characters, no backslash or control characters.
+    if not 0 < len(value.strip()) <= 16 or "\\" in value or any(ord(c) < 32 for c in value):
+        raise ValueError(f"{value!r} is not a valid AE title (1-16 characters)")
+    return value.strip()
+
+
+class NodeSection(_Section):
+    ae_title: str = "XRAYAGE"
+    host: str = "0.0.0.0"
+    port: int = Field(11112, ge=1, le=65535)
+    network_timeout_seconds: float = 60.0
+    max_associations: int = Field(10, ge=1)
+    _check_ae = field_validator("ae_title")(_ae_title)
+
+
+class StorageSection(_Section):
+    path: Path = Path("./xrayage-data")
+    database_url: str | None = None  # default: SQLite in WAL mode under ``path``
+
+
+class ModelSection(_Section):
+    weights: str | None = None  # a TorchScript file; no weights = receive and queue only
+    device: str = "auto"
+    batch_size: int = Field(8, ge=1)
+
+
+class GateSection(_Section):
+    """Which images are analysed (ARCHITECTURE.md: gate before inference)."""
+
+    body_parts: list[str] = ["CHEST"]
+    views: list[str] = ["PA", "AP"]
+    # CR systems commonly label their processed for-presentation images DERIVED\PRIMARY
+    # (the pydicom-data chest CR does); SECONDARY images (captures, other AI output) never pass.
+    accept_derived_primary: bool = True
+    # Used only when BodyPartExamined / ViewPosition are absent: regular expressions matched
+    # against SeriesDescription, ProtocolName and StudyDescription.
+    chest_patterns: list[str] = [r"(?i)\bchest\b", r"(?i)\bthorax\b", r"(?i)\bcxr\b"]
+    view_patterns: dict[str, str] = {"PA": r"(?i)\bp\.?a\b", "AP": r"(?i)\ba\.?p\b"}
+
+
+class ReportSection(_Section):
+    secondary_capture: bool = True
+    sr_series_number: int = 9901
+    sc_series_number: int = 9902
+    institution_name: str | None = None
+
+
+class DeliverySection(_Section):
+    max_attempts: int = Field(10, ge=1)
+    retry_initial_seconds: float = Field(30.0, gt=0)
+    retry_max_seconds: float = Field(3600.0, gt=0)
+    timeout_seconds: float = 30.0
+
+
+class Destination(_Section):
+    name: str
+    ae_title: str
+    host: str
+    port: int = Field(ge=1, le=65535)
+    _check_ae = field_validator("ae_title")(_ae_title)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="XRAYAGE_", env_nested_delimiter="__", extra="forbid"
+    )
+
+    node: NodeSection = NodeSection()
+    storage: StorageSection = StorageSection()
+    model: ModelSection = ModelSection()
+    gate: GateSection = GateSection()
+    report: ReportSection = ReportSection()
+    delivery: DeliverySection = DeliverySection()
+    destinations: list[Destination] = []
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls))
+
+    @property
+    def database_url(self) -> str:
+        return self.storage.database_url or f"sqlite:///{self.storage.path / 'xrayage.db'}"
+
+
+def load_settings(path: Path | None = None, **overrides: object) -> Settings:
+    """Settings from ``path`` (TOML) with environment overrides; a clear ConfigError otherwise."""
+    if path is not None and not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+
+    class _FromFile(Settings):
+        model_config = SettingsConfigDict(toml_file=path)
+
+    try:
+        return Settings.model_validate(_FromFile(**overrides).model_dump())
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise ConfigError(f"config: {where}: {first['msg']}") from None
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"config: {e}") from None

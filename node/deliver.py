@@ -1,0 +1,138 @@
+"""Delivery of report objects to the configured destinations by C-STORE, with retries.
+
+A failed attempt is recorded and retried after an exponential back-off with full jitter
+(``retry_initial_seconds * 2**attempts``, capped at ``retry_max_seconds``); after
+``max_attempts`` the delivery is ``failed`` with its last error and the instance too.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import random
+import threading
+from itertools import groupby
+from pathlib import Path
+
+from sqlalchemy import select
+
+from node.config import DeliverySection, Settings
+from node.scu import send_files
+from storage import Database, Delivery, DeliveryState, Instance, InstanceState, record_event
+from storage.queue import due_deliveries
+from storage.tables import utcnow
+
+log = logging.getLogger("xrayage.deliver")
+
+
+def backoff_seconds(attempts: int, policy: DeliverySection, rng: random.Random) -> float:
+    ceiling = min(policy.retry_max_seconds, policy.retry_initial_seconds * 2 ** (attempts - 1))
+    return rng.uniform(
+        policy.retry_initial_seconds / 2, max(ceiling, policy.retry_initial_seconds / 2)
+    )
+
+
+class Deliverer(threading.Thread):
+    def __init__(self, settings: Settings, db: Database) -> None:
+        super().__init__(name="xrayage-deliver", daemon=True)
+        self.settings = settings
+        self.db = db
+        self.wake = threading.Event()
+        self.stopping = threading.Event()
+        self.rng = random.Random()
+        self.destinations = {d.name: d for d in settings.destinations}
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.wake.set()
+
+    def run(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                sent = self.run_once()
+            except Exception:
+                log.exception("delivery round failed")
+                sent = 0
+            if not sent:
+                self.wake.wait(timeout=1.0)
+                self.wake.clear()
+
+    def run_once(self) -> int:
+        with self.db.session() as s:
+            due = [(d.id, d.destination, d.path) for d in due_deliveries(s, 64)]
+        for name, batch in groupby(sorted(due, key=lambda d: d[1]), key=lambda d: d[1]):
+            items = list(batch)
+            dest = self.destinations.get(name)
+            if dest is None:
+                errors: list[str | None] = [f"destination {name!r} is no longer configured"] * len(
+                    items
+                )
+            else:
+                errors = send_files(
+                    self.settings.node.ae_title,
+                    dest.ae_title,
+                    dest.host,
+                    dest.port,
+                    [Path(p) for _, _, p in items],
+                    self.settings.delivery.timeout_seconds,
+                )
+            self._record([i for i, _, _ in items], errors)
+        return len(due)
+
+    def _record(self, ids: list[int], errors: list[str | None]) -> None:
+        policy = self.settings.delivery
+        with self.db.session() as s:
+            for delivery_id, error in zip(ids, errors, strict=True):
+                d = s.get_one(Delivery, delivery_id)
+                inst = s.get_one(Instance, d.instance_id)
+                d.attempts += 1
+                if error is None:
+                    d.state, d.delivered_at, d.last_error = DeliveryState.DELIVERED, utcnow(), None
+                    record_event(
+                        s,
+                        "delivered",
+                        instance=inst,
+                        detail=f"{d.sop_instance_uid} to {d.destination}",
+                    )
+                    pending = s.scalar(
+                        select(Delivery.id)
+                        .where(
+                            Delivery.instance_id == inst.id,
+                            Delivery.state != DeliveryState.DELIVERED,
+                        )
+                        .limit(1)
+                    )
+                    if pending is None:
+                        inst.state = InstanceState.DELIVERED
+                    continue
+                d.last_error = error
+                if d.attempts >= policy.max_attempts:
+                    d.state = DeliveryState.FAILED
+                    inst.state = InstanceState.FAILED
+                    inst.reason = f"delivery to {d.destination} failed: {error}"
+                    record_event(
+                        s,
+                        "failed",
+                        outcome="failure",
+                        instance=inst,
+                        detail=f"{d.sop_instance_uid} to {d.destination} after "
+                        f"{d.attempts} attempts: {error}",
+                    )
+                else:
+                    wait = backoff_seconds(d.attempts, policy, self.rng)
+                    d.next_attempt_at = utcnow() + dt.timedelta(seconds=wait)
+                    record_event(
+                        s,
+                        "delivery-retry",
+                        outcome="failure",
+                        instance=inst,
+                        detail=f"{d.sop_instance_uid} to {d.destination}: {error}; "
+                        f"attempt {d.attempts}, next in {wait:.0f} s",
+                    )
+                    log.warning(
+                        "delivery %d to %s failed (%s); retry in %.0f s",
+                        d.id,
+                        d.destination,
+                        error,
+                        wait,
+                    )

@@ -1,0 +1,95 @@
+"""Which received instances are analysed (ARCHITECTURE.md: gate before inference).
+
+Only frontal chest radiographs: CR or DX For Presentation, chest, PA or AP, a primary image,
+within the model's validated age range, and never the node's own output. Everything else is
+accepted on the wire (so the PACS does not retry) and recorded as skipped with the first reason
+found. The gate reads header attributes only; pixels are decoded later by the inference worker.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from pydicom.dataset import Dataset
+from pydicom.uid import (
+    ComputedRadiographyImageStorage,
+    DigitalXRayImageStorageForPresentation,
+    DigitalXRayImageStorageForProcessing,
+)
+
+from node.config import GateSection
+from node.patient_age import chronological_age
+
+MANUFACTURER = "xrayage"
+RADIOGRAPHS = {ComputedRadiographyImageStorage, DigitalXRayImageStorageForPresentation}
+
+
+@dataclass(frozen=True)
+class Decision:
+    analyse: bool
+    reason: str | None = None
+
+
+def _skip(reason: str) -> Decision:
+    return Decision(False, reason)
+
+
+def _descriptions(ds: Dataset) -> str:
+    return " | ".join(
+        str(ds.get(k, "") or "") for k in ("SeriesDescription", "ProtocolName", "StudyDescription")
+    )
+
+
+def _body_part(ds: Dataset, gate: GateSection) -> str | None:
+    part = str(ds.get("BodyPartExamined", "") or "").strip().upper()
+    if part:
+        allowed = {p.upper() for p in gate.body_parts}
+        return None if part in allowed else f"body part {part} is not {'/'.join(sorted(allowed))}"
+    if any(re.search(p, _descriptions(ds)) for p in gate.chest_patterns):
+        return None
+    return "no BodyPartExamined, and no description names the chest"
+
+
+def _view(ds: Dataset, gate: GateSection) -> str | None:
+    view = str(ds.get("ViewPosition", "") or "").strip().upper()
+    allowed = [v.upper() for v in gate.views]
+    if view:
+        return None if view in allowed else f"view {view} is not frontal ({'/'.join(allowed)})"
+    text = _descriptions(ds)
+    if any(re.search(p, text) for v, p in gate.view_patterns.items() if v.upper() in allowed):
+        return None
+    return "no ViewPosition, and no description names a frontal view"
+
+
+def decide(ds: Dataset, gate: GateSection, age_range: tuple[float, float]) -> Decision:
+    sop_class = str(ds.get("SOPClassUID", ""))
+    if str(ds.get("Manufacturer", "")) == MANUFACTURER:
+        return _skip("the node's own output")
+    if sop_class == DigitalXRayImageStorageForProcessing:
+        return _skip("DX For Processing (raw detector image, not for presentation)")
+    if sop_class not in RADIOGRAPHS:
+        name = getattr(ds.SOPClassUID, "name", sop_class) if "SOPClassUID" in ds else "missing"
+        return _skip(f"SOP class {name} is not CR or DX For Presentation")
+    if str(ds.get("PresentationIntentType", "")).upper() == "FOR PROCESSING":
+        return _skip("PresentationIntentType FOR PROCESSING")
+    image_type = [str(v).upper() for v in (ds.get("ImageType") or [])]
+    if len(image_type) >= 2 and image_type[1] == "SECONDARY":
+        return _skip("ImageType SECONDARY (derived or captured image)")
+    if image_type[:1] == ["DERIVED"] and not gate.accept_derived_primary:
+        return _skip("ImageType DERIVED")
+    if "PixelData" not in ds:
+        return _skip("no Pixel Data")
+    if int(ds.get("SamplesPerPixel", 1) or 1) != 1:
+        return _skip(f"colour image ({ds.get('PhotometricInterpretation', '?')})")
+    if int(ds.get("NumberOfFrames", 1) or 1) != 1:
+        return _skip("multi-frame image")
+    for check in (_body_part, _view):
+        reason = check(ds, gate)
+        if reason:
+            return _skip(reason)
+    age = chronological_age(ds)
+    low, high = age_range
+    if age is not None and not low <= age <= high:
+        return _skip(f"patient age {age:g} outside the model's validated range {low:g}-{high:g}")
+    return Decision(True)

@@ -1,0 +1,196 @@
+"""The SCP: C-ECHO and C-STORE, durable before Success (ARCHITECTURE.md).
+
+C-STORE status codes (PS3.4 Table B.2-1, PS3.7 Annex C):
+
+=======  ==========================================================================
+0x0000   stored: file fsynced under its final name and its row committed
+0x0111   Duplicate SOP Instance: different content under a UID already stored
+0xA700   Out of Resources: the file or the row could not be made durable (resend later)
+0xA900   Data Set does not match SOP Class: dataset UIDs differ from the command's
+0xC000   Cannot Understand: the dataset cannot be decoded, or its UID is not valid
+=======  ==========================================================================
+
+The handler reads header attributes only; pixels are decoded by the inference worker.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+
+from pydicom.dataset import Dataset
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from sqlalchemy import select
+from sqlalchemy.exc import SQLAlchemyError
+
+from node.config import Settings
+from node.gate import decide
+from storage import (
+    Database,
+    FileStore,
+    Instance,
+    InstanceState,
+    InvalidUID,
+    Job,
+    JobState,
+    record_event,
+    validate_uid,
+)
+from storage.filestore import ConflictingContent
+
+log = logging.getLogger("xrayage.receive")
+
+SUCCESS = 0x0000
+DUPLICATE_CONFLICT = 0x0111
+OUT_OF_RESOURCES = 0xA700
+DOES_NOT_MATCH = 0xA900
+CANNOT_UNDERSTAND = 0xC000
+
+
+def _text(ds: Dataset, keyword: str, limit: int = 64) -> str | None:
+    value = ds.get(keyword)
+    return str(value)[:limit] if value not in (None, "") else None
+
+
+class Receiver:
+    """C-STORE handling; ``on_queued`` wakes the inference worker."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        db: Database,
+        store: FileStore,
+        age_range: tuple[float, float],
+        on_queued: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.settings = settings
+        self.db = db
+        self.store = store
+        self.age_range = age_range
+        self.on_queued = on_queued
+
+    def _audit_failure(self, event: str, calling: str, detail: str) -> None:
+        try:
+            with self.db.session() as s:
+                record_event(s, event, outcome="failure", actor=calling, detail=detail)
+        except SQLAlchemyError:
+            log.exception("audit log unavailable")
+
+    def handle_echo(self, event: evt.Event) -> int:
+        return SUCCESS
+
+    def handle_store(self, event: evt.Event) -> int:
+        calling = event.assoc.requestor.ae_title
+        request = event.request
+        try:
+            ds = event.dataset
+            ds.file_meta = event.file_meta
+            sop_uid = str(ds.SOPInstanceUID)
+            sop_class = str(ds.SOPClassUID)
+        except Exception as e:  # any decoding error of a peer's bytes
+            self._audit_failure("received", calling, f"dataset cannot be decoded: {e}")
+            return CANNOT_UNDERSTAND
+        if sop_uid != request.AffectedSOPInstanceUID or sop_class != request.AffectedSOPClassUID:
+            self._audit_failure(
+                "received",
+                calling,
+                f"dataset UIDs ({sop_class}, {sop_uid[:64]}) differ from the C-STORE "
+                f"request ({request.AffectedSOPClassUID}, {request.AffectedSOPInstanceUID})",
+            )
+            return DOES_NOT_MATCH
+        try:
+            validate_uid(sop_uid)
+        except InvalidUID as e:
+            self._audit_failure("received", calling, str(e))
+            return CANNOT_UNDERSTAND
+
+        try:
+            data = event.encoded_dataset(include_meta=True)
+            path, digest, _ = self.store.store_received(sop_uid, data)
+        except ConflictingContent:
+            self._audit_failure(
+                "received",
+                calling,
+                f"{sop_uid}: different content under a SOP Instance UID already stored; "
+                "stored file kept",
+            )
+            return DUPLICATE_CONFLICT
+        except OSError as e:
+            log.error("cannot store %s: %s", sop_uid, e)
+            self._audit_failure("received", calling, f"{sop_uid}: storage error: {e}")
+            return OUT_OF_RESOURCES
+
+        try:
+            queued = self._commit(
+                ds, path=str(path), digest=digest, size=len(data), calling=calling
+            )
+        except SQLAlchemyError as e:
+            log.error("cannot record %s: %s", sop_uid, e)
+            return OUT_OF_RESOURCES
+        if queued:
+            self.on_queued()
+        return SUCCESS
+
+    def _commit(self, ds: Dataset, *, path: str, digest: str, size: int, calling: str) -> bool:
+        """Record the instance, its gate decision and its job in one transaction."""
+        with self.db.session() as s:
+            existing = s.scalar(
+                select(Instance).where(Instance.sop_instance_uid == ds.SOPInstanceUID)
+            )
+            if existing is not None:  # same bytes again (the file store checked): no new job
+                record_event(
+                    s,
+                    "received",
+                    actor=calling,
+                    instance=existing,
+                    detail="duplicate of an instance already stored",
+                )
+                return False
+            inst = Instance(
+                sop_instance_uid=str(ds.SOPInstanceUID),
+                sop_class_uid=str(ds.SOPClassUID),
+                study_instance_uid=_text(ds, "StudyInstanceUID"),
+                series_instance_uid=_text(ds, "SeriesInstanceUID"),
+                patient_id=_text(ds, "PatientID"),
+                accession_number=_text(ds, "AccessionNumber", 16),
+                modality=_text(ds, "Modality", 16),
+                path=path,
+                sha256=digest,
+                size=size,
+                calling_ae=calling,
+                state=InstanceState.RECEIVED,
+            )
+            s.add(inst)
+            s.flush()
+            record_event(s, "received", actor=calling, instance=inst)
+            decision = decide(ds, self.settings.gate, self.age_range)
+            if not decision.analyse:
+                inst.state, inst.reason = InstanceState.SKIPPED, decision.reason
+                record_event(s, "skipped", instance=inst, detail=decision.reason)
+                return False
+            inst.state = InstanceState.QUEUED
+            s.add(Job(instance_id=inst.id, state=JobState.QUEUED))
+            record_event(s, "queued", instance=inst)
+            return True
+
+    def make_ae(self) -> AE:
+        node = self.settings.node
+        ae = AE(ae_title=node.ae_title)
+        ae.network_timeout = node.network_timeout_seconds
+        ae.maximum_associations = node.max_associations
+        ae.add_supported_context(Verification)
+        # Every storage class is accepted (non-radiographs are then skipped, so the PACS does not
+        # retry), in every transfer syntax pynetdicom knows: files are stored as sent.
+        for context in AllStoragePresentationContexts:
+            ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+        return ae
+
+    def start(self) -> threading.Thread:
+        """Start listening; returns pynetdicom's server thread (call ``shutdown()`` on it)."""
+        node = self.settings.node
+        handlers = [(evt.EVT_C_ECHO, self.handle_echo), (evt.EVT_C_STORE, self.handle_store)]
+        return self.make_ae().start_server(
+            (node.host, node.port), block=False, evt_handlers=handlers
+        )

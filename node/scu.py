@@ -1,0 +1,44 @@
+"""C-STORE SCU: sends files as they are stored, in one association per call."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pydicom
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE
+
+# Success and the warnings of PS3.4 B.2.3 (coercion, elements discarded, does not match):
+# the object is stored, so it must not be sent again.
+STORED = {0x0000, 0xB000, 0xB006, 0xB007}
+
+
+def send_files(
+    calling_ae: str, called_ae: str, host: str, port: int, paths: list[Path], timeout: float = 30
+) -> list[str | None]:
+    """C-STORE each file; an error message per file, None where it was stored."""
+    ae = AE(ae_title=calling_ae)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+    contexts: set[tuple[str, str]] = set()
+    for path in paths:
+        meta = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID"])
+        contexts.add((str(meta.SOPClassUID), str(meta.file_meta.TransferSyntaxUID)))
+    for sop_class, syntax in sorted(contexts):
+        fallback = [s for s in (ExplicitVRLittleEndian, ImplicitVRLittleEndian) if s != syntax]
+        ae.add_requested_context(sop_class, [syntax, *fallback])
+    assoc = ae.associate(host, port, ae_title=called_ae)
+    if not assoc.is_established:
+        return [f"association with {called_ae}@{host}:{port} failed"] * len(paths)
+    errors: list[str | None] = []
+    try:
+        for path in paths:
+            status = assoc.send_c_store(path)
+            code = getattr(status, "Status", None)
+            if code is None:
+                errors.append("no response (connection lost or timed out)")
+            else:
+                errors.append(None if code in STORED else f"C-STORE status 0x{code:04X}")
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    return errors

@@ -1,0 +1,34 @@
+"""Persistent state of the node: database tables, the job queue, the DICOM file store, the audit log.
+
+Imports nothing from ``node`` or ``ai`` (see ARCHITECTURE.md).
+"""
+
+from storage.audit import record_event
+from storage.db import Database
+from storage.filestore import FileStore, InvalidUID, validate_uid
+from storage.tables import (
+    AuditEvent,
+    Delivery,
+    DeliveryState,
+    Instance,
+    InstanceState,
+    Job,
+    JobState,
+    Result,
+)
+
+__all__ = [
+    "AuditEvent",
+    "Database",
+    "Delivery",
+    "DeliveryState",
+    "FileStore",
+    "Instance",
+    "InstanceState",
+    "InvalidUID",
+    "Job",
+    "JobState",
+    "Result",
+    "record_event",
+    "validate_uid",
+]

@@ -1,0 +1,50 @@
+"""The inference queue: jobs claimed in batches under leases, so a dead worker's jobs come back.
+
+On SQLite (one process) an UPDATE ... RETURNING claims atomically; PostgreSQL claims with
+``FOR UPDATE SKIP LOCKED`` so several workers never take the same job.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from sqlalchemy import or_, select, update
+from sqlalchemy.orm import Session
+
+from storage.tables import Delivery, DeliveryState, Job, JobState, utcnow
+
+
+def claim_jobs(session: Session, owner: str, limit: int, lease: dt.timedelta) -> list[Job]:
+    now = utcnow()
+    claimable = or_(
+        Job.state == JobState.QUEUED,
+        (Job.state == JobState.RUNNING) & (Job.lease_until < now),
+    )
+    pick = select(Job.id).where(claimable).order_by(Job.id).limit(limit)
+    if session.get_bind().dialect.name == "postgresql":
+        pick = pick.with_for_update(skip_locked=True)
+    ids = session.scalars(
+        update(Job)
+        .where(Job.id.in_(pick.scalar_subquery()))
+        .values(
+            state=JobState.RUNNING,
+            owner=owner,
+            lease_until=now + lease,
+            attempts=Job.attempts + 1,
+        )
+        .returning(Job.id)
+    ).all()
+    if not ids:
+        return []
+    return list(session.scalars(select(Job).where(Job.id.in_(ids)).order_by(Job.id)))
+
+
+def due_deliveries(session: Session, limit: int) -> list[Delivery]:
+    return list(
+        session.scalars(
+            select(Delivery)
+            .where(Delivery.state == DeliveryState.PENDING, Delivery.next_attempt_at <= utcnow())
+            .order_by(Delivery.next_attempt_at)
+            .limit(limit)
+        )
+    )
