@@ -1,4 +1,4 @@
-"""Persistent state of the node: database tables, the job queue, the DICOM file store, the audit log.
+"""Persistent state of the node: tables, the job queue, the DICOM file store, the audit log.
 
 Imports nothing from ``node`` or ``ai`` (see ARCHITECTURE.md).
 """

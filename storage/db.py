@@ -1,4 +1,4 @@
-"""Engine and sessions. SQLite (WAL) under the data folder by default; any SQLAlchemy URL otherwise."""
+"""Engine and sessions: SQLite (WAL) under the data folder by default, or any SQLAlchemy URL."""
 
 from __future__ import annotations
 
