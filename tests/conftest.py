@@ -1,0 +1,103 @@
+from __future__ import annotations
+
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+
+from ai import build_untrained_model
+from tests.servers import NodeProcess, Orthanc, free_port
+
+STORESCU = "/usr/bin/storescu"  # DCMTK's; pynetdicom installs its own storescu earlier on PATH
+
+
+def testdata(name: str) -> Path:
+    path = get_testdata_file(name)
+    assert path is not None, f"pydicom-data lacks {name}"
+    return Path(path)
+
+
+@pytest.fixture(scope="session")
+def chest_pa() -> Path:
+    return testdata("RG1_UNCR.dcm")
+
+
+@pytest.fixture(scope="session")
+def extremity() -> Path:
+    return testdata("RG3_UNCR.dcm")
+
+
+@pytest.fixture
+def chest_ds(chest_pa: Path) -> pydicom.Dataset:
+    return pydicom.dcmread(chest_pa)
+
+
+@pytest.fixture(scope="session")
+def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small TorchScript SE-ResNet with fixed-seed untrained weights: nothing is downloaded."""
+    path = tmp_path_factory.mktemp("model") / "seresnet.pt"
+    build_untrained_model(path, seed=1234)
+    return path
+
+
+def require(tool: str) -> str:
+    path = shutil.which(tool) or (f"/usr/bin/{tool}" if Path(f"/usr/bin/{tool}").exists() else None)
+    assert path, f"{tool} is not installed: run the README's test command (bash .ci/run)"
+    return path
+
+
+def dciodvfy_errors(path: Path) -> list[str]:
+    out = subprocess.run([require("dciodvfy"), str(path)], capture_output=True, text=True)
+    return [line for line in (out.stdout + out.stderr).splitlines() if line.startswith("Error")]
+
+
+def storescu(port: int, *files: Path, called: str = "XRAYAGE") -> subprocess.CompletedProcess[str]:
+    require(STORESCU)
+    return subprocess.run(
+        [STORESCU, "-aet", "STORESCU", "-aec", called, "127.0.0.1", str(port), *map(str, files)],
+        capture_output=True, text=True, timeout=120,
+    )
+
+
+@pytest.fixture(scope="module")
+def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthanc]:
+    require("Orthanc")
+    pacs = Orthanc(tmp_path_factory.mktemp("orthanc"), free_port(), free_port())
+    pacs.start(allowed={"XRAYAGE": "xrayage", "STORESCU": "storescu"})
+    yield pacs
+    pacs.stop()
+
+
+def node_config(folder: Path, port: int, weights: Path | None, pacs: Orthanc | None) -> Path:
+    lines = [
+        "[node]", 'ae_title = "XRAYAGE"', 'host = "127.0.0.1"', f"port = {port}",
+        "[storage]", f'path = "{folder / "data"}"',
+        "[model]", 'device = "cpu"',
+    ]
+    if weights is not None:
+        lines.append(f'weights = "{weights}"')
+    if pacs is not None:
+        lines += [
+            "[delivery]", "retry_initial_seconds = 1", "retry_max_seconds = 2",
+            "[[destinations]]", 'name = "pacs"', f'ae_title = "{pacs.aet}"',
+            'host = "127.0.0.1"', f"port = {pacs.dicom_port}",
+        ]
+    path = folder / "xrayage.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def node(
+    tmp_path_factory: pytest.TempPathFactory, weights: Path, orthanc: Orthanc
+) -> Iterator[NodeProcess]:
+    folder = tmp_path_factory.mktemp("node")
+    port = free_port()
+    proc = NodeProcess(node_config(folder, port, weights, orthanc), port, folder / "node.log")
+    proc.start()
+    yield proc
+    proc.stop()

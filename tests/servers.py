@@ -1,0 +1,157 @@
+"""Real servers for the tests: Orthanc as the PACS and ``xrayage serve`` as a process.
+
+Everything listens on free loopback ports and is stopped by the fixture that started it.
+Orthanc 1.10 has no bind-address option, so it is confined in its configuration instead:
+HTTP refuses non-local clients (RemoteAccessAllowed false) and DICOM accepts only the modalities
+listed with their 127.0.0.1 address (DicomCheckModalityHost).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import requests
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+XRAYAGE = Path(sys.executable).parent / "xrayage"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_until(check, timeout: float, what: str, interval: float = 0.2):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+
+
+def echo(port: int, called: str = "XRAYAGE") -> bool:
+    ae = AE(ae_title="TESTSCU")
+    ae.add_requested_context(Verification)
+    ae.acse_timeout = ae.network_timeout = 2
+    assoc = ae.associate("127.0.0.1", port, ae_title=called)
+    if not assoc.is_established:
+        return False
+    status = assoc.send_c_echo()
+    assoc.release()
+    return getattr(status, "Status", None) == 0
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@dataclass
+class Orthanc:
+    folder: Path
+    http_port: int
+    dicom_port: int
+    aet: str = "ORTHANC"
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def start(self, allowed: dict[str, str]) -> None:
+        """``allowed``: AE title -> name of the peers that may store (all from 127.0.0.1)."""
+        db = self.folder / "db"
+        db.mkdir(parents=True, exist_ok=True)
+        config = {
+            "Name": "xrayage-test-pacs",
+            "StorageDirectory": str(db),
+            "IndexDirectory": str(db),
+            "HttpPort": self.http_port,
+            "DicomPort": self.dicom_port,
+            "DicomAet": self.aet,
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False,
+            "DicomAlwaysAllowStore": False,
+            "DicomAlwaysAllowEcho": False,
+            "DicomCheckModalityHost": True,
+            "DicomModalities": {name: [aet, "127.0.0.1", 104] for aet, name in allowed.items()},
+            "Plugins": [],
+            "HttpCompressionEnabled": False,
+        }
+        path = self.folder / "orthanc.json"
+        path.write_text(json.dumps(config, indent=2))
+        log = (self.folder / "orthanc.log").open("wb")
+        self.proc = subprocess.Popen(["Orthanc", str(path)], stdout=log, stderr=subprocess.STDOUT)
+        wait_until(self._up, 30, "Orthanc's REST API")
+
+    def _up(self) -> bool:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise AssertionError(f"Orthanc exited: {(self.folder / 'orthanc.log').read_text()}")
+        try:
+            return requests.get(f"{self.url}/system", timeout=1).ok
+        except requests.ConnectionError:
+            return False
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            _stop(self.proc)
+
+    def find(self, query: dict[str, str]) -> list[dict[str, Any]]:
+        r = requests.post(
+            f"{self.url}/tools/find",
+            json={"Level": "Instance", "Query": query, "Expand": True},
+            timeout=10,
+        )
+        r.raise_for_status()
+        return list(r.json())
+
+    def file(self, orthanc_id: str) -> bytes:
+        r = requests.get(f"{self.url}/instances/{orthanc_id}/file", timeout=30)
+        r.raise_for_status()
+        return r.content
+
+
+@dataclass
+class NodeProcess:
+    """``xrayage serve --config`` in a subprocess, the way an administrator runs it."""
+
+    config: Path
+    port: int
+    log: Path
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("XRAYAGE_")}
+        out = self.log.open("ab")
+        self.proc = subprocess.Popen(
+            [str(XRAYAGE), "serve", "--config", str(self.config)],
+            stdout=out, stderr=subprocess.STDOUT, env=env,
+        )
+        wait_until(self._up, 120, "the node to answer C-ECHO", interval=0.5)
+
+    def _up(self) -> bool:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise AssertionError(f"xrayage serve exited: {self.log.read_text()}")
+        return echo(self.port)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            _stop(self.proc)
