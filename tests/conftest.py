@@ -15,7 +15,7 @@ from tests.servers import NodeProcess, Orthanc, free_port
 STORESCU = "/usr/bin/storescu"  # DCMTK's; pynetdicom installs its own storescu earlier on PATH
 
 
-def testdata(name: str) -> Path:
+def pydicom_data_file(name: str) -> Path:
     path = get_testdata_file(name)
     assert path is not None, f"pydicom-data lacks {name}"
     return Path(path)
@@ -23,12 +23,12 @@ def testdata(name: str) -> Path:
 
 @pytest.fixture(scope="session")
 def chest_pa() -> Path:
-    return testdata("RG1_UNCR.dcm")
+    return pydicom_data_file("RG1_UNCR.dcm")
 
 
 @pytest.fixture(scope="session")
 def extremity() -> Path:
-    return testdata("RG3_UNCR.dcm")
+    return pydicom_data_file("RG3_UNCR.dcm")
 
 
 @pytest.fixture

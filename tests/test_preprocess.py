@@ -1,0 +1,64 @@
+"""Preprocessing: the same radiograph gives the same tensor however it is encoded."""
+
+from __future__ import annotations
+
+import numpy as np
+import pydicom
+import pytest
+import torch
+
+from ai import PreprocessError, display_values, preprocess, to_tensor
+from ai.preprocess import IMAGENET_MEAN, IMAGENET_STD
+from tests.conftest import pydicom_data_file
+
+
+def test_jpeg2000_lossless_decodes_to_the_same_tensor(chest_ds: pydicom.Dataset) -> None:
+    j2k = pydicom.dcmread(pydicom_data_file("RG1_J2KR.dcm"))
+    assert j2k.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.90"
+    assert torch.equal(preprocess(j2k), preprocess(chest_ds))
+
+
+def test_monochrome1_equals_its_inverted_monochrome2(chest_ds: pydicom.Dataset) -> None:
+    inverted = chest_ds.copy()
+    maxval = 2**chest_ds.BitsStored - 1
+    inverted.PixelData = (maxval - chest_ds.pixel_array).astype(np.uint16).tobytes()
+    inverted.PhotometricInterpretation = "MONOCHROME2"
+    inverted.WindowCenter = maxval - chest_ds.WindowCenter
+    torch.testing.assert_close(preprocess(inverted), preprocess(chest_ds), atol=0.02, rtol=0)
+
+
+def test_window_and_intensity_mapping(chest_ds: pydicom.Dataset) -> None:
+    display = display_values(chest_ds)
+    assert display.dtype == np.float32 and display.min() >= 0 and display.max() <= 255
+    assert np.array_equal(display, np.rint(display))  # 8-bit display values, as trained
+    # MONOCHROME1: the highest stored value is displayed darkest, the lowest brightest
+    pixels = chest_ds.pixel_array
+    assert display[np.unravel_index(pixels.argmax(), pixels.shape)] == display.min()
+    assert display[np.unravel_index(pixels.argmin(), pixels.shape)] == display.max()
+    # a uniform display value v maps to ((v/255*2048-1024)+1024)/2048 = v/255, then ImageNet
+    x = to_tensor(np.full((50, 80), 51.0, dtype=np.float32))
+    assert x.shape == (3, 320, 320)
+    for c in range(3):
+        assert x[c].mean().item() == pytest.approx((0.2 - IMAGENET_MEAN[c]) / IMAGENET_STD[c])
+
+
+def test_full_range_when_there_is_no_window(chest_ds: pydicom.Dataset) -> None:
+    del chest_ds.WindowCenter
+    del chest_ds.WindowWidth
+    display = display_values(chest_ds)
+    assert display.min() == 0 and display.max() == 255
+
+
+def test_non_square_images_are_centre_cropped() -> None:
+    img = np.zeros((100, 300), dtype=np.float32)
+    img[:, 100:200] = 255  # the centre square is white, the sides black
+    assert to_tensor(img).min().item() == pytest.approx((1 - IMAGENET_MEAN[0]) / IMAGENET_STD[0])
+
+
+def test_colour_and_missing_pixels_are_clear_errors(chest_ds: pydicom.Dataset) -> None:
+    chest_ds.SamplesPerPixel = 3
+    with pytest.raises(PreprocessError, match="colour"):
+        display_values(chest_ds)
+    del chest_ds.PixelData
+    with pytest.raises(PreprocessError, match="no Pixel Data"):
+        display_values(chest_ds)
