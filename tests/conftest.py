@@ -59,7 +59,9 @@ def storescu(port: int, *files: Path, called: str = "XRAYAGE") -> subprocess.Com
     require(STORESCU)
     return subprocess.run(
         [STORESCU, "-aet", "STORESCU", "-aec", called, "127.0.0.1", str(port), *map(str, files)],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
 
 
@@ -74,17 +76,27 @@ def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthanc]:
 
 def node_config(folder: Path, port: int, weights: Path | None, pacs: Orthanc | None) -> Path:
     lines = [
-        "[node]", 'ae_title = "XRAYAGE"', 'host = "127.0.0.1"', f"port = {port}",
-        "[storage]", f'path = "{folder / "data"}"',
-        "[model]", 'device = "cpu"',
+        "[node]",
+        'ae_title = "XRAYAGE"',
+        'host = "127.0.0.1"',
+        f"port = {port}",
+        "[storage]",
+        f'path = "{folder / "data"}"',
+        "[model]",
+        'device = "cpu"',
     ]
     if weights is not None:
         lines.append(f'weights = "{weights}"')
     if pacs is not None:
         lines += [
-            "[delivery]", "retry_initial_seconds = 1", "retry_max_seconds = 2",
-            "[[destinations]]", 'name = "pacs"', f'ae_title = "{pacs.aet}"',
-            'host = "127.0.0.1"', f"port = {pacs.dicom_port}",
+            "[delivery]",
+            "retry_initial_seconds = 1",
+            "retry_max_seconds = 2",
+            "[[destinations]]",
+            'name = "pacs"',
+            f'ae_title = "{pacs.aet}"',
+            'host = "127.0.0.1"',
+            f"port = {pacs.dicom_port}",
         ]
     path = folder / "xrayage.toml"
     path.write_text("\n".join(lines) + "\n")

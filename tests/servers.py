@@ -143,7 +143,9 @@ class NodeProcess:
         out = self.log.open("ab")
         self.proc = subprocess.Popen(
             [str(XRAYAGE), "serve", "--config", str(self.config)],
-            stdout=out, stderr=subprocess.STDOUT, env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
         )
         wait_until(self._up, 120, "the node to answer C-ECHO", interval=0.5)
 

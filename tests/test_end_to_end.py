@@ -79,9 +79,19 @@ def test_chest_pa_gets_exactly_one_valid_sr_with_the_models_age(
     sr = pydicom.dcmread(sr_path)
 
     infer = subprocess.run(
-        [str(XRAYAGE), "infer", str(chest_pa), "--weights", str(weights), "--device", "cpu",
-         "--json"],
-        capture_output=True, text=True, check=True,
+        [
+            str(XRAYAGE),
+            "infer",
+            str(chest_pa),
+            "--weights",
+            str(weights),
+            "--device",
+            "cpu",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
     )
     expected = json.loads(infer.stdout)[0]
     nums = _nums(sr)
@@ -95,7 +105,10 @@ def test_chest_pa_gets_exactly_one_valid_sr_with_the_models_age(
 
     assert sr.SOPClassUID == pydicom.uid.Comprehensive3DSRStorage
     assert (sr.PatientID, sr.PatientName, sr.StudyInstanceUID) == (
-        src.PatientID, src.PatientName, src.StudyInstanceUID)
+        src.PatientID,
+        src.PatientName,
+        src.StudyInstanceUID,
+    )
     assert sr.SpecificCharacterSet == src.SpecificCharacterSet
     assert sr.SeriesInstanceUID != src.SeriesInstanceUID
     assert sr.VerificationFlag == "UNVERIFIED"
@@ -111,8 +124,11 @@ def test_chest_pa_gets_exactly_one_valid_sr_with_the_models_age(
     assert sc.StudyInstanceUID == src.StudyInstanceUID and sc.pixel_array.max() == 255
 
     inst = wait_until(
-        lambda: (i := _state(node, src.SOPInstanceUID)) and i.state == InstanceState.DELIVERED
-        and i, 30, "state delivered",
+        lambda: (
+            (i := _state(node, src.SOPInstanceUID)) and i.state == InstanceState.DELIVERED and i
+        ),
+        30,
+        "state delivered",
     )
     assert inst.reason is None
 

@@ -10,8 +10,9 @@ from storage import FileStore, InvalidUID
 from storage.filestore import ConflictingContent
 
 
-@pytest.mark.parametrize("uid", ["../../etc/passwd", "1.2/../../x", "/abs", "1.2\x003", "", "1" * 65,
-                                 "1..2", "1.2."])
+@pytest.mark.parametrize(
+    "uid", ["../../etc/passwd", "1.2/../../x", "/abs", "1.2\x003", "", "1" * 65, "1..2", "1.2."]
+)
 def test_uids_that_are_not_uids_never_become_paths(tmp_path: Path, uid: str) -> None:
     store = FileStore(tmp_path / "store")
     with pytest.raises(InvalidUID):

@@ -25,11 +25,18 @@ def test_the_chest_pa_from_pydicom_data_is_analysed(chest_ds: pydicom.Dataset) -
     [
         ({"ViewPosition": "LL"}, "view LL is not frontal (PA/AP)"),
         ({"BodyPartExamined": "SKULL"}, "body part SKULL is not CHEST"),
-        ({"SOPClassUID": DigitalXRayImageStorageForProcessing},
-         "DX For Processing (raw detector image, not for presentation)"),
-        ({"SOPClassUID": SecondaryCaptureImageStorage},
-         "SOP class Secondary Capture Image Storage is not CR or DX For Presentation"),
-        ({"ImageType": ["DERIVED", "SECONDARY"]}, "ImageType SECONDARY (derived or captured image)"),
+        (
+            {"SOPClassUID": DigitalXRayImageStorageForProcessing},
+            "DX For Processing (raw detector image, not for presentation)",
+        ),
+        (
+            {"SOPClassUID": SecondaryCaptureImageStorage},
+            "SOP class Secondary Capture Image Storage is not CR or DX For Presentation",
+        ),
+        (
+            {"ImageType": ["DERIVED", "SECONDARY"]},
+            "ImageType SECONDARY (derived or captured image)",
+        ),
         ({"Manufacturer": "xrayage"}, "the node's own output"),
         ({"PatientAge": "007Y"}, "patient age 7 outside the model's validated range 18-100"),
         ({"SamplesPerPixel": 3, "PhotometricInterpretation": "RGB"}, "colour image (RGB)"),

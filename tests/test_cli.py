@@ -1,0 +1,79 @@
+"""The command line: results on stdout, one-line errors on stderr, never a traceback."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.servers import XRAYAGE
+
+
+def run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(XRAYAGE), *args], capture_output=True, text=True, timeout=300)
+
+
+def test_infer_json_gives_one_object_per_file(
+    chest_pa: Path, extremity: Path, weights: Path
+) -> None:
+    out = run(
+        "infer",
+        str(chest_pa),
+        str(extremity),
+        "--weights",
+        str(weights),
+        "--json",
+        "--device",
+        "cpu",
+    )
+    assert out.returncode == 0, out.stderr
+    rows = json.loads(out.stdout)
+    assert [r["path"] for r in rows] == [str(chest_pa), str(extremity)]
+    assert all(isinstance(r["xray_age"], float) for r in rows)
+    assert rows[0]["xray_age"] != rows[1]["xray_age"]  # the stand-in model tells images apart
+    assert rows[0]["untrained"] is True
+
+
+def test_a_bad_file_is_reported_and_the_others_still_run(
+    chest_pa: Path, weights: Path, tmp_path: Path
+) -> None:
+    junk = tmp_path / "notes.txt"
+    junk.write_text("not dicom")
+    out = run("infer", str(junk), str(chest_pa), "--weights", str(weights), "--json")
+    assert out.returncode == 1
+    rows = json.loads(out.stdout)
+    assert "not a readable DICOM file" in rows[0]["error"] and "xray_age" in rows[1]
+    assert "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["infer", "x.dcm"], "xrayage: error: no weights: pass --weights PATH"),
+        (["infer", "x.dcm", "--weights", "/nonexistent.pt"], "weights not found: /nonexistent.pt"),
+        (["serve", "--config", "/nonexistent.toml"], "config file not found: /nonexistent.toml"),
+        (["infer", "x.dcm", "--weights", "{junk}", "--device", "cpu"], "not a TorchScript model"),
+        (["infer", "x.dcm", "--weights", "{weights}", "--device", "tpu"], "device must be auto"),
+    ],
+)
+def test_user_mistakes_are_one_line(
+    args: list[str], message: str, weights: Path, tmp_path: Path
+) -> None:
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"\x80\x04not a model")
+    args = [a.format(junk=junk, weights=weights) for a in args]
+    out = run(*args)
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], out.stderr
+
+
+def test_demo_shows_the_sr_of_an_untrained_model(tmp_path: Path, chest_pa: Path) -> None:
+    out = run("demo", "--data", str(tmp_path))
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "UNTRAINED" in out.stdout
+    sr = next((tmp_path / "dicom" / "reports").rglob("*.dcm"))
+    assert str(sr) in out.stdout or "SR:" in out.stdout
+    assert 'NUM:(,,"X-ray age")' in out.stdout  # dsrdump's content tree

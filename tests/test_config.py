@@ -1,0 +1,83 @@
+"""Config: the keys of the issue as written, environment overrides, clear errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from node.config import ConfigError, load_settings
+
+EXAMPLE = """
+[node]
+ae_title = "XRAYAGE"
+host = "0.0.0.0"
+port = 11112
+[storage]
+path = "./xrayage-data"          # DICOM files and the SQLite database
+# database_url = "postgresql+psycopg://..."   # default: SQLite under path
+[model]
+weights = "/path/to/model.pt"
+device = "auto"
+[[destinations]]
+name = "pacs"
+ae_title = "PACS"
+host = "pacs.example"
+port = 104
+"""
+
+
+def test_the_documented_keys_load(tmp_path: Path) -> None:
+    path = tmp_path / "x.toml"
+    path.write_text(EXAMPLE)
+    s = load_settings(path)
+    assert (s.node.ae_title, s.node.host, s.node.port) == ("XRAYAGE", "0.0.0.0", 11112)
+    assert s.model.weights == "/path/to/model.pt" and s.model.device == "auto"
+    assert s.destinations[0].host == "pacs.example" and s.destinations[0].port == 104
+    assert s.database_url == "sqlite:///xrayage-data/xrayage.db"
+    assert s.report.secondary_capture is True
+
+
+def test_the_example_config_in_deploy_loads() -> None:
+    s = load_settings(Path(__file__).parents[1] / "deploy" / "xrayage.example.toml")
+    assert s.node.port == 11112 and s.destinations
+
+
+def test_environment_overrides_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "x.toml"
+    path.write_text(EXAMPLE)
+    monkeypatch.setenv("XRAYAGE_NODE__PORT", "4242")
+    monkeypatch.setenv("XRAYAGE_STORAGE__DATABASE_URL", "sqlite:////tmp/other.db")
+    monkeypatch.setenv("XRAYAGE_REPORT__SECONDARY_CAPTURE", "false")
+    monkeypatch.setenv(
+        "XRAYAGE_DESTINATIONS", '[{"name": "b", "ae_title": "B", "host": "h", "port": 11}]'
+    )
+    s = load_settings(path)
+    assert s.node.port == 4242 and s.node.ae_title == "XRAYAGE"
+    assert s.database_url == "sqlite:////tmp/other.db"
+    assert s.report.secondary_capture is False
+    assert [d.name for d in s.destinations] == ["b"]
+
+
+def test_defaults_without_a_file() -> None:
+    s = load_settings(None)
+    assert s.node.port == 11112 and s.model.weights is None and s.destinations == []
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[node]\nprot = 1\n", "config: node.prot: Extra inputs are not permitted"),
+        (
+            "[node]\nport = 70000\n",
+            "config: node.port: Input should be less than or equal to 65535",
+        ),
+        ('[node]\nae_title = "MUCH_TOO_LONG_AE_TITLE"\n', "not a valid AE title"),
+        ("[node\n", "config: "),
+    ],
+)
+def test_mistakes_are_one_clear_error(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "x.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        load_settings(path)

@@ -1,0 +1,103 @@
+"""Receive and deliver in-process: idempotency, conflicts, and a delivery that must wait."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterator
+from pathlib import Path
+
+import pydicom
+import pytest
+from sqlalchemy import func, select
+
+from node.config import Settings, load_settings
+from node.scu import send_files
+from node.service import NodeService
+from storage import AuditEvent, Delivery, DeliveryState, Instance, InstanceState, Job
+from storage.tables import utcnow
+from tests.servers import free_port, wait_until
+
+
+def start(tmp_path: Path, **overrides: object) -> NodeService:
+    settings: Settings = load_settings(
+        None,
+        node={"host": "127.0.0.1", "port": free_port()},
+        storage={"path": tmp_path / "data"},
+        **overrides,
+    )
+    node = NodeService(settings)
+    node.start()
+    return node
+
+
+@pytest.fixture
+def receiver(tmp_path: Path) -> Iterator[NodeService]:
+    node = start(tmp_path)  # no weights: receive and queue only
+    yield node
+    node.stop()
+
+
+def send(node: NodeService, *paths: Path) -> list[str | None]:
+    return send_files("TESTSCU", "XRAYAGE", "127.0.0.1", node.settings.node.port, list(paths))
+
+
+def count(node: NodeService, what: type) -> int:
+    with node.db.session() as s:
+        return int(s.scalar(select(func.count()).select_from(what)) or 0)
+
+
+def test_the_same_instance_twice_is_one_instance_and_one_job(
+    receiver: NodeService, chest_pa: Path
+) -> None:
+    assert send(receiver, chest_pa, chest_pa) == [None, None]
+    assert count(receiver, Instance) == 1 and count(receiver, Job) == 1
+    with receiver.db.session() as s:
+        inst = s.scalars(select(Instance)).one()
+        assert inst.state == InstanceState.QUEUED and inst.calling_ae == "TESTSCU"
+        assert Path(inst.path).read_bytes()[128:132] == b"DICM"  # stored as a DICOM file
+
+
+def test_different_content_under_a_stored_uid_is_refused(
+    receiver: NodeService, chest_pa: Path, tmp_path: Path
+) -> None:
+    assert send(receiver, chest_pa) == [None]
+    changed = pydicom.dcmread(chest_pa)
+    changed.PatientID = "SOMEONE-ELSE"
+    other = tmp_path / "changed.dcm"
+    changed.save_as(other)
+    assert send(receiver, other) == ["C-STORE status 0x0111"]
+    with receiver.db.session() as s:
+        inst = s.scalars(select(Instance)).one()
+        assert pydicom.dcmread(inst.path).PatientID == "9RG1"
+        refused = s.scalars(select(AuditEvent).where(AuditEvent.outcome == "failure")).one()
+        assert "different content" in (refused.detail or "")
+
+
+def test_a_delivery_to_an_unreachable_pacs_is_kept_and_retried(
+    tmp_path: Path, chest_pa: Path, weights: Path
+) -> None:
+    node = start(
+        tmp_path,
+        model={"weights": str(weights), "device": "cpu"},
+        delivery={"retry_initial_seconds": 60, "max_attempts": 5, "timeout_seconds": 2},
+        destinations=[
+            {"name": "down", "ae_title": "PACS", "host": "127.0.0.1", "port": free_port()}
+        ],
+    )
+    try:
+        assert send(node, chest_pa) == [None]
+
+        def tried() -> list[Delivery]:
+            with node.db.session() as s:
+                rows = list(s.scalars(select(Delivery).where(Delivery.attempts >= 1)))
+            return rows if len(rows) == 2 else []
+
+        rows = wait_until(tried, 120, "two failed delivery attempts (SR and SC)")
+        for d in rows:
+            assert d.state == DeliveryState.PENDING and "association" in (d.last_error or "")
+            # retry_initial_seconds = 60: the next try is 30-60 s away (full jitter), not now
+            assert d.next_attempt_at > utcnow() + dt.timedelta(seconds=25)
+        with node.db.session() as s:
+            assert s.scalars(select(Instance)).one().state == InstanceState.REPORTED
+    finally:
+        node.stop()
