@@ -17,6 +17,7 @@ Reports images/s and p50/p95 latency per batch; ``compile`` and ``node`` rows ca
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
@@ -30,7 +31,7 @@ import timm
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from ai.model import AgeModel  # noqa: E402
+from ai.model import AgeModel
 
 
 def _time(fn: Callable[[], object], device: torch.device, warmup: int, iters: int) -> list[float]:
@@ -48,11 +49,21 @@ def _time(fn: Callable[[], object], device: torch.device, warmup: int, iters: in
     return times
 
 
-def _row(arch: str, device: torch.device, mode: str, dtype: str, batch: int,
-         times: list[float]) -> dict[str, object]:
+def _forward(module: torch.nn.Module, x: torch.Tensor, bf16: bool) -> object:
+    with torch.inference_mode(), torch.autocast(x.device.type, torch.bfloat16, enabled=bf16):
+        return module(x)
+
+
+def _row(
+    arch: str, device: torch.device, mode: str, dtype: str, batch: int, times: list[float]
+) -> dict[str, object]:
     q = statistics.quantiles(times, n=20, method="inclusive") if len(times) > 1 else times * 19
     return {
-        "arch": arch, "device": device.type, "mode": mode, "dtype": dtype, "batch": batch,
+        "arch": arch,
+        "device": device.type,
+        "mode": mode,
+        "dtype": dtype,
+        "batch": batch,
         "images_per_s": round(batch / statistics.mean(times), 1),
         "p50_ms": round(statistics.median(times) * 1000, 2),
         "p95_ms": round(q[18] * 1000, 2),
@@ -60,12 +71,13 @@ def _row(arch: str, device: torch.device, mode: str, dtype: str, batch: int,
     }
 
 
-def bench_arch(arch: str, device: torch.device, args: argparse.Namespace) -> list[dict[str, object]]:
+def bench_arch(
+    arch: str, device: torch.device, args: argparse.Namespace
+) -> list[dict[str, object]]:
     size = args.input_size
     net = timm.create_model(arch, pretrained=False, num_classes=1).eval().to(device)
     if device.type == "cuda":
         net = net.to(memory_format=torch.channels_last)
-    rows: list[dict[str, object]] = []
     node_model = None
     if "node" in args.modes:
         with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings(), torch.no_grad():
@@ -74,41 +86,44 @@ def bench_arch(arch: str, device: torch.device, args: argparse.Namespace) -> lis
             torch.jit.trace(net.cpu(), torch.zeros(1, 3, size, size)).save(str(path))
             net.to(device)
             node_model = AgeModel.load(path, device.type)
-    compiled = torch.compile(net, mode=args.compile_mode) if "compile" in args.modes else None
+    modules = {"eager": net}
+    if "compile" in args.modes:
+        modules["compile"] = torch.compile(net, mode=args.compile_mode)
+    rows: list[dict[str, object]] = []
     for batch in args.batch_sizes:
         host = torch.randn(batch, 3, size, size)
         x = host.to(device)
         if device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
         eager: dict[str, float] = {}
-        for dtype in args.dtypes:
-            if dtype == "bf16" and device.type != "cuda":
-                continue
-            autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
-            for mode, module in (("eager", net), ("compile", compiled)):
-                if module is None or mode not in args.modes:
-                    continue
 
-                def run(m: torch.nn.Module = module) -> object:
-                    with torch.inference_mode(), autocast:
-                        return m(x)
-
-                row = _row(arch, device, mode, dtype, batch,
-                           _time(run, device, args.warmup, args.iters))
-                if mode == "eager":
-                    eager[dtype] = float(row["images_per_s"])  # type: ignore[arg-type]
-                elif dtype in eager:
-                    row["vs_eager"] = round(float(row["images_per_s"]) / eager[dtype], 2)  # type: ignore[arg-type]
-                rows.append(row)
-                print(json.dumps(row), file=sys.stderr, flush=True)
-        if node_model is not None:
-            dtype = "bf16" if device.type == "cuda" else "fp32"
-            row = _row(arch, device, "node", dtype, batch,
-                       _time(lambda: node_model.predict(host), device, args.warmup, args.iters))
-            if dtype in eager:
+        def record(
+            mode: str,
+            dtype: str,
+            fn: Callable[[], object],
+            batch: int = batch,
+            eager: dict[str, float] = eager,
+        ) -> None:
+            row = _row(arch, device, mode, dtype, batch, _time(fn, device, args.warmup, args.iters))
+            if mode == "eager":
+                eager[dtype] = float(row["images_per_s"])  # type: ignore[arg-type]
+            elif dtype in eager:
                 row["vs_eager"] = round(float(row["images_per_s"]) / eager[dtype], 2)  # type: ignore[arg-type]
             rows.append(row)
             print(json.dumps(row), file=sys.stderr, flush=True)
+
+        for dtype in args.dtypes:
+            if dtype == "bf16" and device.type != "cuda":
+                continue
+            for mode, module in modules.items():
+                if mode in args.modes:
+                    record(mode, dtype, functools.partial(_forward, module, x, dtype == "bf16"))
+        if node_model is not None:
+            record(
+                "node",
+                "bf16" if device.type == "cuda" else "fp32",
+                functools.partial(node_model.predict, host),
+            )
     return rows
 
 
@@ -128,10 +143,17 @@ def main() -> None:
     if args.device == "cuda" and not cuda:
         print(json.dumps({"error": "no CUDA device"}))
         raise SystemExit(2)
-    device = torch.device("cuda" if args.device == "auto" and cuda else
-                          args.device if args.device != "auto" else "cpu")
+    device = torch.device(
+        "cuda"
+        if args.device == "auto" and cuda
+        else args.device
+        if args.device != "auto"
+        else "cpu"
+    )
     on_gpu = device.type == "cuda"
-    args.batch_sizes = [int(b) for b in (args.batch_sizes or ("1,16,64" if on_gpu else "1,4")).split(",")]
+    args.batch_sizes = [
+        int(b) for b in (args.batch_sizes or ("1,16,64" if on_gpu else "1,4")).split(",")
+    ]
     args.modes = args.modes.split(",")
     args.dtypes = args.dtypes.split(",")
     args.warmup = args.warmup if args.warmup is not None else (10 if on_gpu else 1)
@@ -139,14 +161,21 @@ def main() -> None:
     if on_gpu:
         torch.backends.cudnn.benchmark = True
     rows = [r for arch in args.archs.split(",") for r in bench_arch(arch, device, args)]
-    print(json.dumps({
-        "benchmark": "infer",
-        "torch": torch.__version__,
-        "device": torch.cuda.get_device_name() if on_gpu else f"cpu ({torch.get_num_threads()} threads)",
-        "gpu": on_gpu or "none: no CUDA device on this machine, CPU figures only",
-        "input_size": args.input_size,
-        "results": rows,
-    }, indent=1))
+    print(
+        json.dumps(
+            {
+                "benchmark": "infer",
+                "torch": torch.__version__,
+                "device": torch.cuda.get_device_name()
+                if on_gpu
+                else f"cpu ({torch.get_num_threads()} threads)",
+                "gpu": on_gpu or "none: no CUDA device on this machine, CPU figures only",
+                "input_size": args.input_size,
+                "results": rows,
+            },
+            indent=1,
+        )
+    )
 
 
 if __name__ == "__main__":
