@@ -10,7 +10,6 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import random
-import threading
 from itertools import groupby
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from sqlalchemy import select
 
 from node.config import DeliverySection, Settings
 from node.scu import send_files
+from node.worker_thread import WorkerThread
 from storage import Database, Delivery, DeliveryState, Instance, InstanceState, record_event
 from storage.queue import due_deliveries
 from storage.tables import utcnow
@@ -32,30 +32,13 @@ def backoff_seconds(attempts: int, policy: DeliverySection, rng: random.Random) 
     )
 
 
-class Deliverer(threading.Thread):
+class Deliverer(WorkerThread):
     def __init__(self, settings: Settings, db: Database) -> None:
-        super().__init__(name="xrayage-deliver", daemon=True)
+        super().__init__("xrayage-deliver")
         self.settings = settings
         self.db = db
-        self.wake = threading.Event()
-        self.stopping = threading.Event()
         self.rng = random.Random()
         self.destinations = {d.name: d for d in settings.destinations}
-
-    def stop(self) -> None:
-        self.stopping.set()
-        self.wake.set()
-
-    def run(self) -> None:
-        while not self.stopping.is_set():
-            try:
-                sent = self.run_once()
-            except Exception:
-                log.exception("delivery round failed")
-                sent = 0
-            if not sent:
-                self.wake.wait(timeout=1.0)
-                self.wake.clear()
 
     def run_once(self) -> int:
         with self.db.session() as s:

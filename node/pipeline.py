@@ -12,7 +12,6 @@ import datetime as dt
 import logging
 import os
 import socket
-import threading
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from node.findings import Findings
 from node.patient_age import chronological_age
 from node.report import build_sr
 from node.uids import ReportUIDs
+from node.worker_thread import WorkerThread
 from storage import (
     Database,
     Delivery,
@@ -56,7 +56,9 @@ class _Prepared:
     tensor: torch.Tensor
 
 
-class InferenceWorker(threading.Thread):
+class InferenceWorker(WorkerThread):
+    idle_seconds = 2.0
+
     def __init__(
         self,
         settings: Settings,
@@ -65,30 +67,13 @@ class InferenceWorker(threading.Thread):
         model: AgeModel,
         on_reported: Callable[[], None] | None = None,
     ) -> None:
-        super().__init__(name="xrayage-infer", daemon=True)
+        super().__init__("xrayage-infer")
         self.on_reported = on_reported or (lambda: None)
         self.settings = settings
         self.db = db
         self.store = store
         self.model = model
         self.owner = f"{socket.gethostname()}:{os.getpid()}"
-        self.wake = threading.Event()
-        self.stopping = threading.Event()
-
-    def stop(self) -> None:
-        self.stopping.set()
-        self.wake.set()
-
-    def run(self) -> None:
-        while not self.stopping.is_set():
-            try:
-                done = self.run_once()
-            except Exception:  # the worker must outlive any single bad batch
-                log.exception("inference batch failed")
-                done = 0
-            if not done:
-                self.wake.wait(timeout=2.0)
-                self.wake.clear()
 
     def run_once(self) -> int:
         """Claim and process one batch; returns how many jobs were claimed."""
