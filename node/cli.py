@@ -15,8 +15,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
+import pydicom
 import typer
 from pydantic import ValidationError
+from pydicom.errors import InvalidDicomError
 from rich.console import Console
 from rich.table import Table
 
@@ -32,7 +34,14 @@ app = typer.Typer(
 )
 
 F = TypeVar("F", bound=Callable[..., Any])
-USER_ERRORS = (ConfigError, ModelLoadError, ModelCardError, PreprocessError, ValidationError)
+USER_ERRORS = (
+    ConfigError,
+    ModelLoadError,
+    ModelCardError,
+    PreprocessError,
+    ValidationError,
+    InvalidDicomError,
+)
 
 ConfigOption = Annotated[
     Path | None, typer.Option("--config", "-c", help="TOML config file", dir_okay=False)
@@ -179,10 +188,10 @@ def demo(
     node = NodeService(settings)
     node.start()
     try:
+        uid = str(pydicom.dcmread(source, stop_before_pixels=True).SOPInstanceUID)
         error = send_files("DEMO", "XRAYAGE", "127.0.0.1", port, [source])[0]
         if error:
             raise ConfigError(f"{source}: not stored by the node: {error}")
-        uid = str(load_dataset(source).SOPInstanceUID)
         deadline = time.monotonic() + timeout
         while True:
             with node.db.session() as s:

@@ -127,7 +127,7 @@ def load_settings(path: Path | None = None, **overrides: object) -> Settings:
         model_config = SettingsConfigDict(toml_file=path)
 
     try:
-        return Settings.model_validate(_FromFile(**overrides).model_dump())
+        return _FromFile(**overrides)
     except ValidationError as e:
         first = e.errors()[0]
         where = ".".join(str(p) for p in first["loc"])

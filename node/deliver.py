@@ -1,7 +1,8 @@
 """Delivery of report objects to the configured destinations by C-STORE, with retries.
 
-A failed attempt is recorded and retried after an exponential back-off with full jitter
-(``retry_initial_seconds * 2**attempts``, capped at ``retry_max_seconds``); after
+A failed attempt is recorded and retried after a random wait between half the initial delay and
+an exponential ceiling (``retry_initial_seconds * 2**(attempts - 1)``, capped at
+``retry_max_seconds``), so that many deliveries failing together do not retry together; after
 ``max_attempts`` the delivery is ``failed`` with its last error and the instance too.
 """
 

@@ -36,7 +36,6 @@ from storage import (
     Job,
     JobState,
     record_event,
-    validate_uid,
 )
 from storage.filestore import ConflictingContent
 
@@ -86,7 +85,6 @@ class Receiver:
         request = event.request
         try:
             ds = event.dataset
-            ds.file_meta = event.file_meta
             sop_uid = str(ds.SOPInstanceUID)
             sop_class = str(ds.SOPClassUID)
         except Exception as e:  # any decoding error of a peer's bytes
@@ -100,15 +98,12 @@ class Receiver:
                 f"request ({request.AffectedSOPClassUID}, {request.AffectedSOPInstanceUID})",
             )
             return DOES_NOT_MATCH
-        try:
-            validate_uid(sop_uid)
+        try:  # the store validates the UID before it writes anything
+            data = event.encoded_dataset(include_meta=True)
+            path, digest, _ = self.store.store_received(sop_uid, data)
         except InvalidUID as e:
             self._audit_failure("received", calling, str(e))
             return CANNOT_UNDERSTAND
-
-        try:
-            data = event.encoded_dataset(include_meta=True)
-            path, digest, _ = self.store.store_received(sop_uid, data)
         except ConflictingContent:
             self._audit_failure(
                 "received",
