@@ -1,20 +1,33 @@
 """Loading weights once and running batches through them.
 
-The published weights are TorchScript (loaded with ``torch.jit.load``, which restores a compiled
-graph and never unpickles arbitrary Python objects). On CUDA the batch runs under bf16 autocast
-in channels_last memory format; on CPU in float32.
+Two kinds of weights load, and nothing is ever unpickled from an arbitrary file:
+
+- TorchScript (``.pt``, ``.pth``, ``.ts``; the published weights are one), loaded with
+  ``torch.jit.load``, which restores a compiled graph and tensors, never arbitrary Python objects;
+- a timm state dict in safetensors (``.safetensors``, what our own training writes), which needs
+  its model card beside it to say which architecture (:mod:`ai.architectures`) it fills.
+
+On CUDA a batch runs under bf16 autocast in channels_last memory format from pinned host memory;
+on CPU in float32.
 """
 
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
+import safetensors.torch
 import torch
+from safetensors import SafetensorError
+from torch import nn
 
-from ai.card import ModelCard, load_card
+from ai.architectures import UnknownArchitecture, create_network
+from ai.card import ModelCard, card_path, file_sha256, load_card
+from ai.presets import PRESETS
+
+TORCHSCRIPT_SUFFIXES = (".pt", ".pth", ".ts")
 
 
 class ModelLoadError(RuntimeError):
@@ -36,29 +49,69 @@ def years(value: float) -> float:
     return float(str(np.float32(value)))
 
 
+def load_torchscript(path: Path, device: torch.device | None = None) -> nn.Module:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.jit.load(str(path), map_location=device or torch.device("cpu"))
+    except Exception as e:  # torch raises RuntimeError, ValueError, zipfile errors...
+        raise ModelLoadError(f"{path}: not a TorchScript model ({e})") from None
+
+
+def _load_safetensors(path: Path, card: ModelCard) -> nn.Module:
+    architecture = card.architecture
+    try:
+        network = create_network(architecture)
+    except UnknownArchitecture as e:
+        raise ModelLoadError(f"{card_path(path)}: {e}") from None
+    try:
+        state = safetensors.torch.load_file(str(path))
+        network.load_state_dict(state, strict=True)
+    except (RuntimeError, OSError, SafetensorError) as e:
+        first = str(e).strip().splitlines()[0]
+        raise ModelLoadError(
+            f"{path}: not {architecture} weights in safetensors ({first})"
+        ) from None
+    return network
+
+
+def model_card(path: Path) -> ModelCard:
+    """The card beside the weights; for a preset's file without one, the built-in card."""
+    preset = next((p for p in PRESETS.values() if p.filename == path.name), None)
+    if preset is not None and not card_path(path).exists():
+        return replace(preset.card, sha256=file_sha256(path))
+    return load_card(path, required=path.suffix == ".safetensors")
+
+
 @dataclass
 class AgeModel:
-    module: torch.jit.ScriptModule
+    module: nn.Module
     card: ModelCard
     device: torch.device
     path: Path
 
     @classmethod
-    def load(cls, path: Path, device: str = "auto") -> AgeModel:
+    def load(cls, path: Path, device: str = "auto", warm_up: bool = False) -> AgeModel:
         if not path.is_file():
             raise ModelLoadError(f"weights not found: {path}")
-        card = load_card(path)
         dev = pick_device(device)
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                module = torch.jit.load(str(path), map_location=dev)
-        except Exception as e:
-            raise ModelLoadError(f"{path}: not a TorchScript model ({e})") from None
+        card = model_card(path)
+        if path.suffix == ".safetensors":
+            module = _load_safetensors(path, card).to(dev)
+        elif path.suffix in TORCHSCRIPT_SUFFIXES:
+            module = load_torchscript(path, dev)
+        else:
+            raise ModelLoadError(
+                f"{path}: unknown weights format {path.suffix or '(no suffix)'}; expected "
+                f"TorchScript ({', '.join(TORCHSCRIPT_SUFFIXES)}) or .safetensors"
+            )
         module.eval()
         if dev.type == "cuda":
             module = module.to(memory_format=torch.channels_last)
-        return cls(module=module, card=card, device=dev, path=path)
+        model = cls(module=module, card=card, device=dev, path=path)
+        if warm_up:
+            model.predict(torch.zeros(1, 3, card.input_size, card.input_size))
+        return model
 
     @torch.inference_mode()
     def predict(self, batch: torch.Tensor) -> list[float]:

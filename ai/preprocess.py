@@ -8,8 +8,11 @@ display images: values mapped to [-1024, 1024], then ``(x + 1024) / 2048`` to [0
 2. VOI LUT or the first window (PS3.3 C.11.2), or the full range when the file has neither,
    to 8-bit display values (rounded, as the 8-bit training images were).
 3. MONOCHROME1 inverted so that bone is bright, as in the training images.
-4. Centre crop to a square (as torchxrayvision's ``XRayCenterCrop``), bilinear resize with
-   antialias to the model's input size, intensity mapping and normalisation.
+4. Centre crop to a square, anti-aliased resize to the model's input size, intensity mapping
+   and normalisation, each as torchxrayvision does it (:func:`to_tensor`).
+
+Plain 8-bit image files (PNG, JPEG: NIH ChestX-ray14 is PNG) skip steps 1-3; their grey values
+are the display values (:func:`load_image_file`).
 """
 
 from __future__ import annotations
@@ -18,8 +21,9 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
+import skimage.transform
 import torch
-import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
@@ -89,23 +93,45 @@ def display_values(ds: Dataset) -> np.ndarray:
 
 
 def to_tensor(display: np.ndarray, input_size: int = 320) -> torch.Tensor:
-    """3 x size x size float32 tensor in the published weights' convention."""
+    """3 x size x size float32 tensor in the published weights' convention.
+
+    Each step is torchxrayvision's, so that the tensor equals what its transforms make from the
+    same 8-bit pixels: ``normalize(img, 255)`` to [-1024, 1024], ``XRayCenterCrop`` (its offset
+    rounding included), ``XRayResizer`` (scikit-image ``resize``: Gaussian anti-aliasing with
+    sigma (factor - 1) / 2, bilinear, constant-zero edges), then the RIKEN model's
+    ``(x + 1024) / 2048`` and ImageNet normalisation. Non-square images are cropped, not padded,
+    as the reference does.
+    """
     h, w = display.shape
     side = min(h, w)
-    top, left = (h - side) // 2, (w - side) // 2
-    square = display[top : top + side, left : left + side]
-    x = torch.from_numpy(np.ascontiguousarray(square)) / 255.0 * 2048.0 - 1024.0
-    x = F.interpolate(
-        x[None, None],
-        size=(input_size, input_size),
-        mode="bilinear",
-        antialias=True,
-        align_corners=False,
-    )[0]
-    x = (x + 1024.0) / 2048.0
+    top, left = h // 2 - side // 2, w // 2 - side // 2
+    square = display[top : top + side, left : left + side].astype(np.float32)
+    xrv_range = (2.0 * (square / np.float32(255.0)) - 1.0) * 1024.0
+    resized = skimage.transform.resize(
+        xrv_range, (input_size, input_size), mode="constant", preserve_range=True
+    ).astype(np.float32)
+    x = (torch.from_numpy(resized)[None] + 1024.0) / 2048.0
     mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
     return (x.expand(3, -1, -1) - mean) / std
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+
+
+def load_image_file(path: Path) -> np.ndarray:
+    """Display values of an 8-bit grey image file (colour files are reduced to their first
+    channel, as torchxrayvision's ``load_image`` does)."""
+    try:
+        with Image.open(path) as img:
+            pixels = np.asarray(img)
+    except (OSError, UnidentifiedImageError) as e:
+        raise PreprocessError(f"{path.name}: not a readable image ({e})") from None
+    if pixels.dtype != np.uint8:
+        raise PreprocessError(f"{path.name}: {pixels.dtype} image; 8-bit grey expected")
+    if pixels.ndim == 3:
+        pixels = pixels[:, :, 0]
+    return pixels.astype(np.float32)
 
 
 def load_dataset(path: Path) -> Dataset:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import functools
-import json
 import logging
 import shutil
 import socket
@@ -11,20 +9,16 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated
 
 import pydicom
 import typer
-from pydantic import ValidationError
-from pydicom.errors import InvalidDicomError
-from rich.console import Console
-from rich.table import Table
 
-from ai import AgeModel, ModelCardError, ModelLoadError, PreprocessError, load_dataset, preprocess
-from node.config import ConfigError, Settings, load_settings
-from node.patient_age import chronological_age
+from node.cli_infer import evaluate, infer
+from node.cli_model import model_app
+from node.cli_support import ConfigOption, user_errors
+from node.config import ConfigError, load_settings
 
 app = typer.Typer(
     help="xrayage: X-ray age from frontal chest radiographs, as a DICOM node.",
@@ -33,43 +27,17 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-F = TypeVar("F", bound=Callable[..., Any])
-USER_ERRORS = (
-    ConfigError,
-    ModelLoadError,
-    ModelCardError,
-    PreprocessError,
-    ValidationError,
-    InvalidDicomError,
-)
-
-ConfigOption = Annotated[
-    Path | None, typer.Option("--config", "-c", help="TOML config file", dir_okay=False)
-]
-
-
-def user_errors(func: F) -> F:
-    @functools.wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return func(*args, **kwargs)
-        except USER_ERRORS as e:
-            typer.echo(f"xrayage: error: {e}", err=True)
-            raise typer.Exit(2) from None
-        except OSError as e:
-            typer.echo(
-                f"xrayage: error: {e.strerror or e}: {e.filename or ''}".rstrip(": "), err=True
-            )
-            raise typer.Exit(2) from None
-
-    return wrapper  # type: ignore[return-value]
-
 
 def _logging() -> None:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+
+
+app.command()(infer)
+app.command()(evaluate)
+app.add_typer(model_app, name="model")
 
 
 @app.command()
@@ -81,60 +49,6 @@ def serve(config: ConfigOption = None) -> None:
     settings = load_settings(config)
     _logging()
     NodeService(settings).serve_forever()
-
-
-def _weights(settings: Settings, weights: str | None) -> Path:
-    chosen = weights or settings.model.weights
-    if not chosen:
-        raise ConfigError("no weights: pass --weights PATH or set [model] weights in the config")
-    return Path(chosen)
-
-
-@app.command()
-@user_errors
-def infer(
-    files: Annotated[list[Path], typer.Argument(help="DICOM files", exists=False)],
-    weights: Annotated[str | None, typer.Option(help="TorchScript weights file")] = None,
-    device: Annotated[str | None, typer.Option(help="auto, cpu or cuda")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="print a JSON list")] = False,
-    config: ConfigOption = None,
-) -> None:
-    """Estimate X-ray age for files, with the node's preprocessing and model, no service."""
-    settings = load_settings(config)
-    model = AgeModel.load(_weights(settings, weights), device or settings.model.device)
-    rows: list[dict[str, Any]] = []
-    for path in files:
-        row: dict[str, Any] = {"path": str(path)}
-        try:
-            ds = load_dataset(path)
-            row["xray_age"] = model.predict(preprocess(ds, model.card.input_size)[None])[0]
-            row["chronological_age"] = chronological_age(ds)
-        except PreprocessError as e:
-            row["error"] = str(e)
-        row.update(
-            model=model.card.name,
-            model_version=model.card.version,
-            model_sha256=model.card.sha256,
-            untrained=model.card.untrained,
-        )
-        rows.append(row)
-    if as_json:
-        typer.echo(json.dumps(rows, indent=2))
-    else:
-        table = Table("file", "X-ray age (years)", "chronological age", "note")
-        for r in rows:
-            age = r.get("chronological_age")
-            table.add_row(
-                r["path"],
-                f"{r['xray_age']:.2f}" if "xray_age" in r else "-",
-                f"{age:.1f}" if age is not None else "-",
-                r.get("error", ""),
-            )
-        Console().print(table)
-        if model.card.untrained:
-            typer.echo("note: UNTRAINED weights - these numbers are not age estimates", err=True)
-    if any("error" in r for r in rows):
-        raise typer.Exit(1)
 
 
 def _free_port() -> int:

@@ -48,9 +48,15 @@ class StorageSection(_Section):
 
 
 class ModelSection(_Section):
-    weights: str | None = None  # a TorchScript file; no weights = receive and queue only
+    # A preset name (``riken-senet154``, pulled into ``cache_dir``) or a path to TorchScript or
+    # safetensors weights; no weights = receive and queue only.
+    weights: str | None = None
+    cache_dir: Path | None = None  # default: $XRAYAGE_MODEL_CACHE or ~/.cache/xrayage/models
     device: str = "auto"
-    batch_size: int = Field(8, ge=1)
+    batch_size: int = Field(8, ge=1, le=1024)
+    # With fewer than batch_size images queued, wait at most this long for more before running.
+    max_wait_ms: float = Field(200.0, ge=0)
+    preprocess_workers: int | None = Field(None, ge=1)  # default: CPU count, at most 8
 
 
 class GateSection(_Section):

@@ -1,6 +1,9 @@
 """The inference worker: queued jobs -> model -> result -> SR (+ SC) -> deliveries.
 
-One thread per process holds the model, loaded once. Jobs are claimed in batches under a lease;
+One thread per process holds the model, loaded once and warmed up. With fewer images queued than
+``[model] batch_size``, it waits up to ``max_wait_ms`` (from the oldest queued job) for more, then
+claims a batch under a lease; decoding and preprocessing run on the engine's thread pool, never
+on the C-STORE threads. Jobs are claimed in batches under a lease;
 if the process dies, the lease expires and the jobs are claimed again. Every step is idempotent:
 results are unique per (instance, model SHA-256), report UIDs are derived from the same pair,
 and deliveries are unique per (object, destination), so redoing a job replaces, never doubles.
@@ -14,16 +17,14 @@ import os
 import socket
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
 
 import pydicom
-import torch
 from pydicom.dataset import Dataset
 from sqlalchemy import select
 
-from ai import AgeModel, PreprocessError, load_dataset, preprocess
+from ai import AgeModel, Engine
 from node.capture import build_sc
 from node.config import Settings
 from node.findings import Findings
@@ -41,19 +42,13 @@ from storage import (
     JobState,
     Result,
     record_event,
+    utcnow,
 )
-from storage.queue import claim_jobs
+from storage.queue import backlog, claim_jobs
 
 log = logging.getLogger("xrayage.pipeline")
 
 LEASE = dt.timedelta(minutes=5)
-
-
-@dataclass
-class _Prepared:
-    job: Job
-    header: Dataset
-    tensor: torch.Tensor
 
 
 class InferenceWorker(WorkerThread):
@@ -73,21 +68,37 @@ class InferenceWorker(WorkerThread):
         self.db = db
         self.store = store
         self.model = model
+        self.engine = Engine(model, settings.model.batch_size, settings.model.preprocess_workers)
         self.owner = f"{socket.gethostname()}:{os.getpid()}"
+
+    def _wait_for_batch(self) -> bool:
+        """True when there is work: a full batch, or the oldest job has waited max_wait_ms."""
+        cfg = self.settings.model
+        while True:
+            with self.db.session() as s:
+                count, oldest = backlog(s)
+            if count == 0:
+                return False
+            waited = (utcnow() - oldest).total_seconds() if oldest else float("inf")
+            left = cfg.max_wait_ms / 1000.0 - waited
+            if count >= cfg.batch_size or left <= 0 or self.stopping.is_set():
+                return True
+            self.wake.wait(timeout=min(left, 0.05))
+            self.wake.clear()
 
     def run_once(self) -> int:
         """Claim and process one batch; returns how many jobs were claimed."""
+        if not self._wait_for_batch():
+            return 0
         with self.db.session() as s:
             jobs = claim_jobs(s, self.owner, self.settings.model.batch_size, LEASE)
-            for job in jobs:
-                s.refresh(job, ["instance"])
-        if not jobs:
-            return 0
-        prepared = [p for job in jobs if (p := self._prepare(job)) is not None]
-        if prepared:
-            ages = self.model.predict(torch.stack([p.tensor for p in prepared]))
-            for p, age in zip(prepared, ages, strict=True):
-                self._report(p, age)
+            paths = [Path(job.instance.path) for job in jobs]
+        outcomes = self.engine.run(paths)
+        for job, outcome in zip(jobs, outcomes, strict=True):
+            if outcome.error is not None or outcome.header is None or outcome.xray_age is None:
+                self._fail(job, outcome.error or "not a DICOM file")
+            else:
+                self._report(job, outcome.header, outcome.xray_age)
         return len(jobs)
 
     def _fail(self, job: Job, reason: str) -> None:
@@ -99,26 +110,16 @@ class InferenceWorker(WorkerThread):
             inst.state, inst.reason = InstanceState.FAILED, reason
             record_event(s, "failed", outcome="failure", instance=inst, detail=reason)
 
-    def _prepare(self, job: Job) -> _Prepared | None:
-        try:
-            ds = load_dataset(Path(job.instance.path))
-            tensor = preprocess(ds, self.model.card.input_size)
-        except PreprocessError as e:
-            self._fail(job, str(e))
-            return None
-        del ds.PixelData  # the report needs the header only
-        return _Prepared(job, ds, tensor)
-
-    def _report(self, p: _Prepared, age: float) -> None:
+    def _report(self, claimed: Job, header: Dataset, age: float) -> None:
         card = self.model.card
-        findings = Findings(age, chronological_age(p.header), card)
-        uids = ReportUIDs(p.header.SOPInstanceUID, card.sha256)
+        findings = Findings(age, chronological_age(header), card)
+        uids = ReportUIDs(header.SOPInstanceUID, card.sha256)
         rep = self.settings.report
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)  # highdicom on odd source names
                 sr = build_sr(
-                    p.header,
+                    header,
                     findings,
                     uids,
                     self.settings.node.ae_title,
@@ -126,7 +127,7 @@ class InferenceWorker(WorkerThread):
                     rep.institution_name,
                 )
                 sc = (
-                    build_sc(p.header, findings, uids, rep.sc_series_number)
+                    build_sc(header, findings, uids, rep.sc_series_number)
                     if rep.secondary_capture
                     else None
                 )
@@ -135,14 +136,14 @@ class InferenceWorker(WorkerThread):
                 objects.append((uids.sc_instance, _encode(sc)))
             paths = [self.store.store_report(uid, data) for uid, data in objects]
         except (ValueError, TypeError, AttributeError) as e:  # highdicom validation errors
-            self._fail(p.job, f"report cannot be built: {e}")
+            self._fail(claimed, f"report cannot be built: {e}")
             return
         except OSError as e:
-            self._fail(p.job, f"report cannot be stored: {e}")
+            self._fail(claimed, f"report cannot be stored: {e}")
             return
 
         with self.db.session() as s:
-            job = s.get_one(Job, p.job.id)
+            job = s.get_one(Job, claimed.id)
             inst = job.instance
             result = s.scalar(
                 select(Result).where(

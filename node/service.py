@@ -5,9 +5,8 @@ from __future__ import annotations
 import logging
 import signal
 import threading
-from pathlib import Path
 
-from ai import AgeModel
+from ai import AgeModel, resolve_weights
 from node.config import Settings
 from node.deliver import Deliverer
 from node.pipeline import InferenceWorker
@@ -24,8 +23,12 @@ class NodeService:
         self.db = Database(settings.database_url)
         self.db.create_schema()
         self.store = FileStore(settings.storage.path / "dicom")
-        weights = settings.model.weights
-        self.model = AgeModel.load(Path(weights), settings.model.device) if weights else None
+        cfg = settings.model
+        self.model = (
+            AgeModel.load(resolve_weights(cfg.weights, cfg.cache_dir), cfg.device, warm_up=True)
+            if cfg.weights
+            else None
+        )
         self.deliverer = Deliverer(settings, self.db) if settings.destinations else None
         self.worker = (
             InferenceWorker(

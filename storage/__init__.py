@@ -15,6 +15,7 @@ from storage.tables import (
     Job,
     JobState,
     Result,
+    utcnow,
 )
 
 __all__ = [
@@ -30,5 +31,6 @@ __all__ = [
     "JobState",
     "Result",
     "record_event",
+    "utcnow",
     "validate_uid",
 ]

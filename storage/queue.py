@@ -8,19 +8,31 @@ from __future__ import annotations
 
 import datetime as dt
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import ColumnElement, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from storage.tables import Delivery, DeliveryState, Job, JobState, utcnow
 
 
-def claim_jobs(session: Session, owner: str, limit: int, lease: dt.timedelta) -> list[Job]:
-    now = utcnow()
-    claimable = or_(
+def _claimable(now: dt.datetime) -> ColumnElement[bool]:
+    return or_(
         Job.state == JobState.QUEUED,
         (Job.state == JobState.RUNNING) & (Job.lease_until < now),
     )
-    pick = select(Job.id).where(claimable).order_by(Job.id).limit(limit)
+
+
+def backlog(session: Session) -> tuple[int, dt.datetime | None]:
+    """How many jobs a worker could claim now (queued, or running under an expired lease), and
+    when the oldest of them was queued."""
+    count, oldest = session.execute(
+        select(func.count(Job.id), func.min(Job.created_at)).where(_claimable(utcnow()))
+    ).one()
+    return int(count), oldest
+
+
+def claim_jobs(session: Session, owner: str, limit: int, lease: dt.timedelta) -> list[Job]:
+    now = utcnow()
+    pick = select(Job.id).where(_claimable(now)).order_by(Job.id).limit(limit)
     if session.get_bind().dialect.name == "postgresql":
         pick = pick.with_for_update(skip_locked=True)
     ids = session.scalars(

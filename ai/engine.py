@@ -1,0 +1,98 @@
+"""Batched inference over files: decoding and preprocessing on a thread pool, feeding the model
+batch after batch while the next batch is being prepared.
+
+The same engine serves ``xrayage infer``, ``xrayage evaluate`` and the node's inference worker,
+so a number is computed the same way wherever it is shown.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from pydicom.dataset import Dataset
+
+from ai.model import AgeModel
+from ai.preprocess import (
+    IMAGE_SUFFIXES,
+    PreprocessError,
+    load_dataset,
+    load_image_file,
+    preprocess,
+    to_tensor,
+)
+
+
+@dataclass
+class Outcome:
+    path: Path
+    xray_age: float | None = None
+    error: str | None = None
+    header: Dataset | None = None  # the DICOM header without Pixel Data; None for image files
+
+
+def prepare(path: Path, input_size: int) -> tuple[torch.Tensor, Dataset | None]:
+    """The model input for one file, and its DICOM header when it is DICOM."""
+    if path.suffix.lower() in IMAGE_SUFFIXES:
+        return to_tensor(load_image_file(path), input_size), None
+    ds = load_dataset(path)
+    tensor = preprocess(ds, input_size)
+    del ds.PixelData
+    return tensor, ds
+
+
+def default_workers() -> int:
+    return max(1, min(8, (os.cpu_count() or 1)))
+
+
+class Engine:
+    def __init__(self, model: AgeModel, batch_size: int = 8, workers: int | None = None) -> None:
+        self.model = model
+        self.batch_size = batch_size
+        self.workers = workers or default_workers()
+
+    def run(self, paths: Iterable[Path]) -> Iterator[Outcome]:
+        """One outcome per path, in order; a file that cannot be read is an outcome with an
+        error, never an exception."""
+        todo = iter(paths)
+        size = self.model.card.input_size
+        pending: deque[tuple[Path, Future[tuple[torch.Tensor, Dataset | None]]]] = deque()
+        with ThreadPoolExecutor(self.workers, thread_name_prefix="xrayage-prep") as pool:
+
+            def fill() -> None:
+                while len(pending) < 2 * self.batch_size and (path := next(todo, None)):
+                    pending.append((path, pool.submit(prepare, path, size)))
+
+            fill()
+            while pending:
+                batch = [pending.popleft() for _ in range(min(self.batch_size, len(pending)))]
+                fill()  # the pool prepares the next batch while this one runs
+                yield from self._predict(batch)
+
+    def _predict(
+        self, batch: list[tuple[Path, Future[tuple[torch.Tensor, Dataset | None]]]]
+    ) -> Iterator[Outcome]:
+        outcomes: list[Outcome] = []
+        tensors: list[torch.Tensor] = []
+        for path, future in batch:
+            try:
+                tensor, header = future.result()
+            except PreprocessError as e:
+                outcomes.append(Outcome(path, error=str(e)))
+                continue
+            except Exception as e:  # any other way a file can be malformed: its outcome, not ours
+                outcomes.append(Outcome(path, error=f"{path.name}: {type(e).__name__}: {e}"))
+                continue
+            outcomes.append(Outcome(path, header=header))
+            tensors.append(tensor)
+        if tensors:
+            ages = iter(self.model.predict(torch.stack(tensors)))
+            for outcome in outcomes:
+                if outcome.error is None:
+                    outcome.xray_age = next(ages)
+        yield from outcomes

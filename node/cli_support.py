@@ -1,0 +1,77 @@
+"""What every ``xrayage`` command shares: one-line user errors, the config option, weights."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from pydantic import ValidationError
+from pydicom.errors import InvalidDicomError
+
+from ai import (
+    AgeModel,
+    ModelCardError,
+    ModelLoadError,
+    PreprocessError,
+    UnknownArchitecture,
+    WeightsNotFound,
+    resolve_weights,
+)
+from ai.download import DownloadError
+from ai.evaluate import LabelsError
+from node.config import ConfigError, Settings
+
+F = TypeVar("F", bound=Callable[..., Any])
+USER_ERRORS = (
+    ConfigError,
+    DownloadError,
+    LabelsError,
+    ModelLoadError,
+    ModelCardError,
+    PreprocessError,
+    UnknownArchitecture,
+    ValidationError,
+    InvalidDicomError,
+    WeightsNotFound,
+)
+
+ConfigOption = Annotated[
+    Path | None, typer.Option("--config", "-c", help="TOML config file", dir_okay=False)
+]
+WeightsOption = Annotated[
+    str | None,
+    typer.Option(help="preset name (see `xrayage model list`) or TorchScript/safetensors file"),
+]
+DeviceOption = Annotated[str | None, typer.Option(help="auto, cpu or cuda")]
+
+
+def user_errors(func: F) -> F:
+    """A user's mistake ends in ``xrayage: error: ...`` on stderr and exit status 2."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except USER_ERRORS as e:
+            typer.echo(f"xrayage: error: {e}", err=True)
+            raise typer.Exit(2) from None
+        except OSError as e:
+            typer.echo(
+                f"xrayage: error: {e.strerror or e}: {e.filename or ''}".rstrip(": "), err=True
+            )
+            raise typer.Exit(2) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def load_model(settings: Settings, weights: str | None, device: str | None) -> AgeModel:
+    chosen = weights or settings.model.weights
+    if not chosen:
+        raise ConfigError(
+            "no weights: pass --weights PATH|PRESET or set [model] weights in the config"
+        )
+    path = resolve_weights(chosen, settings.model.cache_dir)
+    return AgeModel.load(path, device or settings.model.device)
