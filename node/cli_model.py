@@ -80,13 +80,15 @@ def pull(
 def list_models(cache: CacheOption = None, config: ConfigOption = None) -> None:
     """Presets, whether they are downloaded, and other weights in the cache."""
     folder = _cache(cache, config)
-    table = Table("name", "architecture", "file", "sha256", title=f"models in {folder}")
+    table = Table("name", "architecture", title=f"models in {folder}")
+    table.add_column("file", overflow="fold")  # a path is only useful whole
+    table.add_column("sha256")
     preset_files = set()
     for preset in PRESETS.values():
         path = folder / preset.filename
         preset_files.add(path)
         state = str(path) if path.is_file() else "not downloaded"
-        sha = model_card(path).sha256[:16] + "..." if path.is_file() else ""
+        sha = model_card(path).sha256[:16] if path.is_file() else ""
         table.add_row(preset.name, preset.card.architecture, state, sha)
     others = sorted(
         p
@@ -95,7 +97,7 @@ def list_models(cache: CacheOption = None, config: ConfigOption = None) -> None:
     )
     for path in others:
         card = model_card(path)
-        table.add_row(card.name, card.architecture, str(path), card.sha256[:16] + "...")
+        table.add_row(card.name, card.architecture, str(path), card.sha256[:16])
     Console().print(table)
 
 

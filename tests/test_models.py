@@ -15,7 +15,7 @@ import torch
 from ai import ARCHITECTURES, AgeModel, ModelCardError, ModelLoadError, create_network, load_card
 from ai.card import ModelCard, card_path, file_sha256, write_card
 from ai.presets import PRESETS
-from ai.untrained import UntrainedAgeNet
+from ai.untrained import build_untrained_model
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
@@ -109,7 +109,8 @@ def test_cards_are_checked(weights: Path, tmp_path: Path) -> None:
 def test_a_preset_file_without_its_card_gets_the_built_in_card(tmp_path: Path) -> None:
     preset = PRESETS["riken-senet154"]
     path = tmp_path / preset.filename
-    torch.jit.trace(UntrainedAgeNet().eval(), torch.zeros(1, 3, 64, 64)).save(str(path))
+    build_untrained_model(path, input_size=64)
+    card_path(path).unlink()
     model = AgeModel.load(path, "cpu", warm_up=True)
     assert model.card == replace(preset.card, sha256=file_sha256(path))
     assert "Ieki" in model.card.provenance and model.card.license == "Apache-2.0"
