@@ -24,9 +24,10 @@ import pydicom
 import skimage.transform
 import torch
 from PIL import Image, UnidentifiedImageError
+from pydicom import uid
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
-from pydicom.pixels import apply_modality_lut, apply_voi_lut
+from pydicom.pixels import apply_modality_lut, apply_voi_lut, pixel_array
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -54,6 +55,30 @@ def _first(value: object) -> float:
     return float(value)  # type: ignore[arg-type]
 
 
+# The fastest installed decoder for each compressed transfer syntax, as bench/decode.py measured
+# on the 15-bit chest CR (bench/README.md): GDCM for JPEG lossless and JPEG 2000 lossless,
+# pylibjpeg (OpenJPEG) for lossy JPEG 2000, pyjpegls (CharLS) for JPEG-LS. Others: pydicom's order.
+_FASTEST_DECODER = {
+    uid.JPEGLosslessSV1: "gdcm",
+    uid.JPEGLossless: "gdcm",
+    uid.JPEG2000Lossless: "gdcm",
+    uid.JPEG2000: "pylibjpeg",
+    uid.JPEGLSLossless: "pyjpegls",
+    uid.JPEGLSNearLossless: "pyjpegls",
+}
+
+
+def _decode(ds: Dataset) -> np.ndarray:
+    syntax = getattr(ds, "file_meta", Dataset()).get("TransferSyntaxUID")
+    plugin = _FASTEST_DECODER.get(syntax)
+    if plugin is not None:
+        try:
+            return pixel_array(ds, decoding_plugin=plugin)
+        except Exception:  # that plugin is not installed or refuses this file: try them all
+            pass
+    return ds.pixel_array
+
+
 def display_values(ds: Dataset) -> np.ndarray:
     """8-bit display values (float32 array of integers 0..255), MONOCHROME2 sense."""
     if "PixelData" not in ds:
@@ -66,7 +91,7 @@ def display_values(ds: Dataset) -> np.ndarray:
     if photometric not in ("MONOCHROME1", "MONOCHROME2"):
         raise PreprocessError(f"photometric interpretation {photometric or 'missing'}")
     try:
-        stored = ds.pixel_array
+        stored = _decode(ds)
     except Exception as e:  # decoders raise many types; all mean the same to the operator
         raise PreprocessError(f"pixel data cannot be decoded: {e}") from None
     padding = stored == ds.PixelPaddingValue if "PixelPaddingValue" in ds else None

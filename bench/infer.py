@@ -3,9 +3,11 @@
 For each architecture (timm, one-output regression head, untrained: speed does not depend on the
 weights), each batch size and each way of running it:
 
-- ``node``: the node's own path, a TorchScript file loaded by ``ai.AgeModel`` and called with
-  a batch on the host (includes the host-to-device copy; bf16 autocast and channels_last on CUDA,
-  float32 on CPU);
+- ``node``: the node's own path, a TorchScript file (as the published weights are) loaded by
+  ``ai.AgeModel`` and called with a batch on the host (includes the host-to-device copy; bf16
+  autocast and channels_last on CUDA, float32 on CPU);
+- ``node-safetensors``: the same, with the weights as a timm state dict in safetensors (what our
+  training writes), so the module runs eagerly rather than as TorchScript;
 - ``eager`` and ``compile`` (``torch.compile``), input already on the device, in fp32 and bf16.
 
 Reports images/s and p50/p95 latency per batch; ``compile`` and ``node`` rows carry their ratio to
@@ -27,10 +29,12 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
-import timm
+import safetensors.torch
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from ai.architectures import create_network
+from ai.card import ModelCard, write_card
 from ai.model import AgeModel
 
 
@@ -75,17 +79,22 @@ def bench_arch(
     arch: str, device: torch.device, args: argparse.Namespace
 ) -> list[dict[str, object]]:
     size = args.input_size
-    net = timm.create_model(arch, pretrained=False, num_classes=1).eval().to(device)
+    net = create_network(arch).eval()
+    node_models: dict[str, AgeModel] = {}
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        if "node" in args.modes:
+            path = Path(tmp) / f"{arch}.pt"
+            torch.jit.trace(net, torch.zeros(1, 3, size, size)).save(str(path))
+            node_models["node"] = AgeModel.load(path, device.type)
+        if "node-safetensors" in args.modes:
+            path = Path(tmp) / f"{arch}.safetensors"
+            safetensors.torch.save_file(net.state_dict(), str(path))
+            write_card(path, ModelCard(name=arch, architecture=arch, input_size=size))
+            node_models["node-safetensors"] = AgeModel.load(path, device.type)
+    net.to(device)
     if device.type == "cuda":
         net = net.to(memory_format=torch.channels_last)
-    node_model = None
-    if "node" in args.modes:
-        with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")
-            path = Path(tmp) / f"{arch}.pt"
-            torch.jit.trace(net.cpu(), torch.zeros(1, 3, size, size)).save(str(path))
-            net.to(device)
-            node_model = AgeModel.load(path, device.type)
     modules = {"eager": net}
     if "compile" in args.modes:
         modules["compile"] = torch.compile(net, mode=args.compile_mode)
@@ -118,11 +127,11 @@ def bench_arch(
             for mode, module in modules.items():
                 if mode in args.modes:
                     record(mode, dtype, functools.partial(_forward, module, x, dtype == "bf16"))
-        if node_model is not None:
+        for mode, model in node_models.items():
             record(
-                "node",
+                mode,
                 "bf16" if device.type == "cuda" else "fp32",
-                functools.partial(node_model.predict, host),
+                functools.partial(model.predict, host),
             )
     return rows
 
@@ -132,7 +141,7 @@ def main() -> None:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--archs", default="senet154,seresnext50_32x4d")
     p.add_argument("--batch-sizes", default=None, help="default: 1,16,64 on CUDA, 1,4 on CPU")
-    p.add_argument("--modes", default="node,eager,compile")
+    p.add_argument("--modes", default="node,node-safetensors,eager,compile")
     p.add_argument("--dtypes", default="fp32,bf16")
     p.add_argument("--compile-mode", default="max-autotune-no-cudagraphs")
     p.add_argument("--input-size", type=int, default=320)
