@@ -3,9 +3,10 @@
 One thread per process holds the model, loaded once and warmed up. With fewer images queued than
 ``[model] batch_size``, it waits up to ``max_wait_ms`` (from the oldest queued job) for more, then
 claims a batch under a lease; decoding and preprocessing run on the engine's thread pool, never
-on the C-STORE threads. If the process dies, the lease expires and the jobs are claimed again. Every step is idempotent:
-results are unique per (instance, model SHA-256), report UIDs are derived from the same pair,
-and deliveries are unique per (object, destination), so redoing a job replaces, never doubles.
+on the C-STORE threads. If the process dies, the lease expires and the jobs are claimed again.
+Every step is idempotent: results are unique per (instance, model SHA-256), report UIDs are
+derived from the same pair, and deliveries are unique per (object, destination), so redoing a
+job replaces, never doubles.
 """
 
 from __future__ import annotations
