@@ -7,6 +7,7 @@ are refused, so a typo cannot silently fall back to a default.
 
 from __future__ import annotations
 
+from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -39,7 +40,16 @@ class NodeSection(_Section):
     port: int = Field(11112, ge=1, le=65535)
     network_timeout_seconds: float = 60.0
     max_associations: int = Field(10, ge=1)
+    # Who may associate: calling AE titles (empty: any) and peer addresses or networks such as
+    # "10.1.2.0/24" (empty: any). Others are rejected at association time and audited.
+    allowed_calling_aets: list[str] = []
+    allowed_peers: list[IPv4Network | IPv6Network] = []
     _check_ae = field_validator("ae_title")(_ae_title)
+
+    @field_validator("allowed_calling_aets")
+    @classmethod
+    def _check_aets(cls, values: list[str]) -> list[str]:
+        return [_ae_title(v) for v in values]
 
 
 class StorageSection(_Section):
@@ -136,7 +146,7 @@ def load_settings(path: Path | None = None, **overrides: object) -> Settings:
         return _FromFile(**overrides)
     except ValidationError as e:
         first = e.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
+        where = ".".join(str(p) for p in first["loc"] if "[" not in str(p))  # no union paths
         raise ConfigError(f"config: {where}: {first['msg']}") from None
     except (OSError, ValueError) as e:
         raise ConfigError(f"config: {e}") from None

@@ -11,6 +11,11 @@ C-STORE status codes (PS3.4 Table B.2-1, PS3.7 Annex C):
 =======  ==========================================================================
 
 The handler reads header attributes only; pixels are decoded by the inference worker.
+
+Association policy: a peer address outside ``[node] allowed_peers`` is disconnected before any
+PDU is read; a calling AE title outside ``allowed_calling_aets`` gets A-ASSOCIATE-RJ
+(rejected-permanent, calling AE title not recognised, PS3.8 9.3.4). Both are audited, as is
+every accepted association.
 """
 
 from __future__ import annotations
@@ -18,10 +23,13 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
+from ipaddress import IPv4Network, IPv6Network, ip_address
 
 from pydicom.dataset import Dataset
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.transport import ThreadedAssociationServer
+from pynetdicom.utils import make_target
 from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -53,6 +61,25 @@ def _text(ds: Dataset, keyword: str, limit: int = 64) -> str | None:
     return str(value)[:limit] if value not in (None, "") else None
 
 
+class _PeerAllowList(ThreadedAssociationServer):
+    """Drops connections from addresses outside ``allowed`` (empty: any) before any PDU is read."""
+
+    allowed: tuple[IPv4Network | IPv6Network, ...] = ()
+    on_refused: Callable[[str], None] = staticmethod(lambda host: None)
+
+    def verify_request(self, request: object, client_address: object) -> bool:
+        if not self.allowed:
+            return True
+        host = client_address[0] if isinstance(client_address, tuple) else str(client_address)
+        try:
+            if any(ip_address(host) in net for net in self.allowed):
+                return True
+        except ValueError:
+            pass
+        self.on_refused(host)
+        return False
+
+
 class Receiver:
     """C-STORE handling; ``on_queued`` wakes the inference worker."""
 
@@ -76,6 +103,32 @@ class Receiver:
                 record_event(s, event, outcome="failure", actor=calling, detail=detail)
         except SQLAlchemyError:
             log.exception("audit log unavailable")
+
+    def _audit_association(self, event: evt.Event, outcome: str, detail: str) -> None:
+        peer = event.assoc.requestor
+        try:
+            with self.db.session() as s:
+                record_event(
+                    s, "association", outcome=outcome, actor=peer.ae_title,
+                    detail=f"{detail}; peer {peer.address}:{peer.port}",
+                )  # fmt: skip
+        except SQLAlchemyError:
+            log.exception("audit log unavailable")
+
+    def handle_accepted(self, event: evt.Event) -> None:
+        self._audit_association(event, "success", "association accepted")
+
+    def handle_rejected(self, event: evt.Event) -> None:
+        log.warning(
+            "association from %s (%s) rejected: calling AE title not allowed",
+            event.assoc.requestor.ae_title,
+            event.assoc.requestor.address,
+        )
+        self._audit_association(event, "failure", "association rejected: calling AE not allowed")
+
+    def _refuse_peer(self, host: str) -> None:
+        log.warning("connection from %s refused: address not in [node] allowed_peers", host)
+        self._audit_failure("association", "-", f"connection refused: peer {host} not allowed")
 
     def handle_echo(self, event: evt.Event) -> int:
         return SUCCESS
@@ -175,6 +228,7 @@ class Receiver:
         ae = AE(ae_title=node.ae_title)
         ae.network_timeout = node.network_timeout_seconds
         ae.maximum_associations = node.max_associations
+        ae.require_calling_aet = node.allowed_calling_aets
         ae.add_supported_context(Verification)
         # Every storage class is accepted (non-radiographs are then skipped, so the PACS does not
         # retry), in every transfer syntax pynetdicom knows: files are stored as sent.
@@ -182,10 +236,40 @@ class Receiver:
             ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
         return ae
 
-    def start(self) -> threading.Thread:
-        """Start listening; returns pynetdicom's server thread (call ``shutdown()`` on it)."""
+    def start(self) -> ThreadedAssociationServer:
+        """Start listening; returns pynetdicom's server (call ``shutdown()`` on it)."""
         node = self.settings.node
-        handlers = [(evt.EVT_C_ECHO, self.handle_echo), (evt.EVT_C_STORE, self.handle_store)]
-        return self.make_ae().start_server(
-            (node.host, node.port), block=False, evt_handlers=handlers
+        handlers = [
+            (evt.EVT_C_ECHO, self.handle_echo),
+            (evt.EVT_C_STORE, self.handle_store),
+            (evt.EVT_ACCEPTED, self.handle_accepted),
+            (evt.EVT_REJECTED, self.handle_rejected),
+        ]
+        # pynetdicom's start_server cannot take a server class; make_server can, and the rest
+        # is done here as start_server does it (pynetdicom 3.0, ae.py), registration included.
+        ae = self.make_ae()
+        server = ae.make_server(
+            (node.host, node.port), evt_handlers=handlers, server_class=_PeerAllowList
         )
+        server.allowed = tuple(node.allowed_peers)
+        server.on_refused = self._refuse_peer
+        thread = threading.Thread(target=make_target(server.serve_forever), name="xrayage-scp")
+        thread.daemon = True
+        thread.start()
+        ae._servers.append(server)
+        return server
+        # pynetdicom's start_server has no server class option: make_server does, and the
+        # serving thread is started here as start_server would.
+        server_class = type(
+            "PeerAllowList",
+            (_PeerAllowList,),
+            {"allowed": node.allowed_peers, "on_refused": staticmethod(self._refuse_peer)},
+        )
+        server = self.make_ae().make_server(
+            (node.host, node.port), evt_handlers=handlers, server_class=server_class
+        )
+        thread = threading.Thread(target=make_target(server.serve_forever), name="xrayage-scp")
+        thread.daemon = True
+        thread.start()
+        ae._servers.append(server)
+        return server

@@ -6,6 +6,8 @@ import logging
 import signal
 import threading
 
+from pynetdicom.transport import ThreadedAssociationServer
+
 from ai import AgeModel, resolve_weights
 from node.config import Settings
 from node.deliver import Deliverer
@@ -49,7 +51,7 @@ class NodeService:
             age_range,
             on_queued=self.worker.wake.set if self.worker else lambda: None,
         )
-        self._server: threading.Thread | None = None
+        self._server: ThreadedAssociationServer | None = None
 
     def start(self) -> None:
         removed = self.store.clean_tmp()
@@ -79,7 +81,7 @@ class NodeService:
 
     def stop(self) -> None:
         if self._server is not None:
-            self._server.shutdown()  # type: ignore[attr-defined]
+            self._server.shutdown()
         for thread in (self.worker, self.deliverer):
             if thread is not None and thread.is_alive():
                 thread.stop()
