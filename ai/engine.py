@@ -82,11 +82,10 @@ class Engine:
         for path, future in batch:
             try:
                 tensor, header = future.result()
-            except PreprocessError as e:
-                outcomes.append(Outcome(path, error=str(e)))
-                continue
-            except Exception as e:  # any other way a file can be malformed: its outcome, not ours
-                outcomes.append(Outcome(path, error=f"{path.name}: {type(e).__name__}: {e}"))
+            except Exception as e:  # any way a file can be malformed: its outcome, not ours
+                known = isinstance(e, PreprocessError)
+                error = str(e) if known else f"{path.name}: {type(e).__name__}: {e}"
+                outcomes.append(Outcome(path, error=error))
                 continue
             outcomes.append(Outcome(path, header=header))
             tensors.append(tensor)
