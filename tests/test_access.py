@@ -13,7 +13,7 @@ from node.config import load_settings
 from node.service import NodeService
 from storage import AuditEvent, Instance
 from tests.conftest import storescu
-from tests.servers import free_port
+from tests.servers import free_port, wait_until
 
 
 @contextmanager
@@ -32,9 +32,16 @@ def node(tmp_path: Path, **policy: object) -> Iterator[NodeService]:
 
 
 def _audit(service: NodeService) -> list[tuple[str, str, str, str]]:
-    with service.db.session() as s:
-        rows = s.scalars(select(AuditEvent).where(AuditEvent.event == "association")).all()
-        return [(r.event, r.outcome, r.actor, r.detail or "") for r in rows]
+    """The association audit rows, once there is one: the node writes them after answering, so
+    the caller may have exited a moment before."""
+
+    def rows() -> list[tuple[str, str, str, str]]:
+        with service.db.session() as s:
+            found = s.scalars(select(AuditEvent).where(AuditEvent.event == "association")).all()
+            return [(r.event, r.outcome, r.actor, r.detail or "") for r in found]
+
+    wait_until(rows, 10, "an association audit row")
+    return rows()
 
 
 def _stored(service: NodeService) -> int:
