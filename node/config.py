@@ -67,6 +67,10 @@ class ModelSection(_Section):
     # With fewer than batch_size images queued, wait at most this long for more before running.
     max_wait_ms: float = Field(200.0, ge=0)
     preprocess_workers: int | None = Field(None, ge=1)  # default: CPU count, at most 8
+    # A claimed batch comes back to the queue if its worker has not finished it by then (a worker
+    # on another host died); longer than the slowest batch. A restart on the same host does not
+    # wait: it takes back its dead predecessor's jobs at once.
+    lease_seconds: float = Field(300.0, gt=0)
 
 
 class GateSection(_Section):

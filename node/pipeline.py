@@ -2,8 +2,9 @@
 
 One thread per process holds the model, loaded once and warmed up. With fewer images queued than
 ``[model] batch_size``, it waits up to ``max_wait_ms`` (from the oldest queued job) for more, then
-claims a batch under a lease; decoding and preprocessing run on the engine's thread pool, never
-on the C-STORE threads. If the process dies, the lease expires and the jobs are claimed again.
+claims a batch under a lease (``lease_seconds``); decoding and preprocessing run on the engine's
+thread pool, never on the C-STORE threads. If the process dies, its jobs are claimed again: at
+once by a worker restarted on the same host, or by any worker once the lease expires.
 Every step is idempotent: results are unique per (instance, model SHA-256), report UIDs are
 derived from the same pair, and deliveries are unique per (object, destination), so redoing a
 job replaces, never doubles.
@@ -44,11 +45,9 @@ from storage import (
     record_event,
     utcnow,
 )
-from storage.queue import backlog, claim_jobs
+from storage.queue import backlog, claim_jobs, requeue_orphans
 
 log = logging.getLogger("xrayage.pipeline")
-
-LEASE = dt.timedelta(minutes=5)
 
 
 class InferenceWorker(WorkerThread):
@@ -69,7 +68,16 @@ class InferenceWorker(WorkerThread):
         self.store = store
         self.model = model
         self.engine = Engine(model, settings.model.batch_size, settings.model.preprocess_workers)
-        self.owner = f"{socket.gethostname()}:{os.getpid()}"
+        self.host = socket.gethostname()
+        self.owner = f"{self.host}:{os.getpid()}"
+        self.lease = dt.timedelta(seconds=settings.model.lease_seconds)
+
+    def start(self) -> None:
+        with self.db.session() as s:
+            orphans = requeue_orphans(s, self.host)
+        if orphans:
+            log.info("requeued %d jobs held by a stopped process on this host", orphans)
+        super().start()
 
     def _wait_for_batch(self) -> bool:
         """True when there is work: a full batch, or the oldest job has waited max_wait_ms."""
@@ -91,7 +99,7 @@ class InferenceWorker(WorkerThread):
         if not self._wait_for_batch():
             return 0
         with self.db.session() as s:
-            jobs = claim_jobs(s, self.owner, self.settings.model.batch_size, LEASE)
+            jobs = claim_jobs(s, self.owner, self.settings.model.batch_size, self.lease)
             paths = [Path(job.instance.path) for job in jobs]
         outcomes = self.engine.run(paths)
         for job, outcome in zip(jobs, outcomes, strict=True):

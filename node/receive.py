@@ -258,18 +258,3 @@ class Receiver:
         thread.start()
         ae._servers.append(server)
         return server
-        # pynetdicom's start_server has no server class option: make_server does, and the
-        # serving thread is started here as start_server would.
-        server_class = type(
-            "PeerAllowList",
-            (_PeerAllowList,),
-            {"allowed": node.allowed_peers, "on_refused": staticmethod(self._refuse_peer)},
-        )
-        server = self.make_ae().make_server(
-            (node.host, node.port), evt_handlers=handlers, server_class=server_class
-        )
-        thread = threading.Thread(target=make_target(server.serve_forever), name="xrayage-scp")
-        thread.daemon = True
-        thread.start()
-        ae._servers.append(server)
-        return server

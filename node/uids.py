@@ -2,17 +2,23 @@
 
 ARCHITECTURE.md: a report's UIDs derive deterministically from (source SOP Instance UID, model
 identity), so a resend after a crash replaces rather than duplicates; different content (another
-model) gets different UIDs. ``generate_uid(prefix=None, ...)`` gives a 2.25 UUID-derived UID
-(PS3.5 B.2) from a SHA-512 of the entropy sources.
+model) gets different UIDs. Each is a 2.25 UID (PS3.5 B.2) from a name-based UUID (RFC 4122
+version 5, ISO/IEC 9834-8) in the node's own namespace. pydicom's ``generate_uid(prefix=None)``
+would not do: it ignores ``entropy_srcs`` and returns a random UUID.
 """
 
 from __future__ import annotations
 
-from pydicom.uid import generate_uid
+import uuid
+
+from pydicom.uid import UID
+
+_NAMESPACE = uuid.UUID("8d6f1c2e-5b0a-4c8e-9d27-3f1a6b4e7c90")  # xrayage's, fixed forever
 
 
-def derived_uid(role: str, *parts: str) -> str:
-    return str(generate_uid(prefix=None, entropy_srcs=["xrayage", role, *parts]))
+def derived_uid(role: str, *parts: str) -> UID:
+    # NUL cannot occur in a UID or a hex digest, so the joined name is unambiguous.
+    return UID(f"2.25.{uuid.uuid5(_NAMESPACE, chr(0).join((role, *parts))).int}")
 
 
 class ReportUIDs:

@@ -7,6 +7,8 @@ On SQLite (one process) an UPDATE ... RETURNING claims atomically; PostgreSQL cl
 from __future__ import annotations
 
 import datetime as dt
+import os
+from collections.abc import Callable
 
 from sqlalchemy import ColumnElement, func, or_, select, update
 from sqlalchemy.orm import Session
@@ -49,6 +51,38 @@ def claim_jobs(session: Session, owner: str, limit: int, lease: dt.timedelta) ->
     if not ids:
         return []
     return list(session.scalars(select(Job).where(Job.id.in_(ids)).order_by(Job.id)))
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return pid != os.getpid()  # our own PID before we claimed anything: a previous life's
+
+
+def requeue_orphans(
+    session: Session, host: str, alive: Callable[[int], bool] = _pid_alive
+) -> int:
+    """Give back at once the jobs that a dead process on this host held (owner ``host:pid``),
+    so that a restart after ``kill -9`` does not wait for their leases to expire. Jobs of other
+    hosts, and of PIDs reused by a live process, still come back when their lease expires."""
+    orphans = [
+        job.id
+        for job in session.scalars(
+            select(Job).where(Job.state == JobState.RUNNING, Job.owner.startswith(f"{host}:"))
+        )
+        if not alive(int(job.owner.rpartition(":")[2]))  # type: ignore[union-attr]
+    ]
+    if orphans:
+        session.execute(
+            update(Job)
+            .where(Job.id.in_(orphans))
+            .values(state=JobState.QUEUED, owner=None, lease_until=None)
+        )
+    return len(orphans)
 
 
 def due_deliveries(session: Session, limit: int) -> list[Delivery]:
