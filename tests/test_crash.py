@@ -139,9 +139,11 @@ def test_a_restart_takes_back_at_once_the_jobs_of_a_dead_process_on_its_host(
     far = utcnow().replace(year=utcnow().year + 1)
     gone = subprocess.Popen(["true"])
     gone.wait()
-    owners = {f"ward:{gone.pid}": JobState.QUEUED,  # dead, on this host: taken back
-              "ward:1": JobState.RUNNING,  # alive (PID 1): its lease still holds
-              f"elsewhere:{gone.pid}": JobState.RUNNING}  # another host: wait for the lease  # fmt: skip
+    owners = {
+        f"ward:{gone.pid}": JobState.QUEUED,  # dead, on this host: taken back
+        "ward:1": JobState.RUNNING,  # alive (PID 1): its lease still holds
+        f"elsewhere:{gone.pid}": JobState.RUNNING,  # another host: wait for its lease
+    }
     with db.session() as s:
         for n, owner in enumerate(owners):
             inst = Instance(sop_instance_uid=f"1.2.{n}", sop_class_uid="1.2", path="x",
