@@ -17,6 +17,7 @@ import typer
 
 from node.cli_infer import evaluate, infer
 from node.cli_model import model_app
+from node.cli_retry import retry
 from node.cli_support import ConfigOption, user_errors
 from node.config import ConfigError, load_settings
 
@@ -37,6 +38,7 @@ def _logging() -> None:
 
 app.command()(infer)
 app.command()(evaluate)
+app.command()(retry)
 app.add_typer(model_app, name="model")
 
 

@@ -23,6 +23,7 @@ from ai import (
 from ai.download import DownloadError
 from ai.evaluate import LabelsError
 from node.config import ConfigError, Settings
+from storage import Database
 
 F = TypeVar("F", bound=Callable[..., Any])
 USER_ERRORS = (
@@ -75,3 +76,15 @@ def load_model(settings: Settings, weights: str | None, device: str | None) -> A
         )
     path = resolve_weights(chosen, settings.model.cache_dir)
     return AgeModel.load(path, device or settings.model.device)
+
+
+def open_database(settings: Settings) -> Database:
+    """The node's database, which must exist: a command never creates an empty one by mistake."""
+    url = settings.database_url
+    if url.startswith("sqlite:///"):
+        path = Path(url.removeprefix("sqlite:///"))
+        if not path.is_file():
+            raise ConfigError(
+                f"no database at {path}: check [storage] path (the node creates it on first start)"
+            )
+    return Database(url)

@@ -13,7 +13,8 @@ from collections.abc import Callable
 from sqlalchemy import ColumnElement, func, or_, select, update
 from sqlalchemy.orm import Session
 
-from storage.tables import Delivery, DeliveryState, Job, JobState, utcnow
+from storage.audit import record_event
+from storage.tables import Delivery, DeliveryState, InstanceState, Job, JobState, utcnow
 
 
 def _claimable(now: dt.datetime) -> ColumnElement[bool]:
@@ -92,3 +93,44 @@ def due_deliveries(session: Session, limit: int) -> list[Delivery]:
             .limit(limit)
         )
     )
+
+
+class NotRetriable(ValueError):
+    """A delivery ID that does not exist or has not failed."""
+
+
+def failed_deliveries(session: Session) -> list[Delivery]:
+    return list(
+        session.scalars(
+            select(Delivery).where(Delivery.state == DeliveryState.FAILED).order_by(Delivery.id)
+        )
+    )
+
+
+def retry_deliveries(session: Session, ids: list[int] | None, actor: str) -> list[Delivery]:
+    """Queue failed deliveries again (``ids``, or all failed ones for None) with a fresh attempt
+    budget, and audit it. The deliverer of a running node picks them up within a second."""
+    if ids is None:
+        chosen = failed_deliveries(session)
+    else:
+        chosen = []
+        for delivery_id in ids:
+            d = session.get(Delivery, delivery_id)
+            if d is None:
+                raise NotRetriable(f"no delivery with ID {delivery_id}")
+            if d.state != DeliveryState.FAILED:
+                raise NotRetriable(f"delivery {delivery_id} is {d.state.value}, not failed")
+            chosen.append(d)
+    for d in chosen:
+        d.state, d.attempts, d.next_attempt_at = DeliveryState.PENDING, 0, utcnow()
+        if d.instance.state == InstanceState.FAILED:
+            d.instance.state, d.instance.reason = InstanceState.REPORTED, None
+        record_event(
+            session,
+            "delivery-retry",
+            actor=actor,
+            instance=d.instance,
+            detail=f"delivery {d.id} ({d.sop_instance_uid} to {d.destination}) queued again; "
+            f"last error: {d.last_error}",
+        )
+    return chosen

@@ -101,6 +101,7 @@ class Instance(Base):
 
     jobs: Mapped[list[Job]] = relationship(back_populates="instance")
     results: Mapped[list[Result]] = relationship(back_populates="instance")
+    deliveries: Mapped[list[Delivery]] = relationship(back_populates="instance")
 
 
 class Job(Base):
@@ -158,6 +159,8 @@ class Delivery(Base):
     next_attempt_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
     last_error: Mapped[str | None] = mapped_column(Text)
     delivered_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
+
+    instance: Mapped[Instance] = relationship(back_populates="deliveries")
 
 
 class AuditEvent(Base):

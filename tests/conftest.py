@@ -92,7 +92,11 @@ def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthanc]:
     pacs.stop()
 
 
-def node_config(folder: Path, port: int, weights: Path | None, pacs: Orthanc | None) -> Path:
+def node_config(
+    folder: Path, port: int, weights: Path | None, pacs: Orthanc | None, **sections: str
+) -> Path:
+    """A config file as an administrator writes it; ``sections`` adds TOML sections by name,
+    e.g. ``report="secondary_capture = false"``."""
     lines = [
         "[node]",
         'ae_title = "XRAYAGE"',
@@ -106,16 +110,15 @@ def node_config(folder: Path, port: int, weights: Path | None, pacs: Orthanc | N
     if weights is not None:
         lines.append(f'weights = "{weights}"')
     if pacs is not None:
+        sections = {"delivery": "retry_initial_seconds = 1\nretry_max_seconds = 2", **sections}
         lines += [
-            "[delivery]",
-            "retry_initial_seconds = 1",
-            "retry_max_seconds = 2",
             "[[destinations]]",
             'name = "pacs"',
             f'ae_title = "{pacs.aet}"',
             'host = "127.0.0.1"',
             f"port = {pacs.dicom_port}",
         ]
+    lines += [f"[{name}]\n{body}" for name, body in sections.items()]
     path = folder / "xrayage.toml"
     path.write_text("\n".join(lines) + "\n")
     return path

@@ -123,6 +123,10 @@ class Orthanc:
         r.raise_for_status()
         return list(r.json())
 
+    def sr_uids(self) -> list[str]:
+        """SOP Instance UIDs of the SRs stored, one per stored instance."""
+        return [i["MainDicomTags"]["SOPInstanceUID"] for i in self.find({"Modality": "SR"})]
+
     def file(self, orthanc_id: str) -> bytes:
         r = requests.get(f"{self.url}/instances/{orthanc_id}/file", timeout=30)
         r.raise_for_status()

@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import pydicom
-import requests
 from sqlalchemy import select
 
 from ai.card import file_sha256
@@ -59,16 +58,6 @@ def _acknowledged(log: str) -> set[Path]:
     return done
 
 
-def _srs_in(pacs: Orthanc) -> list[str]:
-    r = requests.post(
-        f"{pacs.url}/tools/find",
-        json={"Level": "Instance", "Query": {"Modality": "SR"}, "Expand": True},
-        timeout=30,
-    )
-    r.raise_for_status()
-    return [i["MainDicomTags"]["SOPInstanceUID"] for i in r.json()]
-
-
 def test_kill_9_during_ingest_loses_nothing_and_duplicates_no_report(
     tmp_path: Path, chest_ds: pydicom.Dataset, weights: Path
 ) -> None:
@@ -81,9 +70,7 @@ def test_kill_9_during_ingest_loses_nothing_and_duplicates_no_report(
     pacs = Orthanc(tmp_path / "pacs", free_port(), free_port())
     pacs.start(allowed={"XRAYAGE": "xrayage"})
     port = free_port()
-    config = node_config(tmp_path, port, weights, pacs)
-    with config.open("a") as f:
-        f.write("[report]\nsecondary_capture = false\n")
+    config = node_config(tmp_path, port, weights, pacs, report="secondary_capture = false")
     node = NodeProcess(config, port, tmp_path / "node.log")
     acked: set[Path] = set()
     try:
@@ -113,7 +100,7 @@ def test_kill_9_during_ingest_loses_nothing_and_duplicates_no_report(
             for f in files
         }  # fmt: skip
         srs = wait_until(
-            lambda: (found := _srs_in(pacs)) and len(found) >= IMAGES and found,
+            lambda: (found := pacs.sr_uids()) and len(found) >= IMAGES and found,
             600,
             f"{IMAGES} SRs in Orthanc",
             interval=2,

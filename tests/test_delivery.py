@@ -1,0 +1,147 @@
+"""Delivery when the PACS is away: retries with back-off until it is back, a visible ``failed``
+state when the attempts run out, and ``xrayage retry`` to send again once the cause is fixed."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pydicom
+from sqlalchemy import func, select
+
+from node.config import load_settings
+from node.service import NodeService
+from storage import AuditEvent, Delivery, DeliveryState, Instance, InstanceState
+from tests.conftest import node_config, require, small_chests, storescu
+from tests.servers import Orthanc, free_port, wait_until
+from tests.test_cli import run
+
+OUTAGE_SECONDS = 60
+
+
+@contextmanager
+def node_for(config: Path) -> Iterator[NodeService]:
+    service = NodeService(load_settings(config))
+    service.start()
+    try:
+        yield service
+    finally:
+        service.stop()
+
+
+def deliveries(service: NodeService) -> list[Delivery]:
+    with service.db.session() as s:
+        return list(s.scalars(select(Delivery).order_by(Delivery.id)))
+
+
+def test_a_pacs_down_for_a_minute_gets_every_report_once_when_back(
+    tmp_path: Path, chest_ds: pydicom.Dataset, weights: Path
+) -> None:
+    require("Orthanc")
+    pacs = Orthanc(tmp_path / "pacs", free_port(), free_port())
+    pacs.start(allowed={"XRAYAGE": "xrayage", "STORESCU": "storescu"})
+    pacs.stop()
+    stopped = time.monotonic()
+    port = free_port()
+    config = node_config(
+        tmp_path,
+        port,
+        weights,
+        pacs,
+        delivery="retry_initial_seconds = 2\nretry_max_seconds = 8\nmax_attempts = 100\n"
+        "timeout_seconds = 2",
+        report="secondary_capture = false",
+    )
+    images = small_chests(chest_ds, tmp_path / "images", 20)
+    try:
+        with node_for(config) as service:
+            assert storescu(port, *images).returncode == 0
+            wait_until(
+                lambda: len(rows := deliveries(service)) == 20 and all(d.attempts for d in rows),
+                120,
+                "a failed first attempt for each of the 20 reports",
+            )
+            time.sleep(max(0.0, OUTAGE_SECONDS - (time.monotonic() - stopped)))
+            pacs.start(allowed={"XRAYAGE": "xrayage"})
+            wait_until(
+                lambda: all(d.state == DeliveryState.DELIVERED for d in deliveries(service)),
+                60,
+                "all 20 deliveries",
+            )
+            rows = deliveries(service)
+            assert sorted(pacs.sr_uids()) == sorted(d.sop_instance_uid for d in rows)
+            assert all(d.attempts >= 2 for d in rows)  # retried, not lucky
+            with service.db.session() as s:
+                delivered = s.scalar(
+                    select(func.count()).where(AuditEvent.event == "delivered")
+                )  # fmt: skip
+                retried = s.scalar(
+                    select(func.count()).where(AuditEvent.event == "delivery-retry")
+                )  # fmt: skip
+            assert delivered == 20  # each report sent successfully exactly once
+            assert retried and retried >= 20
+    finally:
+        pacs.stop()
+
+
+def test_a_failed_delivery_is_listed_and_sent_again_by_xrayage_retry(
+    tmp_path: Path, chest_pa: Path, weights: Path
+) -> None:
+    require("Orthanc")
+    pacs = Orthanc(tmp_path / "pacs", free_port(), free_port())  # not started yet
+    port = free_port()
+    config = node_config(
+        tmp_path,
+        port,
+        weights,
+        pacs,
+        delivery="max_attempts = 1\ntimeout_seconds = 2",
+        report="secondary_capture = false",
+    )
+    try:
+        with node_for(config) as service:
+            assert storescu(port, chest_pa).returncode == 0
+            wait_until(
+                lambda: [d for d in deliveries(service) if d.state == DeliveryState.FAILED],
+                120,
+                "the delivery to fail",
+            )
+            with service.db.session() as s:
+                inst = s.scalars(select(Instance)).one()
+                assert inst.state == InstanceState.FAILED
+                assert (inst.reason or "").startswith("delivery to pacs failed")
+            [failed] = deliveries(service)
+
+            listing = run("retry", "--config", str(config))
+            assert listing.returncode == 0
+            assert str(failed.sop_instance_uid) in listing.stdout
+            assert "xrayage retry ID" in listing.stdout
+
+            wrong = run("retry", "999", "--config", str(config))
+            assert (wrong.returncode, wrong.stderr) == (
+                2,
+                "xrayage: error: no delivery with ID 999\n",
+            )
+
+            pacs.start(allowed={"XRAYAGE": "xrayage"})
+            again = run("retry", "--all-failed", "--config", str(config))
+            assert again.returncode == 0 and again.stdout.startswith("queued 1 deliveries")
+            wait_until(
+                lambda: deliveries(service)[0].state == DeliveryState.DELIVERED,
+                60,
+                "the delivery queued again",
+            )
+            assert pacs.sr_uids() == [failed.sop_instance_uid]
+            with service.db.session() as s:
+                assert s.scalars(select(Instance)).one().state == InstanceState.DELIVERED
+                audit = s.scalars(
+                    select(AuditEvent).where(AuditEvent.actor.startswith("cli:"))
+                ).one()
+            assert audit.event == "delivery-retry" and "queued again" in (audit.detail or "")
+            assert run("retry", str(failed.id), "--config", str(config)).stderr == (
+                f"xrayage: error: delivery {failed.id} is delivered, not failed\n"
+            )
+    finally:
+        pacs.stop()
