@@ -20,6 +20,11 @@ def _date(value: object) -> dt.date | None:
         return None
 
 
+def is_age_string(value: object) -> bool:
+    """Whether ``value`` is a valid AS value (PS3.5 6.2), e.g. ``062Y``."""
+    return bool(_AS.match(str(value or "").strip()))
+
+
 def chronological_age(ds: Dataset) -> float | None:
     """Years, from PatientAge, else from PatientBirthDate and the study (or acquisition) date."""
     m = _AS.match(str(ds.get("PatientAge", "") or "").strip())

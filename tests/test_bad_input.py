@@ -1,0 +1,264 @@
+"""Bad input over the wire, each case built from the real chest CR with pydicom and sent with
+DCMTK's storescu (or, for what storescu will not send, pynetdicom writing the file's bytes as
+they are). Each ends in a clear state with its reason, and none stops the node."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Iterator
+from copy import deepcopy
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.uid import (
+    DigitalXRayImageStorageForProcessing,
+    ExplicitVRLittleEndian,
+    generate_uid,
+)
+from pynetdicom import AE, _config
+from sqlalchemy import select
+
+from node.config import load_settings
+from node.service import NodeService
+from storage import AuditEvent, Instance, InstanceState, Result
+from tests.conftest import dciodvfy_errors, small_chests, storescu
+from tests.servers import free_port, wait_until
+
+DONE = {InstanceState.SKIPPED, InstanceState.REPORTED, InstanceState.FAILED}
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory: pytest.TempPathFactory, weights: Path) -> Iterator[NodeService]:
+    settings = load_settings(
+        None,
+        node={"host": "127.0.0.1", "port": free_port()},
+        storage={"path": tmp_path_factory.mktemp("node")},
+        model={"weights": str(weights), "device": "cpu"},
+        report={"secondary_capture": False},
+    )
+    service = NodeService(settings)
+    service.start()
+    yield service
+    service.stop()
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory: pytest.TempPathFactory) -> pydicom.Dataset:
+    chest = pydicom.dcmread(pydicom.data.get_testdata_file("RG1_UNCR.dcm"))  # type: ignore[attr-defined]
+    [path] = small_chests(chest, tmp_path_factory.mktemp("small"), 1)
+    return pydicom.dcmread(path)
+
+
+def variant(small: pydicom.Dataset, folder: Path, edit: Callable[[pydicom.Dataset], None]) -> Path:
+    ds = deepcopy(small)
+    ds.SOPInstanceUID = generate_uid()
+    edit(ds)
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    path = folder / f"{uuid.uuid4().hex}.dcm"  # not named by the UID: some UIDs here are bad
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def outcome(node: NodeService, path: Path) -> Instance:
+    uid = str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+
+    def done() -> Instance | None:
+        with node.db.session() as s:
+            inst = s.scalar(select(Instance).where(Instance.sop_instance_uid == uid))
+            return inst if inst is not None and inst.state in DONE else None
+
+    found = wait_until(done, 60, f"a final state for {path.name}")
+    assert isinstance(found, Instance)
+    return found
+
+
+def send_as_is(port: int, path: Path) -> int:
+    """C-STORE the file's bytes unchanged (pynetdicom's chunked mode takes the SOP UIDs of the
+    request from the file meta, and never re-encodes): for what a tidy SCU would not send."""
+    meta = pydicom.dcmread(path, stop_before_pixels=True).file_meta
+    ae = AE("RAWSCU")
+    ae.add_requested_context(meta.MediaStorageSOPClassUID, meta.TransferSyntaxUID)
+    assoc = ae.associate("127.0.0.1", port, ae_title="XRAYAGE")
+    assert assoc.is_established
+    _config.STORE_SEND_CHUNKED_DATASET = True
+    try:
+        status = assoc.send_c_store(path)
+    finally:
+        _config.STORE_SEND_CHUNKED_DATASET = False
+        assoc.release()
+    return int(status.Status)
+
+
+def _set(**values: object) -> Callable[[pydicom.Dataset], None]:
+    def edit(ds: pydicom.Dataset) -> None:
+        for keyword, value in values.items():
+            setattr(ds, keyword, value)
+
+    return edit
+
+
+def _drop(*keywords: str, **values: object) -> Callable[[pydicom.Dataset], None]:
+    def edit(ds: pydicom.Dataset) -> None:
+        for keyword in keywords:
+            delattr(ds, keyword)
+        _set(**values)(ds)
+
+    return edit
+
+
+def _truncate_pixels(ds: pydicom.Dataset) -> None:
+    ds.PixelData = ds.PixelData[: len(ds.PixelData) // 2]
+
+
+def _rgb(ds: pydicom.Dataset) -> None:
+    grey = (ds.pixel_array >> 7).astype(np.uint8)
+    ds.PixelData = np.stack([grey] * 3, axis=-1).tobytes()
+    ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, "RGB", 0
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 8, 8, 7
+
+
+def _two_frames(ds: pydicom.Dataset) -> None:
+    ds.NumberOfFrames = 2
+    ds.PixelData = ds.PixelData * 2
+
+
+CASES = {
+    "truncated pixel data": (
+        _truncate_pixels,
+        InstanceState.FAILED,
+        "pixel data cannot be decoded: The number of bytes of pixel data is less than expected",
+    ),
+    "no pixel data": (_drop("PixelData"), InstanceState.SKIPPED, "no Pixel Data"),
+    "DX for processing": (
+        _set(SOPClassUID=DigitalXRayImageStorageForProcessing),
+        InstanceState.SKIPPED,
+        "DX For Processing (raw detector image, not for presentation)",
+    ),
+    "lateral": (_set(ViewPosition="LL"), InstanceState.SKIPPED, "view LL is not frontal (PA/AP)"),
+    "no view or body part, described as a chest PA": (
+        _drop("ViewPosition", "BodyPartExamined", SeriesDescription="Chest PA erect"),
+        InstanceState.REPORTED,
+        None,
+    ),
+    "no view or body part, described as a knee": (
+        _drop("ViewPosition", "BodyPartExamined", "StudyDescription", SeriesDescription="Knee"),
+        InstanceState.SKIPPED,
+        "no BodyPartExamined, and no description names the chest",
+    ),
+    "child": (
+        _set(PatientAge="007Y"),
+        InstanceState.SKIPPED,
+        "patient age 7 outside the model's validated range 18-100",
+    ),
+    "RGB": (_rgb, InstanceState.SKIPPED, "colour image (RGB)"),
+    "multi-frame": (_two_frames, InstanceState.SKIPPED, "multi-frame image"),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input_ends_in_a_state_with_its_reason(
+    case: str, node: NodeService, small: pydicom.Dataset, tmp_path: Path
+) -> None:
+    edit, state, reason = CASES[case]
+    path = variant(small, tmp_path, edit)
+    out = storescu(node.settings.node.port, path)
+    assert out.returncode == 0, out.stderr  # accepted, so the PACS does not resend forever
+    inst = outcome(node, path)
+    assert (inst.state, inst.reason and inst.reason[: len(reason or "")]) == (state, reason)
+
+
+def test_a_patient_age_without_unit_is_not_guessed(
+    node: NodeService, small: pydicom.Dataset, tmp_path: Path
+) -> None:
+    """ "062" could be years or months: the age comes from the dates when they are there."""
+    dated = variant(small, tmp_path, _set(PatientAge="062"))
+    undated = variant(small, tmp_path, _drop("PatientBirthDate", PatientAge="062"))
+    assert storescu(node.settings.node.port, dated, undated).returncode == 0
+    ages = []
+    for path in (dated, undated):
+        inst = outcome(node, path)
+        assert inst.state == InstanceState.REPORTED
+        with node.db.session() as s:
+            ages.append(s.scalars(select(Result).where(Result.instance_id == inst.id)).one())
+    assert ages[0].chronological_age == 64.48  # 1940-03-05 to 2004-08-26
+    assert ages[1].chronological_age is None
+    assert dciodvfy_errors(Path(str(ages[1].sr_path))) == []  # birth date absent: still valid
+
+
+def test_a_japanese_name_is_kept_byte_for_byte_in_the_sr(
+    node: NodeService, small: pydicom.Dataset, tmp_path: Path
+) -> None:
+    def japanese(ds: pydicom.Dataset) -> None:
+        ds.SpecificCharacterSet = ["", "ISO 2022 IR 87"]
+        ds.PatientName = "Yamada^Tarou=山田^太郎=やまだ^たろう"
+
+    path = variant(small, tmp_path, japanese)
+    sent = pydicom.dcmread(path, stop_before_pixels=True)
+    raw_name = sent.get_item("PatientName").value
+    assert b"\x1b$B" in raw_name  # ISO 2022 escape to JIS X 0208: the test means what it says
+    assert storescu(node.settings.node.port, path).returncode == 0
+    inst = outcome(node, path)
+    assert inst.state == InstanceState.REPORTED
+    with node.db.session() as s:
+        sr_path = s.scalars(select(Result).where(Result.instance_id == inst.id)).one().sr_path
+    sr = pydicom.dcmread(sr_path)
+    assert sr.get_item("PatientName").value == raw_name
+    assert sr.SpecificCharacterSet == sent.SpecificCharacterSet
+    assert str(sr.PatientName) == str(sent.PatientName)
+    assert dciodvfy_errors(Path(sr_path)) == []
+
+
+def _failures(node: NodeService) -> list[str]:
+    with node.db.session() as s:
+        rows = s.scalars(select(AuditEvent).where(AuditEvent.outcome == "failure"))
+        return [r.detail or "" for r in rows]
+
+
+def test_dataset_uids_that_differ_from_the_request_get_a900(
+    node: NodeService, small: pydicom.Dataset, tmp_path: Path
+) -> None:
+    path = variant(small, tmp_path, lambda ds: None)
+    uid = str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+    data = path.read_bytes()
+    at = data.index(uid.encode()) + len(uid) - 1  # the file meta's copy, which comes first
+    other = b"9" if data[at : at + 1] != b"9" else b"8"
+    path.write_bytes(data[:at] + other + data[at + 1 :])  # the request will name this UID
+    assert send_as_is(node.settings.node.port, path) == 0xA900
+    assert any("differ from the C-STORE request" in d for d in _failures(node))
+    with node.db.session() as s:
+        assert s.scalars(select(Instance.sop_instance_uid)).all().count(uid) == 0
+
+
+def test_a_uid_with_path_characters_writes_nothing_and_gets_c000(
+    node: NodeService, small: pydicom.Dataset, tmp_path: Path
+) -> None:
+    path = variant(small, tmp_path, _set(SOPInstanceUID="1.2/../../../../escaped"))
+    before = set(node.settings.storage.path.parent.rglob("*"))  # the store and its neighbours
+    assert send_as_is(node.settings.node.port, path) == 0xC000
+    assert "not a valid DICOM UID: '1.2/../../../../escaped'" in _failures(node)
+    assert set(node.settings.storage.path.parent.rglob("*")) - before == set()
+
+
+def test_an_unknown_transfer_syntax_is_refused_at_negotiation(node: NodeService) -> None:
+    ae = AE("RAWSCU")
+    ae.add_requested_context(DigitalXRayImageStorageForProcessing, "1.2.840.10008.1.2.4.999")
+    ae.add_requested_context(DigitalXRayImageStorageForProcessing, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", node.settings.node.port, ae_title="XRAYAGE")
+    try:
+        result = {c.transfer_syntax[0]: c.result for c in assoc.accepted_contexts}
+        rejected = [c.transfer_syntax[0] for c in assoc.rejected_contexts]
+    finally:
+        assoc.release()
+    assert result == {ExplicitVRLittleEndian: 0x00}
+    assert rejected == ["1.2.840.10008.1.2.4.999"]
+
+
+def test_the_node_still_reports_after_all_that(
+    node: NodeService, small: pydicom.Dataset, tmp_path: Path
+) -> None:
+    path = variant(small, tmp_path, lambda ds: None)
+    assert storescu(node.settings.node.port, path).returncode == 0
+    assert outcome(node, path).state == InstanceState.REPORTED
