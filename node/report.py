@@ -101,8 +101,9 @@ _TYPE_2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "Access
 def _evidence(source: Dataset) -> Dataset:
     """The source as highdicom can take it: missing Type 2 attributes present but empty, and a
     Patient's Age that is not a valid AS value ("062") left out rather than copied on."""
-    # A new mapping of the same elements (still undecoded): copy() would share the source's dict.
-    evidence = Dataset({tag: source.get_item(tag) for tag in source.keys()})  # noqa: SIM118 (iterating a Dataset decodes its elements)
+    # A new mapping of the same elements, still undecoded: copy() would share the source's dict,
+    # and iterating a Dataset (rather than its keys) would decode every element.
+    evidence = Dataset({tag: source.get_item(tag) for tag in source.keys()})  # noqa: SIM118
     if "PatientAge" in evidence and not is_age_string(evidence.PatientAge):
         del evidence.PatientAge
     for keyword in _TYPE_2:
