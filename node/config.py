@@ -38,8 +38,11 @@ class NodeSection(_Section):
     ae_title: str = "XRAYAGE"
     host: str = "0.0.0.0"
     port: int = Field(11112, ge=1, le=65535)
-    network_timeout_seconds: float = 60.0
+    # Idle time before an association is aborted, and the time one PDU may take to arrive.
+    network_timeout_seconds: float = Field(60.0, gt=0)
     max_associations: int = Field(10, ge=1)
+    # Maximum Length Received announced to peers (PS3.8 D.1); a longer P-DATA PDU is refused.
+    max_pdu_bytes: int = Field(131072, ge=4096, le=1 << 24)
     # Who may associate: calling AE titles (empty: any) and peer addresses or networks such as
     # "10.1.2.0/24" (empty: any). Others are rejected at association time and audited.
     allowed_calling_aets: list[str] = []

@@ -12,10 +12,10 @@ C-STORE status codes (PS3.4 Table B.2-1, PS3.7 Annex C):
 
 The handler reads header attributes only; pixels are decoded by the inference worker.
 
-Association policy: a peer address outside ``[node] allowed_peers`` is disconnected before any
-PDU is read; a calling AE title outside ``allowed_calling_aets`` gets A-ASSOCIATE-RJ
-(rejected-permanent, calling AE title not recognised, PS3.8 9.3.4). Both are audited, as is
-every accepted association.
+Association policy: the network rules of :mod:`node.scp_server` (peer addresses, PDU lengths,
+read deadlines, TLS handshake) apply before any DICOM is decoded; a calling AE title outside
+``allowed_calling_aets`` gets A-ASSOCIATE-RJ (rejected-permanent, calling AE title not
+recognised, PS3.8 9.3.4). All are audited, as is every accepted association.
 """
 
 from __future__ import annotations
@@ -23,18 +23,17 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
-from ipaddress import IPv4Network, IPv6Network, ip_address
 
 from pydicom.dataset import Dataset
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
-from pynetdicom.transport import ThreadedAssociationServer
 from pynetdicom.utils import make_target
 from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 
 from node.config import Settings
 from node.gate import decide
+from node.scp_server import GuardedServer
 from storage import (
     Database,
     FileStore,
@@ -59,25 +58,6 @@ CANNOT_UNDERSTAND = 0xC000
 def _text(ds: Dataset, keyword: str, limit: int = 64) -> str | None:
     value = ds.get(keyword)
     return str(value)[:limit] if value not in (None, "") else None
-
-
-class _PeerAllowList(ThreadedAssociationServer):
-    """Drops connections from addresses outside ``allowed`` (empty: any) before any PDU is read."""
-
-    allowed: tuple[IPv4Network | IPv6Network, ...] = ()
-    on_refused: Callable[[str], None] = staticmethod(lambda host: None)
-
-    def verify_request(self, request: object, client_address: object) -> bool:
-        if not self.allowed:
-            return True
-        host = client_address[0] if isinstance(client_address, tuple) else str(client_address)
-        try:
-            if any(ip_address(host) in net for net in self.allowed):
-                return True
-        except ValueError:
-            pass
-        self.on_refused(host)
-        return False
 
 
 class Receiver:
@@ -119,16 +99,19 @@ class Receiver:
         self._audit_association(event, "success", "association accepted")
 
     def handle_rejected(self, event: evt.Event) -> None:
+        # PS3.8 9.3.4: calling AE title not recognised, local limit exceeded (max associations)...
+        reason = event.assoc.acceptor.primitive.reason_str.lower()
         log.warning(
-            "association from %s (%s) rejected: calling AE title not allowed",
+            "association from %s (%s) rejected: %s",
             event.assoc.requestor.ae_title,
             event.assoc.requestor.address,
+            reason,
         )
-        self._audit_association(event, "failure", "association rejected: calling AE not allowed")
+        self._audit_association(event, "failure", f"association rejected: {reason}")
 
-    def _refuse_peer(self, host: str) -> None:
-        log.warning("connection from %s refused: address not in [node] allowed_peers", host)
-        self._audit_failure("association", "-", f"connection refused: peer {host} not allowed")
+    def _network_violation(self, host: str, detail: str) -> None:
+        log.warning("connection from %s: %s", host, detail)
+        self._audit_failure("association", "-", f"{detail}; peer {host}")
 
     def handle_echo(self, event: evt.Event) -> int:
         return SUCCESS
@@ -226,8 +209,11 @@ class Receiver:
     def make_ae(self) -> AE:
         node = self.settings.node
         ae = AE(ae_title=node.ae_title)
-        ae.network_timeout = node.network_timeout_seconds
+        # An association whose connection was dropped before A-ASSOCIATE-RQ waits for the ACSE
+        # timeout before its slot is free again: the same bound as the network's.
+        ae.network_timeout = ae.acse_timeout = node.network_timeout_seconds
         ae.maximum_associations = node.max_associations
+        ae.maximum_pdu_size = node.max_pdu_bytes
         ae.require_calling_aet = node.allowed_calling_aets
         ae.add_supported_context(Verification)
         # Every storage class is accepted (non-radiographs are then skipped, so the PACS does not
@@ -236,7 +222,7 @@ class Receiver:
             ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
         return ae
 
-    def start(self) -> ThreadedAssociationServer:
+    def start(self) -> GuardedServer:
         """Start listening; returns pynetdicom's server (call ``shutdown()`` on it)."""
         node = self.settings.node
         handlers = [
@@ -249,10 +235,12 @@ class Receiver:
         # is done here as start_server does it (pynetdicom 3.0, ae.py), registration included.
         ae = self.make_ae()
         server = ae.make_server(
-            (node.host, node.port), evt_handlers=handlers, server_class=_PeerAllowList
+            (node.host, node.port), evt_handlers=handlers, server_class=GuardedServer
         )
         server.allowed = tuple(node.allowed_peers)
-        server.on_refused = self._refuse_peer
+        server.pdu_deadline = node.network_timeout_seconds
+        server.max_pdata_length = node.max_pdu_bytes
+        server.on_violation = self._network_violation
         thread = threading.Thread(target=make_target(server.serve_forever), name="xrayage-scp")
         thread.daemon = True
         thread.start()

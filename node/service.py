@@ -6,13 +6,12 @@ import logging
 import signal
 import threading
 
-from pynetdicom.transport import ThreadedAssociationServer
-
 from ai import AgeModel, resolve_weights
 from node.config import Settings
 from node.deliver import Deliverer
 from node.pipeline import InferenceWorker
 from node.receive import Receiver
+from node.scp_server import GuardedServer
 from storage import Database, FileStore
 
 log = logging.getLogger("xrayage")
@@ -51,7 +50,7 @@ class NodeService:
             age_range,
             on_queued=self.worker.wake.set if self.worker else lambda: None,
         )
-        self._server: ThreadedAssociationServer | None = None
+        self._server: GuardedServer | None = None
 
     def start(self) -> None:
         removed = self.store.clean_tmp()

@@ -96,12 +96,13 @@ def node_config(
     folder: Path, port: int, weights: Path | None, pacs: Orthanc | None, **sections: str
 ) -> Path:
     """A config file as an administrator writes it; ``sections`` adds TOML sections by name,
-    e.g. ``report="secondary_capture = false"``."""
+    e.g. ``report="secondary_capture = false"`` (``node=...`` adds keys to ``[node]``)."""
     lines = [
         "[node]",
         'ae_title = "XRAYAGE"',
         'host = "127.0.0.1"',
         f"port = {port}",
+        sections.pop("node", ""),
         "[storage]",
         f'path = "{folder / "data"}"',
         "[model]",

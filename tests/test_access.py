@@ -57,7 +57,7 @@ def test_an_unknown_calling_ae_is_rejected_and_audited(tmp_path: Path, chest_pa:
         assert _stored(service) == 0
         [(_, outcome, actor, detail)] = _audit(service)
         assert (outcome, actor) == ("failure", "STORESCU")
-        assert "calling AE not allowed" in detail and "127.0.0.1" in detail
+        assert "rejected: calling ae title not recognised" in detail and "127.0.0.1" in detail
 
 
 def test_a_listed_calling_ae_stores_and_the_association_is_audited(
