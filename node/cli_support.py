@@ -87,4 +87,4 @@ def open_database(settings: Settings) -> Database:
             raise ConfigError(
                 f"no database at {path}: check [storage] path (the node creates it on first start)"
             )
-    return Database(url)
+    return Database(url, settings.storage.database_timeout_seconds)

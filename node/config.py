@@ -58,6 +58,12 @@ class NodeSection(_Section):
 class StorageSection(_Section):
     path: Path = Path("./xrayage-data")
     database_url: str | None = None  # default: SQLite in WAL mode under ``path``
+    # How long a write waits for the database before giving up: a C-STORE then answers 0xA700
+    # (Out of Resources) and the sender retries later.
+    database_timeout_seconds: float = Field(30.0, gt=0)
+    # Free space kept on the store's file system: below it, C-STORE answers 0xA700 rather than
+    # fill the disk that the database and the reports also need.
+    min_free_mb: int = Field(1024, ge=0)
 
 
 class ModelSection(_Section):

@@ -21,9 +21,11 @@ class NodeService:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         settings.storage.path.mkdir(parents=True, exist_ok=True)
-        self.db = Database(settings.database_url)
+        self.db = Database(settings.database_url, settings.storage.database_timeout_seconds)
         self.db.create_schema()
-        self.store = FileStore(settings.storage.path / "dicom")
+        self.store = FileStore(
+            settings.storage.path / "dicom", settings.storage.min_free_mb * 1024 * 1024
+        )
         cfg = settings.model
         self.model = (
             AgeModel.load(resolve_weights(cfg.weights, cfg.cache_dir), cfg.device, warm_up=True)

@@ -12,28 +12,32 @@ from sqlalchemy.orm import Session, sessionmaker
 from storage.tables import Base
 
 
-def _sqlite_pragmas(dbapi_connection, _record) -> None:  # type: ignore[no-untyped-def]
+def _sqlite_pragmas(dbapi_connection, busy_ms: int) -> None:  # type: ignore[no-untyped-def]
     cur = dbapi_connection.cursor()
     # WAL lets the SCP threads insert while the worker reads; FULL sync makes a commit durable
     # before the C-STORE response goes back (ARCHITECTURE.md: durable before Success).
     cur.execute("PRAGMA journal_mode=WAL")
     cur.execute("PRAGMA synchronous=FULL")
     cur.execute("PRAGMA foreign_keys=ON")
-    cur.execute("PRAGMA busy_timeout=30000")
+    # How long a write waits for another writer; then it fails, and a C-STORE answers 0xA700.
+    cur.execute(f"PRAGMA busy_timeout={busy_ms}")
     cur.close()
 
 
 class Database:
     """Owns the engine; ``session()`` gives a transaction that commits on success."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, timeout_seconds: float = 30.0) -> None:
         self.url = url
         kwargs: dict[str, object] = {}
         if url.startswith("sqlite"):
-            kwargs["connect_args"] = {"timeout": 30, "check_same_thread": False}
+            kwargs["connect_args"] = {"timeout": timeout_seconds, "check_same_thread": False}
         self.engine: Engine = create_engine(url, **kwargs)
         if url.startswith("sqlite"):
-            event.listen(self.engine, "connect", _sqlite_pragmas)
+            busy_ms = int(timeout_seconds * 1000)
+            event.listen(
+                self.engine, "connect", lambda conn, _record: _sqlite_pragmas(conn, busy_ms)
+            )
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     @classmethod

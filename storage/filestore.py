@@ -7,9 +7,11 @@ steer a write outside the store (pydicom's FileSet and pynetdicom's qrscp have h
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import re
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -20,6 +22,10 @@ _UID = re.compile(r"[0-9]+(\.[0-9]+)*")
 
 class InvalidUID(ValueError):
     pass
+
+
+class StoreFull(OSError):
+    """Writing would leave less free space than the store must keep."""
 
 
 class ConflictingContent(Exception):
@@ -49,8 +55,9 @@ def _fsync_dir(path: Path) -> None:
 class FileStore:
     """``incoming/`` holds received instances, ``reports/`` the SR and SC objects the node made."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, min_free_bytes: int = 0) -> None:
         self.root = root
+        self.min_free_bytes = min_free_bytes
         self.tmp = root / "tmp"
         for sub in (self.tmp, root / "incoming", root / "reports"):
             sub.mkdir(parents=True, exist_ok=True)
@@ -75,11 +82,19 @@ class FileStore:
     def store_received(self, sop_instance_uid: str, data: bytes) -> tuple[Path, str, bool]:
         """Store received bytes unchanged. Returns (path, sha256, already_present).
 
-        Never overwrites: ``os.link`` fails if the final name exists, which makes two
+        Refuses with :class:`StoreFull` when the write would eat into the reserve. Never
+        overwrites: ``os.link`` fails if the final name exists, which makes two
         associations racing with the same UID safe. Same bytes again is a harmless duplicate;
         different bytes raise :class:`ConflictingContent` and leave the stored file untouched.
         """
         final = self.path_for("incoming", sop_instance_uid)
+        free = shutil.disk_usage(self.root).free
+        if free - len(data) < self.min_free_bytes:
+            raise StoreFull(
+                errno.ENOSPC,
+                f"{free >> 20} MB free, {self.min_free_bytes >> 20} MB kept in reserve",
+                str(self.root),
+            )
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp, digest = self._write_tmp(data)
         try:

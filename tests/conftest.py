@@ -95,33 +95,30 @@ def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthanc]:
 def node_config(
     folder: Path, port: int, weights: Path | None, pacs: Orthanc | None, **sections: str
 ) -> Path:
-    """A config file as an administrator writes it; ``sections`` adds TOML sections by name,
-    e.g. ``report="secondary_capture = false"`` (``node=...`` adds keys to ``[node]``)."""
-    lines = [
-        "[node]",
-        'ae_title = "XRAYAGE"',
-        'host = "127.0.0.1"',
-        f"port = {port}",
-        sections.pop("node", ""),
-        "[storage]",
-        f'path = "{folder / "data"}"',
-        "[model]",
-        'device = "cpu"',
-    ]
-    if weights is not None:
-        lines.append(f'weights = "{weights}"')
+    """A config file as an administrator writes it. ``sections`` adds keys by section name,
+    replacing the defaults here: e.g. ``report="secondary_capture = false"``."""
+    config: dict[str, dict[str, str]] = {
+        "node": {"ae_title": '"XRAYAGE"', "host": '"127.0.0.1"', "port": str(port)},
+        "storage": {"path": f'"{folder / "data"}"'},
+        "model": {"device": '"cpu"'} | ({"weights": f'"{weights}"'} if weights else {}),
+    }
     if pacs is not None:
-        sections = {"delivery": "retry_initial_seconds = 1\nretry_max_seconds = 2", **sections}
-        lines += [
-            "[[destinations]]",
-            'name = "pacs"',
-            f'ae_title = "{pacs.aet}"',
-            'host = "127.0.0.1"',
-            f"port = {pacs.dicom_port}",
-        ]
-    lines += [f"[{name}]\n{body}" for name, body in sections.items()]
+        config["delivery"] = {"retry_initial_seconds": "1", "retry_max_seconds": "2"}
+    for name, body in sections.items():
+        for line in body.splitlines():
+            key, _, value = line.partition("=")
+            config.setdefault(name, {})[key.strip()] = value.strip()
+    text = "".join(
+        f"[{name}]\n" + "".join(f"{k} = {v}\n" for k, v in keys.items())
+        for name, keys in config.items()
+    )
+    if pacs is not None:
+        text += (
+            f'[[destinations]]\nname = "pacs"\nae_title = "{pacs.aet}"\n'
+            f'host = "127.0.0.1"\nport = {pacs.dicom_port}\n'
+        )
     path = folder / "xrayage.toml"
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text(text)
     return path
 
 

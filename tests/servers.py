@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -141,6 +142,11 @@ class NodeProcess:
     port: int
     log: Path
     proc: subprocess.Popen[bytes] | None = None
+    file_size_limit: int | None = None  # RLIMIT_FSIZE: writes beyond it fail with EFBIG
+
+    def _limits(self) -> None:
+        if self.file_size_limit is not None:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (self.file_size_limit,) * 2)
 
     def start(self) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("XRAYAGE_")}
@@ -150,6 +156,7 @@ class NodeProcess:
             stdout=out,
             stderr=subprocess.STDOUT,
             env=env,
+            preexec_fn=self._limits,
         )
         wait_until(self._up, 120, "the node to answer C-ECHO", interval=0.5)
 

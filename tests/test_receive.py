@@ -19,11 +19,10 @@ from tests.servers import free_port, wait_until
 
 
 def start(tmp_path: Path, **overrides: object) -> NodeService:
+    """A node in this process, with ``overrides`` as config sections (``storage`` merged)."""
+    storage = {"path": tmp_path / "data", **overrides.pop("storage", {})}  # type: ignore[dict-item]
     settings: Settings = load_settings(
-        None,
-        node={"host": "127.0.0.1", "port": free_port()},
-        storage={"path": tmp_path / "data"},
-        **overrides,
+        None, node={"host": "127.0.0.1", "port": free_port()}, storage=storage, **overrides
     )
     node = NodeService(settings)
     node.start()
