@@ -16,6 +16,7 @@ from pydicom.dataset import Dataset
 
 from node.findings import Findings
 from node.gate import MANUFACTURER
+from node.header import character_set, keep_character_set, usable_header
 from node.uids import ReportUIDs
 
 SIZE = 1024
@@ -70,7 +71,8 @@ def build_sc(
     source: Dataset, findings: Findings, uids: ReportUIDs, series_number: int
 ) -> hd.sc.SCImage:
     sc = hd.sc.SCImage.from_ref_dataset(
-        ref_dataset=source,
+        ref_dataset=usable_header(source),
+        specific_character_set=character_set(source),
         pixel_array=render(source, findings),
         photometric_interpretation="MONOCHROME2",
         bits_allocated=8,
@@ -90,4 +92,5 @@ def build_sc(
     sc.Laterality = ""
     sc.BurnedInAnnotation = "NO"
     sc.ImageType = ["DERIVED", "SECONDARY"]
+    keep_character_set(sc, source)
     return sc

@@ -33,7 +33,8 @@ def _logging() -> None:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    for noisy in ("pynetdicom", "highdicom"):  # per-association and per-attribute chatter
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 app.command()(infer)

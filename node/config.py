@@ -10,7 +10,14 @@ from __future__ import annotations
 from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -34,6 +41,30 @@ def _ae_title(value: str) -> str:
     return value.strip()
 
 
+class ServerTls(_Section):
+    """``[node.tls]``: the SCP speaks DICOM TLS on ``[node] port`` (PEM files)."""
+
+    certificate: Path
+    private_key: Path
+    ca_certificates: Path | None = None  # CAs whose client certificates are accepted
+    require_client_certificate: bool = False  # mutual TLS
+
+    @model_validator(mode="after")
+    def _mutual_needs_cas(self) -> ServerTls:
+        if self.require_client_certificate and self.ca_certificates is None:
+            raise ValueError("require_client_certificate needs ca_certificates")
+        return self
+
+
+class DestinationTls(_Section):
+    """``tls = {...}`` on a destination: deliver over DICOM TLS."""
+
+    ca_certificates: Path | None = None  # default: the system's CAs
+    certificate: Path | None = None  # for a destination that wants a client certificate
+    private_key: Path | None = None
+    server_name: str | None = None  # name in the certificate, when not the host
+
+
 class NodeSection(_Section):
     ae_title: str = "XRAYAGE"
     host: str = "0.0.0.0"
@@ -47,6 +78,7 @@ class NodeSection(_Section):
     # "10.1.2.0/24" (empty: any). Others are rejected at association time and audited.
     allowed_calling_aets: list[str] = []
     allowed_peers: list[IPv4Network | IPv6Network] = []
+    tls: ServerTls | None = None
     _check_ae = field_validator("ae_title")(_ae_title)
 
     @field_validator("allowed_calling_aets")
@@ -115,6 +147,7 @@ class Destination(_Section):
     ae_title: str
     host: str
     port: int = Field(ge=1, le=65535)
+    tls: DestinationTls | None = None
     _check_ae = field_validator("ae_title")(_ae_title)
 
 

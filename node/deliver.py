@@ -18,6 +18,7 @@ from sqlalchemy import select
 
 from node.config import DeliverySection, Settings
 from node.scu import send_files
+from node.tls import client_context
 from node.worker_thread import WorkerThread
 from storage import Database, Delivery, DeliveryState, Instance, InstanceState, record_event
 from storage.queue import due_deliveries
@@ -40,6 +41,7 @@ class Deliverer(WorkerThread):
         self.db = db
         self.rng = random.Random()
         self.destinations = {d.name: d for d in settings.destinations}
+        self.tls = {d.name: client_context(d.tls, d.host) for d in settings.destinations if d.tls}
 
     def run_once(self) -> int:
         with self.db.session() as s:
@@ -59,6 +61,7 @@ class Deliverer(WorkerThread):
                     dest.port,
                     [Path(p) for _, _, p in items],
                     self.settings.delivery.timeout_seconds,
+                    self.tls.get(name),
                 )
             self._record([i for i, _, _ in items], errors)
         return len(due)

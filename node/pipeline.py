@@ -109,8 +109,10 @@ class InferenceWorker(WorkerThread):
                 self._report(job, outcome.header, outcome.xray_age)
         return len(jobs)
 
-    def _fail(self, job: Job, reason: str) -> None:
-        log.warning("job %d failed: %s", job.id, reason)
+    def _fail(self, job: Job, reason: str, summary: str | None = None) -> None:
+        """Record ``reason`` (database and audit log); the application log gets ``summary``
+        instead where the reason may quote header values, which can identify the patient."""
+        log.warning("job %d failed: %s", job.id, summary or reason)
         with self.db.session() as s:
             job = s.get_one(Job, job.id)
             job.state, job.error = JobState.FAILED, reason
@@ -144,7 +146,11 @@ class InferenceWorker(WorkerThread):
                 objects.append((uids.sc_instance, _encode(sc)))
             paths = [self.store.store_report(uid, data) for uid, data in objects]
         except (ValueError, TypeError, AttributeError) as e:  # highdicom validation errors
-            self._fail(claimed, f"report cannot be built: {e}")
+            self._fail(
+                claimed,
+                f"report cannot be built: {e}",
+                f"report cannot be built ({type(e).__name__}; the reason is in the database)",
+            )
             return
         except OSError as e:
             self._fail(claimed, f"report cannot be stored: {e}")

@@ -34,6 +34,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from node.config import Settings
 from node.gate import decide
 from node.scp_server import GuardedServer
+from node.tls import server_context
 from storage import (
     Database,
     FileStore,
@@ -235,7 +236,10 @@ class Receiver:
         # is done here as start_server does it (pynetdicom 3.0, ae.py), registration included.
         ae = self.make_ae()
         server = ae.make_server(
-            (node.host, node.port), evt_handlers=handlers, server_class=GuardedServer
+            (node.host, node.port),
+            evt_handlers=handlers,
+            server_class=GuardedServer,
+            ssl_context=server_context(node.tls) if node.tls else None,
         )
         server.allowed = tuple(node.allowed_peers)
         server.pdu_deadline = node.network_timeout_seconds

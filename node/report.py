@@ -20,7 +20,7 @@ from pydicom.sr.codedict import codes
 
 from node.findings import Findings
 from node.gate import MANUFACTURER
-from node.patient_age import is_age_string
+from node.header import character_set, keep_character_set, usable_header
 from node.uids import ReportUIDs, device_uid
 
 SCHEME = "99XRAYAGE"
@@ -92,35 +92,6 @@ def image_library(source: Dataset) -> hd.sr.ContainerContentItem:
     return library
 
 
-# Patient and study attributes of Type 2 that highdicom reads from the evidence unconditionally;
-# a non-conformant source may lack them, and the SR then carries them empty (PS3.3 C.7.1.1).
-_TYPE_2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "AccessionNumber",
-           "StudyID", "StudyDate", "StudyTime")  # fmt: skip
-
-
-def _evidence(source: Dataset) -> Dataset:
-    """The source as highdicom can take it: missing Type 2 attributes present but empty, and a
-    Patient's Age that is not a valid AS value ("062") left out rather than copied on."""
-    # A new mapping of the same elements, still undecoded: copy() would share the source's dict,
-    # and iterating a Dataset (rather than its keys) would decode every element.
-    evidence = Dataset({tag: source.get_item(tag) for tag in source.keys()})  # noqa: SIM118
-    if "PatientAge" in evidence and not is_age_string(evidence.PatientAge):
-        del evidence.PatientAge
-    for keyword in _TYPE_2:
-        if keyword not in evidence:
-            setattr(evidence, keyword, None)
-    return evidence
-
-
-def _character_set(source: Dataset) -> object:
-    """The source's Specific Character Set in a form highdicom accepts: a leading empty value
-    (the default repertoire, as in ``\\ISO 2022 IR 87``) spelled ``ISO 2022 IR 6``."""
-    value = source.get("SpecificCharacterSet")
-    if value is None or isinstance(value, str):
-        return value
-    return [v or "ISO 2022 IR 6" for v in value]
-
-
 def algorithm(findings: Findings) -> hd.sr.AlgorithmIdentification:
     card = findings.card
     parameters = [f"weights-sha256={card.sha256}"]
@@ -178,8 +149,8 @@ def build_sr(
     )
     items.insert(after + 1, image_library(source))
     sr = hd.sr.Comprehensive3DSR(
-        evidence=[_evidence(source)],
-        specific_character_set=_character_set(source),
+        evidence=[usable_header(source)],
+        specific_character_set=character_set(source),
         content=report,
         series_instance_uid=uids.sr_series,
         series_number=series_number,
@@ -198,9 +169,5 @@ def build_sr(
             )
         ],
     )
-    if "SpecificCharacterSet" in source:
-        # The source's own value, so names are written back in their original bytes (pydicom
-        # re-encodes a name only when the character set differs): a Japanese name in ISO 2022
-        # escapes stays byte for byte what the modality sent.
-        sr.SpecificCharacterSet = source.SpecificCharacterSet
+    keep_character_set(sr, source)
     return sr

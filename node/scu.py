@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ssl
 from pathlib import Path
 
 import pydicom
@@ -14,9 +15,16 @@ STORED = {0x0000, 0xB000, 0xB006, 0xB007}
 
 
 def send_files(
-    calling_ae: str, called_ae: str, host: str, port: int, paths: list[Path], timeout: float = 30
+    calling_ae: str,
+    called_ae: str,
+    host: str,
+    port: int,
+    paths: list[Path],
+    timeout: float = 30,
+    tls: tuple[ssl.SSLContext, str] | None = None,
 ) -> list[str | None]:
-    """C-STORE each file; an error message per file, None where it was stored."""
+    """C-STORE each file; an error message per file, None where it was stored. ``tls``: a
+    client context and the server name to verify (see :mod:`node.tls`)."""
     ae = AE(ae_title=calling_ae)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
     contexts: set[tuple[str, str]] = set()
@@ -26,9 +34,10 @@ def send_files(
     for sop_class, syntax in sorted(contexts):
         fallback = [s for s in (ExplicitVRLittleEndian, ImplicitVRLittleEndian) if s != syntax]
         ae.add_requested_context(sop_class, [syntax, *fallback])
-    assoc = ae.associate(host, port, ae_title=called_ae)
+    assoc = ae.associate(host, port, ae_title=called_ae, tls_args=tls)
     if not assoc.is_established:
-        return [f"association with {called_ae}@{host}:{port} failed"] * len(paths)
+        how = " over TLS" if tls else ""
+        return [f"association{how} with {called_ae}@{host}:{port} failed"] * len(paths)
     errors: list[str | None] = []
     try:
         for path in paths:

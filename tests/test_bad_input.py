@@ -36,7 +36,6 @@ def node(tmp_path_factory: pytest.TempPathFactory, weights: Path) -> Iterator[No
         node={"host": "127.0.0.1", "port": free_port()},
         storage={"path": tmp_path_factory.mktemp("node")},
         model={"weights": str(weights), "device": "cpu"},
-        report={"secondary_capture": False},
     )
     service = NodeService(settings)
     service.start()
@@ -203,12 +202,13 @@ def test_a_japanese_name_is_kept_byte_for_byte_in_the_sr(
     inst = outcome(node, path)
     assert inst.state == InstanceState.REPORTED
     with node.db.session() as s:
-        sr_path = s.scalars(select(Result).where(Result.instance_id == inst.id)).one().sr_path
-    sr = pydicom.dcmread(sr_path)
-    assert sr.get_item("PatientName").value == raw_name
-    assert sr.SpecificCharacterSet == sent.SpecificCharacterSet
-    assert str(sr.PatientName) == str(sent.PatientName)
-    assert dciodvfy_errors(Path(sr_path)) == []
+        result = s.scalars(select(Result).where(Result.instance_id == inst.id)).one()
+    for made in (result.sr_path, result.sc_path):  # the SR and the Secondary Capture
+        ds = pydicom.dcmread(str(made))
+        assert ds.get_item("PatientName").value == raw_name
+        assert ds.SpecificCharacterSet == sent.SpecificCharacterSet
+        assert str(ds.PatientName) == str(sent.PatientName)
+    assert dciodvfy_errors(Path(str(result.sr_path))) == []
 
 
 def _failures(node: NodeService) -> list[str]:
