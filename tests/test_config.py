@@ -75,6 +75,11 @@ def test_defaults_without_a_file() -> None:
         ),
         ('[node]\nae_title = "MUCH_TOO_LONG_AE_TITLE"\n', "not a valid AE title"),
         ("[node\n", "config: "),
+        (
+            '[node.tls]\ncertificate = "a.crt"\nprivate_key = "a.key"\n'
+            "require_client_certificate = true\n",
+            "config: node.tls: Value error, require_client_certificate needs ca_certificates",
+        ),
     ],
 )
 def test_mistakes_are_one_clear_error(tmp_path: Path, text: str, message: str) -> None:
