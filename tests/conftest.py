@@ -3,8 +3,10 @@ from __future__ import annotations
 import shutil
 import subprocess
 from collections.abc import Iterator
+from contextlib import contextmanager
 from copy import deepcopy
 from pathlib import Path
+from typing import Any
 
 import pydicom
 import pytest
@@ -12,6 +14,8 @@ from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
 from ai import build_untrained_model
+from node.config import load_settings
+from node.service import NodeService
 from tests.servers import NodeProcess, Orthanc, free_port
 
 STORESCU = "/usr/bin/storescu"  # DCMTK's; pynetdicom installs its own storescu earlier on PATH
@@ -36,6 +40,24 @@ def extremity() -> Path:
 @pytest.fixture
 def chest_ds(chest_pa: Path) -> pydicom.Dataset:
     return pydicom.dcmread(chest_pa)
+
+
+@contextmanager
+def node_in_process(tmp_path: Path, **sections: Any) -> Iterator[NodeService]:
+    """A running node in the test's own process; ``sections`` as in the config file, with
+    ``node`` and ``storage`` merged into loopback, a free port and a folder under ``tmp_path``."""
+    settings = load_settings(
+        None,
+        node={"host": "127.0.0.1", "port": free_port(), **sections.pop("node", {})},
+        storage={"path": tmp_path / "data", **sections.pop("storage", {})},
+        **sections,
+    )
+    service = NodeService(settings)
+    service.start()
+    try:
+        yield service
+    finally:
+        service.stop()
 
 
 def small_chests(chest_ds: pydicom.Dataset, folder: Path, n: int) -> list[Path]:

@@ -3,32 +3,14 @@ and peer addresses outside the allow-lists are refused and audited; allowed ones
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 from sqlalchemy import select
 
-from node.config import load_settings
 from node.service import NodeService
 from storage import AuditEvent, Instance
-from tests.conftest import storescu
-from tests.servers import free_port, wait_until
-
-
-@contextmanager
-def node(tmp_path: Path, **policy: object) -> Iterator[NodeService]:
-    settings = load_settings(
-        None,
-        node={"host": "127.0.0.1", "port": free_port(), **policy},
-        storage={"path": tmp_path / "data"},
-    )
-    service = NodeService(settings)
-    service.start()
-    try:
-        yield service
-    finally:
-        service.stop()
+from tests.conftest import node_in_process, storescu
+from tests.servers import wait_until
 
 
 def _audit(service: NodeService) -> list[tuple[str, str, str, str]]:
@@ -50,7 +32,7 @@ def _stored(service: NodeService) -> int:
 
 
 def test_an_unknown_calling_ae_is_rejected_and_audited(tmp_path: Path, chest_pa: Path) -> None:
-    with node(tmp_path, allowed_calling_aets=["PACS", "MODALITY1"]) as service:
+    with node_in_process(tmp_path, node={"allowed_calling_aets": ["PACS", "MODALITY1"]}) as service:
         out = storescu(service.settings.node.port, chest_pa)
         assert out.returncode != 0
         assert "Association Rejected" in out.stderr + out.stdout
@@ -63,7 +45,7 @@ def test_an_unknown_calling_ae_is_rejected_and_audited(tmp_path: Path, chest_pa:
 def test_a_listed_calling_ae_stores_and_the_association_is_audited(
     tmp_path: Path, chest_pa: Path
 ) -> None:
-    with node(tmp_path, allowed_calling_aets=["STORESCU"]) as service:
+    with node_in_process(tmp_path, node={"allowed_calling_aets": ["STORESCU"]}) as service:
         out = storescu(service.settings.node.port, chest_pa)
         assert out.returncode == 0, out.stderr
         assert _stored(service) == 1
@@ -73,11 +55,13 @@ def test_a_listed_calling_ae_stores_and_the_association_is_audited(
 def test_a_peer_outside_the_allowed_networks_is_disconnected(
     tmp_path: Path, chest_pa: Path
 ) -> None:
-    with node(tmp_path, allowed_peers=["10.0.0.0/8", "192.168.1.7"]) as service:
+    with node_in_process(
+        tmp_path, node={"allowed_peers": ["10.0.0.0/8", "192.168.1.7"]}
+    ) as service:
         out = storescu(service.settings.node.port, chest_pa)
         assert out.returncode != 0 and _stored(service) == 0
         [(_, outcome, _, detail)] = _audit(service)
         assert outcome == "failure" and "peer 127.0.0.1 not allowed" in detail
-    with node(tmp_path / "ok", allowed_peers=["127.0.0.0/8"]) as service:
+    with node_in_process(tmp_path / "ok", node={"allowed_peers": ["127.0.0.0/8"]}) as service:
         assert storescu(service.settings.node.port, chest_pa).returncode == 0
         assert _stored(service) == 1

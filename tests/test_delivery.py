@@ -31,6 +31,19 @@ def node_for(config: Path) -> Iterator[NodeService]:
         service.stop()
 
 
+def _pacs_and_node_config(
+    tmp_path: Path, weights: Path, delivery: str
+) -> tuple[Orthanc, int, Path]:
+    """An Orthanc (not started), and the config of a node that delivers SRs only to it."""
+    require("Orthanc")
+    pacs = Orthanc(tmp_path / "pacs", free_port(), free_port())
+    port = free_port()
+    config = node_config(
+        tmp_path, port, weights, pacs, delivery=delivery, report="secondary_capture = false"
+    )
+    return pacs, port, config
+
+
 def deliveries(service: NodeService) -> list[Delivery]:
     with service.db.session() as s:
         return list(s.scalars(select(Delivery).order_by(Delivery.id)))
@@ -39,21 +52,14 @@ def deliveries(service: NodeService) -> list[Delivery]:
 def test_a_pacs_down_for_a_minute_gets_every_report_once_when_back(
     tmp_path: Path, chest_ds: pydicom.Dataset, weights: Path
 ) -> None:
-    require("Orthanc")
-    pacs = Orthanc(tmp_path / "pacs", free_port(), free_port())
-    pacs.start(allowed={"XRAYAGE": "xrayage", "STORESCU": "storescu"})
+    pacs, port, config = _pacs_and_node_config(
+        tmp_path,
+        weights,
+        "retry_initial_seconds = 2\nretry_max_seconds = 8\nmax_attempts = 100\ntimeout_seconds = 2",
+    )
+    pacs.start(allowed={"XRAYAGE": "xrayage"})
     pacs.stop()
     stopped = time.monotonic()
-    port = free_port()
-    config = node_config(
-        tmp_path,
-        port,
-        weights,
-        pacs,
-        delivery="retry_initial_seconds = 2\nretry_max_seconds = 8\nmax_attempts = 100\n"
-        "timeout_seconds = 2",
-        report="secondary_capture = false",
-    )
     images = small_chests(chest_ds, tmp_path / "images", 20)
     try:
         with node_for(config) as service:
@@ -89,17 +95,9 @@ def test_a_pacs_down_for_a_minute_gets_every_report_once_when_back(
 def test_a_failed_delivery_is_listed_and_sent_again_by_xrayage_retry(
     tmp_path: Path, chest_pa: Path, weights: Path
 ) -> None:
-    require("Orthanc")
-    pacs = Orthanc(tmp_path / "pacs", free_port(), free_port())  # not started yet
-    port = free_port()
-    config = node_config(
-        tmp_path,
-        port,
-        weights,
-        pacs,
-        delivery="max_attempts = 1\ntimeout_seconds = 2",
-        report="secondary_capture = false",
-    )
+    pacs, port, config = _pacs_and_node_config(
+        tmp_path, weights, "max_attempts = 1\ntimeout_seconds = 2"
+    )  # the PACS is not started yet
     try:
         with node_for(config) as service:
             assert storescu(port, chest_pa).returncode == 0

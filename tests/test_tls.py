@@ -12,10 +12,9 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from node.config import load_settings
 from node.service import NodeService
 from storage import AuditEvent, Delivery, DeliveryState, Instance
-from tests.conftest import STORESCU, require
+from tests.conftest import STORESCU, node_in_process, require
 from tests.servers import _stop, free_port, wait_until
 
 STORESCP = "/usr/bin/storescp"
@@ -61,18 +60,8 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tls_node(tmp_path: Path, pki: Path, **overrides: object) -> Iterator[NodeService]:
     tls = {"certificate": pki / "node.crt", "private_key": pki / "node.key",
            "ca_certificates": pki / "ca.crt", **overrides.pop("tls", {})}  # type: ignore[dict-item]  # fmt: skip
-    settings = load_settings(
-        None,
-        node={"host": "127.0.0.1", "port": free_port(), "tls": tls},
-        storage={"path": tmp_path / "data"},
-        **overrides,
-    )
-    service = NodeService(settings)
-    service.start()
-    try:
+    with node_in_process(tmp_path, node={"tls": tls}, **overrides) as service:
         yield service
-    finally:
-        service.stop()
 
 
 def storescu_tls(
