@@ -41,10 +41,21 @@ def test_a_bad_file_is_reported_and_the_others_still_run(
 ) -> None:
     junk = tmp_path / "notes.txt"
     junk.write_text("not dicom")
-    out = run("infer", str(junk), str(chest_pa), "--weights", str(weights), "--json")
+    data = chest_pa.read_bytes()
+    truncated = tmp_path / "truncated.dcm"
+    truncated.write_bytes(data[: len(data) // 2])
+    explicit = b"1.2.840.10008.1.2.1\0"  # the file meta's Transfer Syntax UID, same length below
+    unknown, garbled = tmp_path / "unknown-ts.dcm", tmp_path / "garbled-ts.dcm"
+    unknown.write_bytes(data.replace(explicit, b"1.2.840.10008.1.2.9\0", 1))
+    garbled.write_bytes(data.replace(explicit, b"#garbled?ts+%&!x@@\0\0", 1))
+    bad = [junk, truncated, unknown, garbled]
+    out = run("infer", *map(str, bad), str(chest_pa), "--weights", str(weights), "--json")
     assert out.returncode == 1
     rows = json.loads(out.stdout)
-    assert "not a readable DICOM file" in rows[0]["error"] and "xray_age" in rows[1]
+    assert "not a readable DICOM file" in rows[0]["error"]
+    assert all(row["error"] and row["xray_age"] is None for row in rows[:4])
+    assert "cannot be decoded" in rows[2]["error"] and "cannot be decoded" in rows[3]["error"]
+    assert rows[4]["xray_age"] is not None and rows[4]["error"] is None
     assert "Traceback" not in out.stderr
 
 
