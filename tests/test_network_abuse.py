@@ -67,6 +67,7 @@ def test_a_pdu_claiming_4_gib_is_refused_and_memory_stays_flat(node: NodeProcess
         except OSError:  # reset by the node
             pass
     growth_mb = (_memory_kb(node, "VmHWM") - before) / 1024
+    print(f"node took {sent / MB:.0f} MB before hanging up; peak RSS grew {growth_mb:.1f} MB")
     assert sent < 64 * MB, "the node kept reading"
     assert growth_mb < 64, f"peak memory grew by {growth_mb:.0f} MB"
     wait_until(lambda: "claims 4294967295 bytes" in _log(node), 10, "the refusal in the log")
@@ -84,6 +85,7 @@ def test_a_peer_trickling_bytes_is_dropped_after_the_network_timeout(node: NodeP
         except OSError:  # reset by the node
             pass
         dropped_after = time.monotonic() - started
+    print(f"trickler dropped after {dropped_after:.1f} s")
     assert dropped_after < TIMEOUT + 3, f"still connected after {dropped_after:.1f} s"
     assert "(network timeout): connection dropped" in _log(node)
     _still_serving(node)
