@@ -10,30 +10,18 @@ import pydicom
 import pytest
 from sqlalchemy import func, select
 
-from node.config import Settings, load_settings
 from node.scu import send_files
 from node.service import NodeService
 from storage import AuditEvent, Delivery, DeliveryState, Instance, InstanceState, Job
 from storage.tables import utcnow
+from tests.conftest import node_in_process
 from tests.servers import free_port, wait_until
-
-
-def start(tmp_path: Path, **overrides: object) -> NodeService:
-    """A node in this process, with ``overrides`` as config sections (``storage`` merged)."""
-    storage = {"path": tmp_path / "data", **overrides.pop("storage", {})}  # type: ignore[dict-item]
-    settings: Settings = load_settings(
-        None, node={"host": "127.0.0.1", "port": free_port()}, storage=storage, **overrides
-    )
-    node = NodeService(settings)
-    node.start()
-    return node
 
 
 @pytest.fixture
 def receiver(tmp_path: Path) -> Iterator[NodeService]:
-    node = start(tmp_path)  # no weights: receive and queue only
-    yield node
-    node.stop()
+    with node_in_process(tmp_path) as node:  # no weights: receive and queue only
+        yield node
 
 
 def send(node: NodeService, *paths: Path) -> list[str | None]:
@@ -75,15 +63,14 @@ def test_different_content_under_a_stored_uid_is_refused(
 def test_a_delivery_to_an_unreachable_pacs_is_kept_and_retried(
     tmp_path: Path, chest_pa: Path, weights: Path
 ) -> None:
-    node = start(
+    with node_in_process(
         tmp_path,
         model={"weights": str(weights), "device": "cpu"},
         delivery={"retry_initial_seconds": 60, "max_attempts": 5, "timeout_seconds": 2},
         destinations=[
             {"name": "down", "ae_title": "PACS", "host": "127.0.0.1", "port": free_port()}
         ],
-    )
-    try:
+    ) as node:
         assert send(node, chest_pa) == [None]
 
         def tried() -> list[Delivery]:
@@ -98,5 +85,3 @@ def test_a_delivery_to_an_unreachable_pacs_is_kept_and_retried(
             assert d.next_attempt_at > utcnow() + dt.timedelta(seconds=25)
         with node.db.session() as s:
             assert s.scalars(select(Instance)).one().state == InstanceState.REPORTED
-    finally:
-        node.stop()

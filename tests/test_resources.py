@@ -13,9 +13,9 @@ from sqlalchemy import select
 
 from node.scu import send_files
 from storage import AuditEvent, Instance, Job
-from tests.conftest import node_config, small_chests
+from tests.conftest import node_config, node_in_process, small_chests
 from tests.servers import NodeProcess, free_port
-from tests.test_receive import count, send, start
+from tests.test_receive import count, send
 
 A700 = "C-STORE status 0xA700"
 
@@ -24,16 +24,13 @@ def test_a_store_without_its_reserve_of_free_space_answers_a700(
     tmp_path: Path, chest_pa: Path
 ) -> None:
     free_mb = shutil.disk_usage(tmp_path).free >> 20
-    node = start(tmp_path, storage={"min_free_mb": free_mb + 1024})
-    try:
+    with node_in_process(tmp_path, storage={"min_free_mb": free_mb + 1024}) as node:
         assert send(node, chest_pa) == [A700]
         assert count(node, Instance) == 0
         assert list((tmp_path / "data" / "dicom").rglob("*.dcm")) == []
         with node.db.session() as s:
             refused = s.scalars(select(AuditEvent).where(AuditEvent.outcome == "failure")).one()
         assert "MB kept in reserve" in (refused.detail or "")
-    finally:
-        node.stop()
 
 
 def test_a_write_the_kernel_refuses_answers_a700(
@@ -57,14 +54,13 @@ def test_a_write_the_kernel_refuses_answers_a700(
 def test_a_locked_database_answers_a700_and_the_resend_is_stored(
     tmp_path: Path, chest_pa: Path
 ) -> None:
-    node = start(tmp_path, storage={"database_timeout_seconds": 1})
-    lock = sqlite3.connect(tmp_path / "data" / "xrayage.db", isolation_level=None)
-    try:
-        lock.execute("BEGIN EXCLUSIVE")  # another writer holds the database
-        assert send(node, chest_pa) == [A700]
-        lock.execute("ROLLBACK")
-        assert send(node, chest_pa) == [None]  # the file kept from the first try is reused
-        assert count(node, Instance) == 1 and count(node, Job) == 1
-    finally:
-        lock.close()
-        node.stop()
+    with node_in_process(tmp_path, storage={"database_timeout_seconds": 1}) as node:
+        lock = sqlite3.connect(tmp_path / "data" / "xrayage.db", isolation_level=None)
+        try:
+            lock.execute("BEGIN EXCLUSIVE")  # another writer holds the database
+            assert send(node, chest_pa) == [A700]
+            lock.execute("ROLLBACK")
+            assert send(node, chest_pa) == [None]  # the file kept from the first try is reused
+            assert count(node, Instance) == 1 and count(node, Job) == 1
+        finally:
+            lock.close()
