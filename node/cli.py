@@ -15,8 +15,10 @@ from typing import Annotated
 import pydicom
 import typer
 
+from node.cli_audit import audit, audit_purge
 from node.cli_infer import evaluate, infer
 from node.cli_model import model_app
+from node.cli_rescan import rescan
 from node.cli_retry import retry
 from node.cli_support import ConfigOption, user_errors
 from node.config import ConfigError, load_settings
@@ -40,6 +42,9 @@ def _logging() -> None:
 app.command()(infer)
 app.command()(evaluate)
 app.command()(retry)
+app.command()(rescan)
+app.command()(audit)
+app.command("audit-purge")(audit_purge)
 app.add_typer(model_app, name="model")
 
 

@@ -7,9 +7,12 @@ are refused, so a typo cannot silently fall back to a default.
 
 from __future__ import annotations
 
+import datetime as dt
 from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
+from typing import Literal
 
+from apscheduler.triggers.cron import CronTrigger
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -142,13 +145,79 @@ class DeliverySection(_Section):
     timeout_seconds: float = 30.0
 
 
-class Destination(_Section):
-    name: str
+class Peer(_Section):
+    """Another DICOM node: its AE title, address and port, optionally over TLS."""
+
     ae_title: str
     host: str
     port: int = Field(ge=1, le=65535)
     tls: DestinationTls | None = None
     _check_ae = field_validator("ae_title")(_ae_title)
+
+
+class Destination(Peer):
+    name: str
+
+
+def _crontab(value: str) -> str:
+    try:
+        CronTrigger.from_crontab(value)
+    except ValueError as e:
+        raise ValueError(
+            f"{value!r} is not a crontab expression (minute hour day month weekday): {e}"
+        ) from None
+    return value
+
+
+class RetroSection(_Section):
+    """``[retro]``: nightly re-scans of the archive (``peer``) for studies never reported."""
+
+    peer: Peer | None = None  # the query/retrieve SCP; no peer, no retro-scans
+    schedule: str = "0 22 * * *"  # crontab, in the node's local time
+    window_end: dt.time = dt.time(
+        6, 0
+    )  # a scheduled scan stops fetching then, and resumes next night
+    days_back: int = Field(7, ge=1)  # a scheduled scan covers the studies of the last N days
+    # "move": C-MOVE to this node's AE title (the peer must know it); "get": C-GET on the
+    # query association, for peers that cannot route back.
+    retrieve: Literal["move", "get"] = "move"
+    max_concurrent_moves: int = Field(2, ge=1, le=16)
+    max_images_per_night: int = Field(5000, ge=1)
+    timeout_seconds: float = Field(600.0, gt=0)  # for one C-FIND, C-MOVE or C-GET to complete
+    _check_schedule = field_validator("schedule")(_crontab)
+
+
+class SyslogSection(_Section):
+    """``[audit.syslog]``: IHE ATNA audit messages (DICOM PS3.15 A.5) over RFC 5424 syslog."""
+
+    host: str
+    port: int = Field(6514, ge=1, le=65535)
+    transport: Literal["udp", "tcp", "tls"] = "tls"
+    tls: DestinationTls | None = None  # for "tls": the collector's CA, an optional client cert
+
+
+class AuditSection(_Section):
+    retention_days: int | None = Field(None, ge=1)  # None: keep every event
+    purge_schedule: str = "30 3 * * *"
+    syslog: SyslogSection | None = None
+    _check_schedule = field_validator("purge_schedule")(_crontab)
+
+
+class HttpSection(_Section):
+    """``[http]``: the read-only audit API and status page; off without a port."""
+
+    host: str = "127.0.0.1"
+    port: int | None = Field(None, ge=1, le=65535)
+    # Bearer tokens by the name the audit log records for their holder (``api:<name>``).
+    tokens: dict[str, str] = {}
+
+    @field_validator("tokens")
+    @classmethod
+    def _long_tokens(cls, tokens: dict[str, str]) -> dict[str, str]:
+        short = [name for name, token in tokens.items() if len(token) < 16]
+        if short:
+            raise ValueError(f"tokens shorter than 16 characters: {', '.join(short)}")
+        return tokens
 
 
 class Settings(BaseSettings):
@@ -163,6 +232,9 @@ class Settings(BaseSettings):
     report: ReportSection = ReportSection()
     delivery: DeliverySection = DeliverySection()
     destinations: list[Destination] = []
+    retro: RetroSection = RetroSection()
+    audit: AuditSection = AuditSection()
+    http: HttpSection = HttpSection()
 
     @classmethod
     def settings_customise_sources(

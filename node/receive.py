@@ -118,8 +118,14 @@ class Receiver:
         return SUCCESS
 
     def handle_store(self, event: evt.Event) -> int:
-        calling = event.assoc.requestor.ae_title
-        request = event.request
+        assoc, request = event.assoc, event.request
+        # A C-STORE on a C-GET association that we requested, or a C-MOVE sub-operation that we
+        # originated (Move Originator AE Title, PS3.7 9.1.1.1), is a retro-scan's fetch.
+        calling = (assoc.requestor if assoc.is_acceptor else assoc.acceptor).ae_title
+        mover = (request.MoveOriginatorApplicationEntityTitle or "").strip()
+        origin = (
+            "retro" if not assoc.is_acceptor or mover == self.settings.node.ae_title else "push"
+        )
         try:
             ds = event.dataset
             sop_uid = str(ds.SOPInstanceUID)
@@ -156,7 +162,7 @@ class Receiver:
 
         try:
             queued = self._commit(
-                ds, path=str(path), digest=digest, size=len(data), calling=calling
+                ds, path=str(path), digest=digest, size=len(data), calling=calling, origin=origin
             )
         except SQLAlchemyError as e:
             log.error("cannot record %s: %s", sop_uid, e)
@@ -165,7 +171,9 @@ class Receiver:
             self.on_queued()
         return SUCCESS
 
-    def _commit(self, ds: Dataset, *, path: str, digest: str, size: int, calling: str) -> bool:
+    def _commit(
+        self, ds: Dataset, *, path: str, digest: str, size: int, calling: str, origin: str
+    ) -> bool:
         """Record the instance, its gate decision and its job in one transaction."""
         with self.db.session() as s:
             existing = s.scalar(
@@ -192,11 +200,15 @@ class Receiver:
                 sha256=digest,
                 size=size,
                 calling_ae=calling,
+                origin=origin,
                 state=InstanceState.RECEIVED,
             )
             s.add(inst)
             s.flush()
-            record_event(s, "received", actor=calling, instance=inst)
+            record_event(
+                s, "received", actor=calling, instance=inst,
+                detail="retro-scan" if origin == "retro" else None,
+            )  # fmt: skip
             decision = decide(ds, self.settings.gate, self.age_range)
             if not decision.analyse:
                 inst.state, inst.reason = InstanceState.SKIPPED, decision.reason

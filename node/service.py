@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import signal
 import threading
 
+from apscheduler.triggers.cron import CronTrigger
+
 from ai import AgeModel, resolve_weights
+from node.changes import record_changes
 from node.config import Settings
 from node.deliver import Deliverer
 from node.pipeline import InferenceWorker
 from node.receive import Receiver
+from node.retro import RetroScanner, next_at
+from node.schedule import ScheduledJob, Scheduler
 from node.scp_server import GuardedServer
-from storage import Database, FileStore
+from storage import Database, FileStore, record_event
+from storage.audit import purge_events
+from storage.tables import utcnow
 
 log = logging.getLogger("xrayage")
 
@@ -52,13 +60,46 @@ class NodeService:
             age_range,
             on_queued=self.worker.wake.set if self.worker else lambda: None,
         )
+        self.scanner = (
+            RetroScanner(settings, self.db, self.model.card.sha256, self.receiver.handle_store)
+            if settings.retro.peer is not None and self.model is not None
+            else None
+        )
+        self.scheduler = Scheduler(self.db, self._scheduled_jobs())
         self._server: GuardedServer | None = None
+
+    def _scheduled_jobs(self) -> list[ScheduledJob]:
+        jobs = []
+        retro = self.settings.retro
+        if self.scanner is not None:
+            # Grace: the window's length, so a run missed while the node was down still runs
+            # when the node is back before the window ends, and not after.
+            fire = CronTrigger.from_crontab(retro.schedule).get_next_fire_time(
+                None, dt.datetime.now().astimezone()
+            )
+            grace = int((next_at(fire, retro.window_end) - fire).total_seconds())
+            jobs.append(ScheduledJob("retro-scan", retro.schedule, grace, self.scanner.nightly))
+        if self.settings.audit.retention_days is not None:
+            jobs.append(
+                ScheduledJob("audit-purge", self.settings.audit.purge_schedule, 86400, self.purge)
+            )
+        return jobs
+
+    def purge(self) -> int:
+        """The audit log's retention purge (``[audit] retention_days``)."""
+        days = self.settings.audit.retention_days
+        assert days is not None
+        with self.db.session() as s:
+            return purge_events(s, utcnow() - dt.timedelta(days=days), "schedule")
 
     def start(self) -> None:
         removed = self.store.clean_tmp()
         if removed:
             log.info("removed %d partial files left by an earlier stop", removed)
         node = self.settings.node
+        record_changes(self.db, self.settings, self.model.card if self.model else None)
+        with self.db.session() as s:
+            record_event(s, "node", detail=f"started as {node.ae_title} on port {node.port}")
         self._server = self.receiver.start()
         log.info("listening as %s on %s:%d", node.ae_title, node.host, node.port)
         if self.worker is None:
@@ -79,14 +120,22 @@ class NodeService:
             self.worker.start()
         if self.deliverer is not None:
             self.deliverer.start()
+        if self.settings.retro.peer is not None and self.scanner is None:
+            log.warning("[retro] peer configured, but retro-scans need [model] weights")
+        self.scheduler.start()
 
     def stop(self) -> None:
+        if self.scanner is not None:
+            self.scanner.stopping.set()
+        self.scheduler.stop()
         if self._server is not None:
             self._server.shutdown()
         for thread in (self.worker, self.deliverer):
             if thread is not None and thread.is_alive():
                 thread.stop()
                 thread.join(timeout=60)
+        with self.db.session() as s:
+            record_event(s, "node", detail="stopped")
         self.db.dispose()
 
     def serve_forever(self) -> None:

@@ -54,7 +54,7 @@ def claim_jobs(session: Session, owner: str, limit: int, lease: dt.timedelta) ->
     return list(session.scalars(select(Job).where(Job.id.in_(ids)).order_by(Job.id)))
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -64,7 +64,7 @@ def _pid_alive(pid: int) -> bool:
     return pid != os.getpid()  # our own PID before we claimed anything: a previous life's
 
 
-def requeue_orphans(session: Session, host: str, alive: Callable[[int], bool] = _pid_alive) -> int:
+def requeue_orphans(session: Session, host: str, alive: Callable[[int], bool] = pid_alive) -> int:
     """Give back at once the jobs that a dead process on this host held (owner ``host:pid``),
     so that a restart after ``kill -9`` does not wait for their leases to expire. Jobs of other
     hosts, and of PIDs reused by a live process, still come back when their lease expires."""

@@ -12,16 +12,20 @@ import datetime as dt
 import enum
 
 from sqlalchemy import (
+    DDL,
+    Date,
     DateTime,
     Enum,
     Float,
     ForeignKey,
+    Index,
     Integer,
     String,
     Text,
     TypeDecorator,
     UniqueConstraint,
 )
+from sqlalchemy import event as sa_event
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -94,6 +98,8 @@ class Instance(Base):
     sha256: Mapped[str] = mapped_column(String(64))
     size: Mapped[int] = mapped_column(Integer)
     calling_ae: Mapped[str | None] = mapped_column(String(16))
+    # "push" (routed to the node) or "retro" (fetched by a retro-scan's C-MOVE or C-GET)
+    origin: Mapped[str] = mapped_column(String(8), default="push")
     state: Mapped[InstanceState] = mapped_column(_enum(InstanceState), index=True)
     reason: Mapped[str | None] = mapped_column(Text)
     received_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
@@ -164,16 +170,112 @@ class Delivery(Base):
 
 
 class AuditEvent(Base):
-    """Append-only audit log: no code path updates or deletes these rows."""
+    """Append-only audit log: rows are only ever inserted; the database itself refuses an UPDATE
+    (trigger below), and the only DELETE is the retention purge, which is audited in turn.
+
+    Queries filter on one identifier and page newest first by ``id``, so each filter column
+    leads an index that ends in ``id``.
+    """
 
     __tablename__ = "audit_events"
+    __table_args__ = (
+        Index("ix_audit_patient", "patient_id", "id"),
+        Index("ix_audit_study", "study_instance_uid", "id"),
+        Index("ix_audit_accession", "accession_number", "id"),
+        Index("ix_audit_sop", "sop_instance_uid", "id"),
+        Index("ix_audit_event", "event", "id"),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow, index=True)
-    event: Mapped[str] = mapped_column(String(32), index=True)
+    event: Mapped[str] = mapped_column(String(32))
     outcome: Mapped[str] = mapped_column(String(16))
     actor: Mapped[str] = mapped_column(String(64))
-    sop_instance_uid: Mapped[str | None] = mapped_column(String(64), index=True)
+    sop_instance_uid: Mapped[str | None] = mapped_column(String(64))
     study_instance_uid: Mapped[str | None] = mapped_column(String(64))
-    patient_id: Mapped[str | None] = mapped_column(String(64), index=True)
+    patient_id: Mapped[str | None] = mapped_column(String(64))
+    accession_number: Mapped[str | None] = mapped_column(String(16))
     detail: Mapped[str | None] = mapped_column(Text)
+
+
+_NO_UPDATE = "audit_events is append-only"
+sa_event.listen(
+    AuditEvent.__table__,
+    "after_create",
+    DDL(
+        "CREATE TRIGGER audit_events_no_update BEFORE UPDATE ON audit_events "
+        f"BEGIN SELECT RAISE(ABORT, '{_NO_UPDATE}'); END"
+    ).execute_if(dialect="sqlite"),
+)
+sa_event.listen(
+    AuditEvent.__table__,
+    "after_create",
+    DDL(
+        "CREATE FUNCTION audit_events_no_update() RETURNS trigger LANGUAGE plpgsql AS "
+        f"$$ BEGIN RAISE EXCEPTION '{_NO_UPDATE}'; END $$; "
+        "CREATE TRIGGER audit_events_no_update BEFORE UPDATE ON audit_events "
+        "FOR EACH ROW EXECUTE FUNCTION audit_events_no_update()"
+    ).execute_if(dialect="postgresql"),
+)
+
+
+class ScanState(enum.StrEnum):
+    RUNNING = "running"
+    PAUSED = "paused"  # window ended or nightly image budget spent: the next night resumes it
+    FINISHED = "finished"
+    FAILED = "failed"
+
+
+class RetroScan(Base):
+    """One retro-scan of the archive over a study-date range; its studies are the cursor."""
+
+    __tablename__ = "retro_scans"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    trigger: Mapped[str] = mapped_column(String(16))  # "schedule" or "cli:<user>"
+    date_from: Mapped[dt.date] = mapped_column(Date)
+    date_to: Mapped[dt.date] = mapped_column(Date)
+    model_sha256: Mapped[str] = mapped_column(String(64))
+    state: Mapped[ScanState] = mapped_column(_enum(ScanState), index=True)
+    owner: Mapped[str | None] = mapped_column(String(128))  # host:pid while running
+    planned: Mapped[bool] = mapped_column(default=False)  # studies found and listed below
+    fetched: Mapped[int] = mapped_column(Integer, default=0)
+    already_done: Mapped[int] = mapped_column(Integer, default=0)
+    failed: Mapped[int] = mapped_column(Integer, default=0)
+    detail: Mapped[str | None] = mapped_column(Text)
+    started_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    finished_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
+
+    studies: Mapped[list[RetroStudy]] = relationship(
+        back_populates="scan", order_by="RetroStudy.id"
+    )
+
+
+class RetroStudy(Base):
+    """A study a scan found; ``done`` once its instances were fetched or found already done."""
+
+    __tablename__ = "retro_studies"
+    __table_args__ = (UniqueConstraint("scan_id", "study_instance_uid"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    scan_id: Mapped[int] = mapped_column(ForeignKey("retro_scans.id"), index=True)
+    study_instance_uid: Mapped[str] = mapped_column(String(64))
+    study_date: Mapped[str | None] = mapped_column(String(8))
+    done: Mapped[bool] = mapped_column(default=False)
+    fetched: Mapped[int] = mapped_column(Integer, default=0)
+    already_done: Mapped[int] = mapped_column(Integer, default=0)
+    failed: Mapped[int] = mapped_column(Integer, default=0)
+    detail: Mapped[str | None] = mapped_column(Text)
+
+    scan: Mapped[RetroScan] = relationship(back_populates="studies")
+
+
+class ConfigVersion(Base):
+    """The settings and model a node started with, kept when they change (audited with a diff)."""
+
+    __tablename__ = "config_versions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    sha256: Mapped[str] = mapped_column(String(64))
+    settings_json: Mapped[str] = mapped_column(Text)

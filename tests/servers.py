@@ -77,8 +77,10 @@ class Orthanc:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.http_port}"
 
-    def start(self, allowed: dict[str, str]) -> None:
-        """``allowed``: AE title -> name of the peers that may store (all from 127.0.0.1)."""
+    def start(self, allowed: dict[str, str], ports: dict[str, int] | None = None) -> None:
+        """``allowed``: AE title -> name of the peers that may store (all from 127.0.0.1);
+        ``ports``: AE title -> DICOM port, for the peers that C-MOVE sends to."""
+        ports = ports or {}
         db = self.folder / "db"
         db.mkdir(parents=True, exist_ok=True)
         config = {
@@ -93,7 +95,9 @@ class Orthanc:
             "DicomAlwaysAllowStore": False,
             "DicomAlwaysAllowEcho": False,
             "DicomCheckModalityHost": True,
-            "DicomModalities": {name: [aet, "127.0.0.1", 104] for aet, name in allowed.items()},
+            "DicomModalities": {
+                name: [aet, "127.0.0.1", ports.get(aet, 104)] for aet, name in allowed.items()
+            },
             "Plugins": [],
             "HttpCompressionEnabled": False,
         }
@@ -127,6 +131,12 @@ class Orthanc:
     def sr_uids(self) -> list[str]:
         """SOP Instance UIDs of the SRs stored, one per stored instance."""
         return [i["MainDicomTags"]["SOPInstanceUID"] for i in self.find({"Modality": "SR"})]
+
+    def upload(self, *paths: Path) -> None:
+        for path in paths:
+            requests.post(
+                f"{self.url}/instances", data=path.read_bytes(), timeout=30
+            ).raise_for_status()
 
     def file(self, orthanc_id: str) -> bytes:
         r = requests.get(f"{self.url}/instances/{orthanc_id}/file", timeout=30)

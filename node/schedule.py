@@ -1,0 +1,97 @@
+"""Scheduled work (APScheduler): the nightly retro-scan and the audit log's retention purge.
+
+The jobs live in the node's database (APScheduler's SQLAlchemyJobStore, table
+``apscheduler_jobs``), so their next run time survives a restart. A run missed while the node
+was down runs once when it is back (runs are coalesced), provided that is within the job's grace
+time: for the retro-scan, the length of its window, so a node back after ``window_end`` waits
+for the next night. A run that started is not started again: APScheduler stores the next run
+time before it runs the job, and an interrupted scan resumes from its cursor the next night.
+A changed schedule replaces the stored one, and the change is audited.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
+from apscheduler.schedulers.background import BackgroundScheduler
+from apscheduler.triggers.cron import CronTrigger
+
+from storage import Database, record_event
+
+log = logging.getLogger("xrayage.schedule")
+
+# Stored jobs name their function as text, so they call this module's runner, which finds the
+# work registered under the job's ID by the (single) scheduler of this process.
+_work: dict[str, Callable[[], None]] = {}
+
+
+def _run(job_id: str) -> None:
+    try:
+        _work[job_id]()
+    except Exception:
+        log.exception("scheduled %s failed", job_id)
+
+
+@dataclass(frozen=True)
+class ScheduledJob:
+    job_id: str
+    crontab: str
+    grace_seconds: int
+    work: Callable[[], None]
+
+
+class Scheduler:
+    def __init__(self, db: Database, jobs: list[ScheduledJob]) -> None:
+        self.db = db
+        self.jobs = jobs
+        self.scheduler = BackgroundScheduler(
+            jobstores={"default": SQLAlchemyJobStore(engine=db.engine)},
+            job_defaults={"coalesce": True, "max_instances": 1},
+        )
+
+    def start(self) -> None:
+        self.scheduler.start(paused=True)  # reconcile stored jobs before any of them fires
+        wanted = {job.job_id for job in self.jobs}
+        for stored in self.scheduler.get_jobs():
+            if stored.id not in wanted:
+                stored.remove()
+                self._audit(f"{stored.id}: no longer scheduled")
+        for job in self.jobs:
+            _work[job.job_id] = job.work
+            trigger = CronTrigger.from_crontab(job.crontab)
+            stored = self.scheduler.get_job(job.job_id)
+            if stored is None or str(stored.trigger) != str(trigger):
+                self.scheduler.add_job(
+                    _run, trigger, args=[job.job_id], id=job.job_id, replace_existing=True,
+                    misfire_grace_time=job.grace_seconds,
+                )  # fmt: skip
+                self._audit(f"{job.job_id}: scheduled at {job.crontab!r}")
+        self.scheduler.resume()
+        for job in self.scheduler.get_jobs():
+            log.info("%s: next run %s", job.id, job.next_run_time)
+
+    def next_run(self, job_id: str) -> dt.datetime | None:
+        job = self.scheduler.get_job(job_id)
+        return job.next_run_time if job else None
+
+    def stop(self) -> None:
+        """Waits for a running job: stop its work first (a scan stops after its study)."""
+        if self.scheduler.running:
+            detach(self.scheduler)
+            self.scheduler.shutdown(wait=True)
+
+    def _audit(self, detail: str) -> None:
+        with self.db.session() as s:
+            record_event(s, "config", detail=detail)
+
+
+def detach(scheduler: BackgroundScheduler) -> None:
+    """Detach the job store before ``shutdown()``: APScheduler 3 processes due jobs once more on
+    shutdown, fails to submit them to its stopped executor, and yet stores their next run time,
+    so a run due at that moment would be lost. The stored jobs stay as they are."""
+    scheduler.pause()
+    scheduler.remove_jobstore("default")

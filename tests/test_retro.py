@@ -1,0 +1,242 @@
+"""Retro-scans against a real Orthanc holding studies on several dates: chest and not chest, one
+already reported by the node, one outside the dates asked for."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from collections.abc import Iterator
+from copy import deepcopy
+from pathlib import Path
+
+import pydicom
+import pytest
+from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
+from apscheduler.schedulers.background import BackgroundScheduler
+from pydicom.uid import generate_uid
+from sqlalchemy import select
+
+from node.config import load_settings
+from node.schedule import detach
+from node.service import NodeService
+from storage import Database, Instance, InstanceState
+from storage.scans import resumable_scans
+from storage.tables import RetroScan, ScanState
+from tests.conftest import node_config, require, storescu
+from tests.servers import NodeProcess, Orthanc, free_port, wait_until
+from tests.test_cli import run
+
+DATES = "--from", "2026-11-01", "--to", "2026-11-30"
+
+
+def _study(ds: pydicom.Dataset, folder: Path, date: str, patient: str, n: int) -> list[Path]:
+    """A study of ``n`` small images (an eighth of the size) on ``date``, with fresh UIDs."""
+    study = deepcopy(ds)
+    pixels = study.pixel_array[::8, ::8].copy()
+    study.Rows, study.Columns = pixels.shape
+    study.PixelData = pixels.tobytes()
+    study.StudyDate = study.SeriesDate = study.ContentDate = date
+    study.PatientID = patient
+    study.StudyInstanceUID, study.SeriesInstanceUID = generate_uid(), generate_uid()
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        study.SOPInstanceUID = generate_uid()
+        paths.append(folder / f"{patient}-{i}.dcm")
+        study.save_as(paths[-1])
+    return paths
+
+
+class Archive:
+    def __init__(self, pacs: Orthanc, node_port: int, studies: dict[str, list[Path]]) -> None:
+        self.pacs, self.node_port, self.studies = pacs, node_port, studies
+
+    def uids(self, name: str) -> set[str]:
+        return {
+            str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID)
+            for p in self.studies[name]
+        }
+
+    def retro(self, **extra: str) -> str:
+        peer = f'ae_title = "{self.pacs.aet}", host = "127.0.0.1", port = {self.pacs.dicom_port}'
+        keys = {
+            "peer": f"{{ {peer} }}",
+            "max_concurrent_moves": "1",
+        } | extra
+        return "\n".join(f"{k} = {v}" for k, v in keys.items())
+
+
+@pytest.fixture(scope="module")
+def archive(
+    tmp_path_factory: pytest.TempPathFactory, chest_pa: Path, extremity: Path
+) -> Iterator[Archive]:
+    require("Orthanc")
+    folder = tmp_path_factory.mktemp("archive")
+    pacs = Orthanc(folder / "orthanc", free_port(), free_port())
+    node_port = free_port()
+    pacs.start(allowed={"XRAYAGE": "xrayage", "STORESCU": "storescu"}, ports={"XRAYAGE": node_port})
+    chest, knee = pydicom.dcmread(chest_pa), pydicom.dcmread(extremity)
+    studies = {
+        "chest": _study(chest, folder, "20261110", "P-CHEST", 2),
+        "knee": _study(knee, folder, "20261111", "P-KNEE", 1),
+        "reported": _study(chest, folder, "20261112", "P-DONE", 1),
+        "older": _study(chest, folder, "20261001", "P-OLD", 1),
+    }
+    pacs.upload(*(p for paths in studies.values() for p in paths))
+    yield Archive(pacs, node_port, studies)
+    pacs.stop()
+
+
+def _instances(folder: Path) -> dict[str, Instance]:
+    db = Database.sqlite_in(folder / "data")
+    try:
+        with db.session() as s:
+            return {i.sop_instance_uid: i for i in s.scalars(select(Instance))}
+    finally:
+        db.dispose()
+
+
+def test_a_scan_fetches_only_unreported_chests_and_a_second_adds_none(
+    tmp_path: Path, archive: Archive, weights: Path
+) -> None:
+    pacs = archive.pacs
+    config = node_config(tmp_path, archive.node_port, weights, pacs, retro=archive.retro())
+    node = NodeProcess(config, archive.node_port, tmp_path / "node.log")
+    node.start()
+    try:
+        # One study reached the node the usual way and is reported already.
+        assert storescu(archive.node_port, *archive.studies["reported"]).returncode == 0
+        wait_until(lambda: len(pacs.sr_uids()) == 1, 120, "the routed image's SR")
+
+        dry = run("rescan", *DATES, "--dry-run", "-c", str(config))
+        assert dry.returncode == 0, dry.stderr
+        assert "would fetch 2 instances from 1 series; 1 already done" in dry.stdout
+        assert not [i for i in _instances(tmp_path).values() if i.origin == "retro"]
+
+        first = run("rescan", *DATES, "-c", str(config))
+        assert first.returncode == 0, first.stderr
+        assert "finished (done): fetched 2, already done 1, failed 0" in first.stdout
+        wait_until(lambda: len(pacs.sr_uids()) == 3, 120, "the two fetched images' SRs")
+        fetched = {u for u, i in _instances(tmp_path).items() if i.origin == "retro"}
+        assert fetched == archive.uids("chest")  # not the knee, not the October study
+        assert archive.uids("knee").isdisjoint(_instances(tmp_path))
+
+        second = run("rescan", *DATES, "-c", str(config))
+        assert "fetched 0, already done 3, failed 0" in second.stdout, second.stdout
+        assert len(pacs.sr_uids()) == 3
+
+        events = json.loads(
+            run("audit", "--event", "retro-scan", "-f", "json", "-c", str(config)).stdout
+        )
+        details = [e["detail"] for e in events]
+        assert any(d.startswith("dry run") for d in details)
+        assert sum("finished: done" in d for d in details) == 2
+        assert all(e["actor"].startswith("cli:") for e in events)
+    finally:
+        node.stop()
+
+
+def test_the_image_budget_pauses_a_c_get_scan_and_resume_continues_it(
+    tmp_path: Path, archive: Archive, weights: Path
+) -> None:
+    """C-GET: this process receives; a budget of one image a night pauses the scan after each."""
+    config = node_config(
+        tmp_path, free_port(), weights, None,
+        retro=archive.retro(retrieve='"get"', max_images_per_night="1"),
+    )  # fmt: skip
+    Database.sqlite_in(tmp_path / "data").create_schema()  # as a node's first start leaves it
+    outputs = [run("rescan", *DATES, "-c", str(config)).stdout.strip().splitlines()[-1]]
+    while "paused" in outputs[-1] and len(outputs) < 6:
+        resumed = run("rescan", "--resume", "-c", str(config))
+        outputs.append(resumed.stdout.strip().splitlines()[-1])
+    assert outputs == [
+        "scan 1 paused (nightly image budget spent): fetched 1, already done 0, failed 0",
+        "scan 1 paused (nightly image budget spent): fetched 2, already done 0, failed 0",
+        "scan 1 finished (done): fetched 3, already done 0, failed 0",
+    ]
+    retro = {u: i for u, i in _instances(tmp_path).items() if i.origin == "retro"}
+    assert set(retro) == archive.uids("chest") | archive.uids("reported")
+    assert all(i.state == InstanceState.QUEUED for i in retro.values())  # no node running here
+
+
+def test_a_scan_left_running_by_a_dead_process_is_resumable(tmp_path: Path) -> None:
+    db = Database.sqlite_in(tmp_path)
+    db.create_schema()
+    with db.session() as s:
+        for owner in ("host:111", "host:222", "other:333"):
+            s.add(
+                RetroScan(
+                    trigger="schedule",
+                    date_from=dt.date(2026, 11, 1),
+                    date_to=dt.date(2026, 11, 2),
+                    model_sha256="x",
+                    state=ScanState.RUNNING,
+                    owner=owner,
+                )
+            )
+    with db.session() as s:
+        found = resumable_scans(s, "host", alive=lambda pid: pid == 222)
+        assert [scan.owner for scan in found] == ["host:111"]
+
+
+def test_a_run_missed_while_the_node_was_down_runs_once_after_restart(
+    tmp_path: Path, archive: Archive, weights: Path
+) -> None:
+    settings = load_settings(
+        None,
+        node={"host": "127.0.0.1", "port": free_port()},
+        storage={"path": tmp_path / "data"},
+        model={"weights": str(weights), "device": "cpu"},
+        retro={
+            "peer": {
+                "ae_title": archive.pacs.aet,
+                "host": "127.0.0.1",
+                "port": archive.pacs.dicom_port,
+            },
+            "retrieve": "get",
+            "days_back": 36500,
+        },
+    )
+
+    def scheduled_scans(service: NodeService) -> list[RetroScan]:
+        with service.db.session() as s:
+            return list(s.scalars(select(RetroScan).where(RetroScan.trigger == "schedule")))
+
+    service = NodeService(settings)
+    service.start()
+    nightly = service.scheduler.next_run("retro-scan")
+    assert nightly is not None and (nightly.hour, nightly.minute) == (22, 0)
+    service.stop()
+
+    # While the node is down, tonight's run comes due: move the stored run into the past.
+    offline = BackgroundScheduler(
+        jobstores={"default": SQLAlchemyJobStore(url=settings.database_url)}
+    )
+    offline.start(paused=True)
+    offline.modify_job(
+        "retro-scan", next_run_time=dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5)
+    )
+    detach(offline)
+    offline.shutdown()
+
+    service = NodeService(settings)
+    service.start()
+    try:
+        scans = wait_until(
+            lambda: [s for s in scheduled_scans(service) if s.state == ScanState.FINISHED],
+            120, "the missed scan to run",
+        )  # fmt: skip
+        assert scans[0].fetched == 4  # every chest image: days_back covers them all
+        assert service.scheduler.next_run("retro-scan") == nightly
+    finally:
+        service.stop()
+
+    service = NodeService(settings)
+    service.start()
+    try:
+        wait_until(
+            lambda: service.scheduler.next_run("retro-scan") is not None, 10, "the scheduler"
+        )
+        assert len(scheduled_scans(service)) == 1  # not run again
+    finally:
+        service.stop()
