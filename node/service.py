@@ -13,6 +13,7 @@ from ai import AgeModel, resolve_weights
 from node.changes import record_changes
 from node.config import Settings
 from node.deliver import Deliverer
+from node.http_api import HttpServer, create_app
 from node.pipeline import InferenceWorker
 from node.receive import Receiver
 from node.retro import RetroScanner, next_at
@@ -66,6 +67,12 @@ class NodeService:
             else None
         )
         self.scheduler = Scheduler(self.db, self._scheduled_jobs())
+        http = settings.http
+        self.http = (
+            HttpServer(create_app(self.db, http.tokens), http.host, http.port)
+            if http.port
+            else None
+        )
         self._server: GuardedServer | None = None
 
     def _scheduled_jobs(self) -> list[ScheduledJob]:
@@ -123,8 +130,15 @@ class NodeService:
         if self.settings.retro.peer is not None and self.scanner is None:
             log.warning("[retro] peer configured, but retro-scans need [model] weights")
         self.scheduler.start()
+        if self.http is not None:
+            self.http.start()
+            log.info("HTTP API on %s:%d", self.settings.http.host, self.settings.http.port)
+            if not self.settings.http.tokens:
+                log.warning("[http] has no tokens: only /healthz answers")
 
     def stop(self) -> None:
+        if self.http is not None:
+            self.http.stop()
         if self.scanner is not None:
             self.scanner.stopping.set()
         self.scheduler.stop()
