@@ -10,6 +10,7 @@ import threading
 from apscheduler.triggers.cron import CronTrigger
 
 from ai import AgeModel, resolve_weights
+from node.atna import SyslogExporter
 from node.changes import record_changes
 from node.config import Settings
 from node.deliver import Deliverer
@@ -67,6 +68,8 @@ class NodeService:
             else None
         )
         self.scheduler = Scheduler(self.db, self._scheduled_jobs())
+        syslog = settings.audit.syslog
+        self.exporter = SyslogExporter(syslog, self.db, settings.node.ae_title) if syslog else None
         http = settings.http
         self.http = (
             HttpServer(create_app(self.db, http.tokens), http.host, http.port)
@@ -125,8 +128,9 @@ class NodeService:
                 " - UNTRAINED weights" if card.untrained else "",
             )  # type: ignore[union-attr]
             self.worker.start()
-        if self.deliverer is not None:
-            self.deliverer.start()
+        for thread in (self.deliverer, self.exporter):
+            if thread is not None:
+                thread.start()
         if self.settings.retro.peer is not None and self.scanner is None:
             log.warning("[retro] peer configured, but retro-scans need [model] weights")
         self.scheduler.start()
@@ -144,7 +148,7 @@ class NodeService:
         self.scheduler.stop()
         if self._server is not None:
             self._server.shutdown()
-        for thread in (self.worker, self.deliverer):
+        for thread in (self.worker, self.deliverer, self.exporter):
             if thread is not None and thread.is_alive():
                 thread.stop()
                 thread.join(timeout=60)

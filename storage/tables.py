@@ -279,3 +279,12 @@ class ConfigVersion(Base):
     at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
     sha256: Mapped[str] = mapped_column(String(64))
     settings_json: Mapped[str] = mapped_column(Text)
+
+
+class ExportCursor(Base):
+    """How far an exporter has sent the audit log (the last event ID it delivered)."""
+
+    __tablename__ = "export_cursors"
+
+    name: Mapped[str] = mapped_column(String(32), primary_key=True)
+    last_id: Mapped[int] = mapped_column(Integer, default=0)
