@@ -160,16 +160,23 @@ class SyslogExporter(WorkerThread):
 
     def _peer_closed(self) -> bool:
         """A collector that closed the connection makes the next send vanish into the kernel's
-        buffer; look first (a readable socket with nothing to read is closed)."""
-        if self._sock is None or self.config.transport == "udp":
+        buffer; look first. A syslog collector sends nothing, so a readable socket is closed,
+        unless all it had was TLS housekeeping (session tickets)."""
+        sock = self._sock
+        if sock is None or self.config.transport == "udp":
             return False
-        readable, _, _ = io_select.select([self._sock], [], [], 0)
-        if not readable:
+        if not io_select.select([sock], [], [], 0)[0]:
             return False
+        timeout = sock.gettimeout()
+        sock.settimeout(0)
         try:
-            return self._sock.recv(1, socket.MSG_PEEK) == b""
-        except (OSError, ssl.SSLError):
+            return sock.recv(1) == b""
+        except (ssl.SSLWantReadError, BlockingIOError):
+            return False
+        except OSError:
             return True
+        finally:
+            sock.settimeout(timeout)
 
     def _send(self, frame: bytes) -> None:
         if self._sock is None or self._peer_closed():
