@@ -11,10 +11,12 @@ from __future__ import annotations
 import json
 import os
 import resource
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -178,3 +180,41 @@ class NodeProcess:
     def stop(self) -> None:
         if self.proc is not None:
             _stop(self.proc)
+
+
+class PostgreSQL:
+    """A throwaway PostgreSQL server: initdb in a fresh folder, listening on 127.0.0.1:``port``
+    only, run as the unprivileged ``postgres`` user when started as root (PostgreSQL refuses
+    root); ``stop()`` removes it all."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        # Not under pytest's folders: those are private to root, and the server runs as postgres.
+        self.folder = Path(tempfile.mkdtemp(prefix="xrayage-pg-"))
+        if os.geteuid() == 0:
+            shutil.chown(self.folder, "postgres")
+
+    @property
+    def url(self) -> str:
+        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/postgres"
+
+    def _run(self, *args: str) -> None:
+        bindir = sorted(Path("/usr/lib/postgresql").glob("*/bin"))[-1]
+        command = [str(bindir / args[0]), *args[1:]]
+        if os.geteuid() == 0:
+            command = ["runuser", "-u", "postgres", "--", *command]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+        if done.returncode:
+            raise AssertionError(f"{args[0]} failed: {done.stderr or done.stdout}")
+
+    def start(self) -> None:
+        data = self.folder / "data"
+        self._run("initdb", "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8")
+        options = f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.folder}"
+        self._run(
+            "pg_ctl", "-D", str(data), "-o", options, "-l", str(self.folder / "log"), "-w", "start"
+        )
+
+    def stop(self) -> None:
+        self._run("pg_ctl", "-D", str(self.folder / "data"), "-m", "fast", "-w", "stop")
+        shutil.rmtree(self.folder, ignore_errors=True)

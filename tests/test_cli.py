@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from storage import Database
 from tests.servers import XRAYAGE
 
 
@@ -67,6 +68,10 @@ def test_a_bad_file_is_reported_and_the_others_still_run(
         (["serve", "--config", "/nonexistent.toml"], "config file not found: /nonexistent.toml"),
         (["infer", "x.dcm", "--weights", "{junk}", "--device", "cpu"], "not a TorchScript model"),
         (["infer", "x.dcm", "--weights", "{weights}", "--device", "tpu"], "device must be auto"),
+        (["audit", "--since", "yesterday", "-c", "{config}"], "--since: 'yesterday' is not a date"),
+        (["rescan", "--from", "2026-11-01", "-c", "{config}"], "no [retro] peer in the config"),
+        (["rescan", "-c", "{config}"], "give --from DATE [--to DATE], or --resume"),
+        (["audit", "-c", "{empty}"], "no database at"),
     ],
 )
 def test_user_mistakes_are_one_line(
@@ -74,7 +79,11 @@ def test_user_mistakes_are_one_line(
 ) -> None:
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"\x80\x04not a model")
-    args = [a.format(junk=junk, weights=weights) for a in args]
+    config, empty = tmp_path / "node.toml", tmp_path / "empty.toml"
+    config.write_text(f'[storage]\npath = "{tmp_path / "data"}"\n')
+    empty.write_text(f'[storage]\npath = "{tmp_path / "nothing"}"\n')
+    Database.sqlite_in(tmp_path / "data").create_schema()
+    args = [a.format(junk=junk, weights=weights, config=config, empty=empty) for a in args]
     out = run(*args)
     assert out.returncode == 2
     lines = out.stderr.strip().splitlines()

@@ -80,6 +80,10 @@ def test_defaults_without_a_file() -> None:
             "require_client_certificate = true\n",
             "config: node.tls: Value error, require_client_certificate needs ca_certificates",
         ),
+        ('[retro]\nschedule = "at ten"\n', "config: retro.schedule: Value error, 'at ten' is not"),
+        ('[retro]\nwindow_end = "25:00"\n', "config: retro.window_end: Input should be"),
+        ('[retro]\nretrieve = "copy"\n', "config: retro.retrieve: Input should be 'move' or 'get'"),
+        ('[http]\nport = 8080\ntokens = { ward = "short" }\n', "tokens shorter than 16"),
     ],
 )
 def test_mistakes_are_one_clear_error(tmp_path: Path, text: str, message: str) -> None:
