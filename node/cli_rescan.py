@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import getpass
+import logging
 import socket
 from typing import Annotated
 
@@ -59,6 +60,7 @@ def rescan(
 ) -> None:
     """Retro-scan the archive ([retro] peer) now: fetch the chest radiographs not yet reported."""
     settings = load_settings(config)
+    logging.getLogger("xrayage.retro").setLevel(logging.ERROR)  # the outcome is printed below
     first, last = _date(date_from, "--from"), _date(date_to, "--to")
     if resume == (first is not None):
         raise ConfigError("give --from DATE [--to DATE], or --resume")
@@ -110,6 +112,8 @@ def rescan(
                 f"scan {scan.id} {scan.state.value} ({scan.detail}): fetched {scan.fetched}, "
                 f"already done {scan.already_done}, failed {scan.failed}"
             )
+        if any((scan.detail or "").startswith("archive:") for scan in scans):
+            raise typer.Exit(1)
     finally:
         db.dispose()
 

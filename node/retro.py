@@ -329,8 +329,14 @@ class RetroScanner:
                     stopped.append("nightly image budget spent")
 
             with ThreadPoolExecutor(self.settings.retro.max_concurrent_moves) as pool:
-                for future in [pool.submit(one, study) for study in pending]:
-                    future.result()
+                futures = [pool.submit(one, study) for study in pending]
+                try:
+                    for future in futures:
+                        future.result()
+                except KeyboardInterrupt:  # Ctrl-C on `xrayage rescan`: pause, resumable
+                    self.stopping.set()
+                    for future in futures:
+                        future.result()
             state, why, ok = (
                 (ScanState.PAUSED, stopped[0], True)
                 if stopped
@@ -344,7 +350,7 @@ class RetroScanner:
 
     def _stop_reason(self, budget: Budget, deadline: dt.datetime | None) -> str | None:
         if self.stopping.is_set():
-            return "node stopping"
+            return "stopped"
         if deadline is not None and dt.datetime.now(dt.UTC) >= deadline:
             return "window ended"
         if budget.left <= 0:

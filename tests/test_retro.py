@@ -240,3 +240,25 @@ def test_a_run_missed_while_the_node_was_down_runs_once_after_restart(
         assert len(scheduled_scans(service)) == 1  # not run again
     finally:
         service.stop()
+
+
+def test_an_unreachable_archive_or_a_stopped_node_is_said_plainly(
+    tmp_path: Path, weights: Path
+) -> None:
+    closed = free_port()
+    peer = f'peer = {{ ae_title = "PACS", host = "127.0.0.1", port = {closed} }}'
+    Database.sqlite_in(tmp_path / "move" / "data").create_schema()
+    moving = node_config(tmp_path / "move", free_port(), weights, None, retro=peer)
+    out = run("rescan", *DATES, "-c", str(moving))
+    assert out.returncode == 2 and "no node listening on 127.0.0.1:" in out.stderr, out.stderr
+
+    Database.sqlite_in(tmp_path / "get" / "data").create_schema()
+    getting = node_config(tmp_path / "get", free_port(), weights, None,
+                          retro=peer + '\nretrieve = "get"')  # fmt: skip
+    out = run("rescan", *DATES, "-c", str(getting))
+    assert out.returncode == 1
+    assert (
+        out.stdout.strip()
+        .splitlines()[-1]
+        .startswith(f"scan 1 paused (archive: no association with PACS@127.0.0.1:{closed}")
+    ), out.stdout
