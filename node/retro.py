@@ -163,7 +163,8 @@ class Archive:
             raise ArchiveError(f"{what}: no response (timed out)")
         done = int(final.get("NumberOfCompletedSuboperations", 0))  # type: ignore[union-attr]
         warned = int(final.get("NumberOfWarningSuboperations", 0))  # type: ignore[union-attr]
-        if code in RETRIEVE_FAILURES or (code & 0xF000 in (0xA000, 0xC000) and done + warned == 0):
+        refused = (code & 0xF000) in (0xA000, 0xC000) and done + warned == 0
+        if code in RETRIEVE_FAILURES or refused:
             raise ArchiveError(
                 f"{what} refused: 0x{code:04X} {RETRIEVE_FAILURES.get(code, 'unable to process')}"
             )

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import re
+import socket
 from collections.abc import Iterator
 from copy import deepcopy
 from pathlib import Path
@@ -17,6 +19,7 @@ from pydicom.uid import generate_uid
 from sqlalchemy import select
 
 from node.config import load_settings
+from node.retro import Budget, RetroScanner
 from node.schedule import detach
 from node.service import NodeService
 from storage import Database, Instance, InstanceState
@@ -262,3 +265,24 @@ def test_an_unreachable_archive_or_a_stopped_node_is_said_plainly(
         .splitlines()[-1]
         .startswith(f"scan 1 paused (archive: no association with PACS@127.0.0.1:{closed}")
     ), out.stdout
+
+
+def test_a_move_the_archive_cannot_complete_pauses_the_scan_with_its_status(
+    tmp_path: Path, archive: Archive, weights: Path
+) -> None:
+    """No node listens where the archive sends (the node's port is closed in this test)."""
+    pacs = archive.pacs
+    settings = load_settings(
+        None, storage={"path": tmp_path},
+        retro={"peer": {"ae_title": pacs.aet, "host": "127.0.0.1", "port": pacs.dicom_port}},
+    )  # fmt: skip
+    db = Database.sqlite_in(tmp_path)
+    db.create_schema()
+    scanner = RetroScanner(settings, db, "0" * 64)
+    scan_id = scanner.start("test", dt.date(2026, 11, 10), dt.date(2026, 11, 10))
+    scan = scanner.run(scan_id, "test", Budget(10), None)
+    assert scan.state == ScanState.PAUSED and scan.fetched == 0
+    assert re.match(r"archive: C-MOVE refused: 0x[AC][0-9A-F]{3} ", scan.detail or ""), scan.detail
+    with db.session() as s:
+        assert resumable_scans(s, socket.gethostname()) != []
+    db.dispose()
