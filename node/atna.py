@@ -61,6 +61,20 @@ def _code(parent: ET.Element, tag: str, code: str, scheme: str, meaning: str) ->
     )
 
 
+def _participant(
+    root: ET.Element, object_id: str, type_code: str, role: str, id_type: tuple[str, str, str]
+) -> ET.Element:
+    """A ParticipantObjectIdentification (PS3.15 A.5.2): type, role and ID type codes."""
+    element = ET.SubElement(
+        root,
+        "ParticipantObjectIdentification",
+        {"ParticipantObjectID": object_id, "ParticipantObjectTypeCode": type_code,
+         "ParticipantObjectTypeCodeRole": role},
+    )  # fmt: skip
+    _code(element, "ParticipantObjectIDTypeCode", *id_type)
+    return element
+
+
 def audit_message(event: AuditEvent, source_id: str, node_ae: str) -> str:
     """The DICOM audit message (PS3.15 A.5.1) for one audit-log event."""
     code, meaning, action = EVENT_IDS.get(event.event, ("110100", "Application Activity", "E"))
@@ -104,21 +118,11 @@ def audit_message(event: AuditEvent, source_id: str, node_ae: str) -> str:
     source = ET.SubElement(root, "AuditSourceIdentification", {"AuditSourceID": source_id})
     ET.SubElement(source, "AuditSourceTypeCode", {"csd-code": "4"})  # application server
     if event.patient_id:
-        patient = ET.SubElement(
-            root,
-            "ParticipantObjectIdentification",
-            {"ParticipantObjectID": event.patient_id, "ParticipantObjectTypeCode": "1",
-             "ParticipantObjectTypeCodeRole": "1"},
-        )  # fmt: skip
-        _code(patient, "ParticipantObjectIDTypeCode", "2", "RFC-3881", "Patient Number")
+        _participant(root, event.patient_id, "1", "1", ("2", "RFC-3881", "Patient Number"))
     if event.study_instance_uid:
-        study = ET.SubElement(
-            root,
-            "ParticipantObjectIdentification",
-            {"ParticipantObjectID": event.study_instance_uid, "ParticipantObjectTypeCode": "2",
-             "ParticipantObjectTypeCodeRole": "3"},
-        )  # fmt: skip
-        _code(study, "ParticipantObjectIDTypeCode", "110180", "DCM", "Study Instance UID")
+        study = _participant(
+            root, event.study_instance_uid, "2", "3", ("110180", "DCM", "Study Instance UID")
+        )
         if event.sop_instance_uid:
             described = ET.SubElement(study, "ParticipantObjectDescription")
             sop = ET.SubElement(described, "SOPClass", {"NumberOfInstances": "1"})

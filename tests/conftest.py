@@ -60,18 +60,23 @@ def node_in_process(tmp_path: Path, **sections: Any) -> Iterator[NodeService]:
         service.stop()
 
 
-def small_chests(chest_ds: pydicom.Dataset, folder: Path, n: int) -> list[Path]:
+def small_chests(
+    chest_ds: pydicom.Dataset, folder: Path, n: int, prefix: str = "chest", **attributes: Any
+) -> list[Path]:
     """``n`` copies of the chest CR at an eighth of its size (about 110 kB), each with a fresh
-    SOP Instance UID: many images for the tests that need many, at little disk and CPU cost."""
+    SOP Instance UID: many images for the tests that need many, at little disk and CPU cost.
+    ``attributes`` (keyword = value) are set on every copy."""
     small = deepcopy(chest_ds)
     pixels = small.pixel_array[::8, ::8].copy()
     small.Rows, small.Columns = pixels.shape
     small.PixelData = pixels.tobytes()
+    for keyword, value in attributes.items():
+        setattr(small, keyword, value)
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for i in range(n):
         small.SOPInstanceUID = generate_uid()
-        paths.append(folder / f"chest{i:04d}.dcm")
+        paths.append(folder / f"{prefix}{i:04d}.dcm")
         small.save_as(paths[-1])
     return paths
 

@@ -8,7 +8,6 @@ import json
 import re
 import socket
 from collections.abc import Iterator
-from copy import deepcopy
 from pathlib import Path
 
 import pydicom
@@ -25,7 +24,7 @@ from node.service import NodeService
 from storage import Database, Instance, InstanceState
 from storage.scans import resumable_scans
 from storage.tables import RetroScan, ScanState
-from tests.conftest import node_config, require, storescu
+from tests.conftest import node_config, require, small_chests, storescu
 from tests.servers import NodeProcess, Orthanc, free_port, wait_until
 from tests.test_cli import run
 
@@ -34,20 +33,10 @@ DATES = "--from", "2026-11-01", "--to", "2026-11-30"
 
 def _study(ds: pydicom.Dataset, folder: Path, date: str, patient: str, n: int) -> list[Path]:
     """A study of ``n`` small images (an eighth of the size) on ``date``, with fresh UIDs."""
-    study = deepcopy(ds)
-    pixels = study.pixel_array[::8, ::8].copy()
-    study.Rows, study.Columns = pixels.shape
-    study.PixelData = pixels.tobytes()
-    study.StudyDate = study.SeriesDate = study.ContentDate = date
-    study.PatientID = patient
-    study.StudyInstanceUID, study.SeriesInstanceUID = generate_uid(), generate_uid()
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i in range(n):
-        study.SOPInstanceUID = generate_uid()
-        paths.append(folder / f"{patient}-{i}.dcm")
-        study.save_as(paths[-1])
-    return paths
+    return small_chests(
+        ds, folder, n, prefix=patient, StudyDate=date, SeriesDate=date, ContentDate=date,
+        PatientID=patient, StudyInstanceUID=generate_uid(), SeriesInstanceUID=generate_uid(),
+    )  # fmt: skip
 
 
 class Archive:
