@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import shutil
 import socket
 import subprocess
@@ -16,12 +15,14 @@ import pydicom
 import typer
 
 from node.cli_audit import audit, audit_purge
+from node.cli_db import db_app
 from node.cli_infer import evaluate, infer
 from node.cli_model import model_app
 from node.cli_rescan import rescan
 from node.cli_retry import retry
 from node.cli_support import ConfigOption, user_errors
 from node.config import ConfigError, load_settings
+from node.logs import configure_logging
 
 app = typer.Typer(
     help="xrayage: X-ray age from frontal chest radiographs, as a DICOM node.",
@@ -31,14 +32,6 @@ app = typer.Typer(
 )
 
 
-def _logging() -> None:
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    for noisy in ("pynetdicom", "highdicom"):  # per-association and per-attribute chatter
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-
-
 app.command()(infer)
 app.command()(evaluate)
 app.command()(retry)
@@ -46,17 +39,28 @@ app.command()(rescan)
 app.command()(audit)
 app.command("audit-purge")(audit_purge)
 app.add_typer(model_app, name="model")
+app.add_typer(db_app, name="db")
 
 
 @app.command()
 @user_errors
-def serve(config: ConfigOption = None) -> None:
-    """Run the node: receive, infer, report, deliver."""
-    from node.service import NodeService
+def serve(
+    config: ConfigOption = None,
+    role: Annotated[
+        str,
+        typer.Option(
+            help="what this process does: receive, infer, deliver, schedule, or all of them"
+        ),
+    ] = "all",
+) -> None:
+    """Run the node: receive, infer, report, deliver (or one of these, to scale out)."""
+    from node.service import ROLES, NodeService
 
+    if role not in (*ROLES, "all"):
+        raise ConfigError(f"--role must be one of {', '.join(ROLES)} or all, not {role!r}")
     settings = load_settings(config)
-    _logging()
-    NodeService(settings).serve_forever()
+    configure_logging(settings.logging)
+    NodeService(settings, role).serve_forever()  # type: ignore[arg-type]
 
 
 def _free_port() -> int:
@@ -106,7 +110,7 @@ def demo(
         storage={"path": folder},
         model={"weights": str(weights)},
     )
-    _logging()
+    configure_logging(settings.logging)
     node = NodeService(settings)
     node.start()
     try:

@@ -10,6 +10,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 from pydantic import ValidationError
 from pydicom.errors import InvalidDicomError
+from sqlalchemy.exc import OperationalError
 
 from ai import (
     AgeModel,
@@ -24,6 +25,7 @@ from ai.download import DownloadError
 from ai.evaluate import LabelsError
 from node.config import ConfigError, Settings
 from storage import Database
+from storage.schema import SchemaError
 
 F = TypeVar("F", bound=Callable[..., Any])
 USER_ERRORS = (
@@ -36,6 +38,7 @@ USER_ERRORS = (
     UnknownArchitecture,
     ValidationError,
     InvalidDicomError,
+    SchemaError,
     WeightsNotFound,
 )
 
@@ -58,6 +61,9 @@ def user_errors(func: F) -> F:
             return func(*args, **kwargs)
         except USER_ERRORS as e:
             typer.echo(f"xrayage: error: {e}", err=True)
+            raise typer.Exit(2) from None
+        except OperationalError as e:  # the database server refused or is unreachable
+            typer.echo(f"xrayage: error: database: {str(e.orig).strip().splitlines()[0]}", err=True)
             raise typer.Exit(2) from None
         except OSError as e:
             typer.echo(

@@ -155,8 +155,53 @@ class Peer(_Section):
     _check_ae = field_validator("ae_title")(_ae_title)
 
 
-class Destination(Peer):
+class Destination(_Section):
+    """Where reports go: a DICOM node by C-STORE (``ae_title``, ``host``, ``port``, optional
+    ``tls``), or a DICOMweb origin server by STOW-RS (``stow_url``, with a bearer ``token`` or
+    ``username`` and ``password``; ``tls.ca_certificates`` verifies an https server)."""
+
     name: str
+    ae_title: str | None = None
+    host: str | None = None
+    port: int | None = Field(None, ge=1, le=65535)
+    tls: DestinationTls | None = None
+    stow_url: str | None = None
+    token: str | None = None
+    username: str | None = None
+    password: str | None = None
+
+    @field_validator("ae_title")
+    @classmethod
+    def _check_ae(cls, value: str | None) -> str | None:
+        return None if value is None else _ae_title(value)
+
+    @field_validator("stow_url")
+    @classmethod
+    def _check_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError("stow_url must start with http:// or https://")
+        return value
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> Destination:
+        dimse = [k for k in ("ae_title", "host", "port") if getattr(self, k) is not None]
+        if self.stow_url is None:
+            if len(dimse) < 3:
+                raise ValueError("a destination needs ae_title, host and port, or stow_url")
+            if self.token or self.username or self.password:
+                raise ValueError("token, username and password are for stow_url destinations")
+        elif dimse:
+            raise ValueError(f"a stow_url destination takes no {', '.join(dimse)}")
+        elif self.token and (self.username or self.password):
+            raise ValueError("give a token or a username and password, not both")
+        elif (self.username is None) != (self.password is None):
+            raise ValueError("username and password go together")
+        return self
+
+    @property
+    def peer(self) -> Peer:
+        """The C-STORE peer of a DICOM destination."""
+        return Peer(ae_title=self.ae_title, host=self.host, port=self.port, tls=self.tls)  # type: ignore[arg-type]
 
 
 def _crontab(value: str) -> str:
@@ -220,6 +265,13 @@ class HttpSection(_Section):
         return tokens
 
 
+class LoggingSection(_Section):
+    """``[logging]``: one line per record, as text or as JSON for a log collector."""
+
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    format: Literal["text", "json"] = "text"
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="XRAYAGE_", env_nested_delimiter="__", extra="forbid"
@@ -235,6 +287,7 @@ class Settings(BaseSettings):
     retro: RetroSection = RetroSection()
     audit: AuditSection = AuditSection()
     http: HttpSection = HttpSection()
+    logging: LoggingSection = LoggingSection()
 
     @classmethod
     def settings_customise_sources(

@@ -1,9 +1,13 @@
-"""Delivery of report objects to the configured destinations by C-STORE, with retries.
+"""Delivery of report objects to the configured destinations, by C-STORE or STOW-RS, with
+retries.
 
 A failed attempt is recorded and retried after a random wait between half the initial delay and
 an exponential ceiling (``retry_initial_seconds * 2**(attempts - 1)``, capped at
 ``retry_max_seconds``), so that many deliveries failing together do not retry together; after
 ``max_attempts`` the delivery is ``failed`` with its last error and the instance too.
+
+Deliveries are claimed under a lease (:func:`storage.queue.claim_deliveries`), so several
+deliverer processes can share one PostgreSQL database without sending an object twice.
 """
 
 from __future__ import annotations
@@ -17,11 +21,13 @@ from pathlib import Path
 from sqlalchemy import select
 
 from node.config import DeliverySection, Settings
+from node.metrics import DELIVERED, DELIVERY_FAILURES
 from node.scu import send_files
+from node.stow import stow_client, stow_files
 from node.tls import client_context
 from node.worker_thread import WorkerThread
 from storage import Database, Delivery, DeliveryState, Instance, InstanceState, record_event
-from storage.queue import due_deliveries
+from storage.queue import claim_deliveries
 from storage.tables import utcnow
 
 log = logging.getLogger("xrayage.deliver")
@@ -41,30 +47,40 @@ class Deliverer(WorkerThread):
         self.db = db
         self.rng = random.Random()
         self.destinations = {d.name: d for d in settings.destinations}
-        self.tls = {d.name: client_context(d.tls, d.host) for d in settings.destinations if d.tls}
+        timeout = settings.delivery.timeout_seconds
+        self.tls = {
+            d.name: client_context(d.tls, d.host)
+            for d in settings.destinations
+            if d.tls and d.host is not None
+        }
+        self.stow = {d.name: stow_client(d, timeout) for d in settings.destinations if d.stow_url}
+        # A claim holds a delivery this long: past it, another deliverer may send it again.
+        self.lease = dt.timedelta(seconds=4 * timeout + 60)
 
     def run_once(self) -> int:
         with self.db.session() as s:
-            due = [(d.id, d.destination, d.path) for d in due_deliveries(s, 64)]
+            due = [(d.id, d.destination, d.path) for d in claim_deliveries(s, 64, self.lease)]
         for name, batch in groupby(sorted(due, key=lambda d: d[1]), key=lambda d: d[1]):
             items = list(batch)
-            dest = self.destinations.get(name)
-            if dest is None:
-                errors: list[str | None] = [f"destination {name!r} is no longer configured"] * len(
-                    items
-                )
-            else:
-                errors = send_files(
-                    self.settings.node.ae_title,
-                    dest.ae_title,
-                    dest.host,
-                    dest.port,
-                    [Path(p) for _, _, p in items],
-                    self.settings.delivery.timeout_seconds,
-                    self.tls.get(name),
-                )
-            self._record([i for i, _, _ in items], errors)
+            self._record([i for i, _, _ in items], self._send(name, [Path(p) for _, _, p in items]))
         return len(due)
+
+    def _send(self, name: str, paths: list[Path]) -> list[str | None]:
+        dest = self.destinations.get(name)
+        if dest is None:
+            return [f"destination {name!r} is no longer configured"] * len(paths)
+        if name in self.stow:
+            return stow_files(self.stow[name], paths)
+        peer = dest.peer
+        return send_files(
+            self.settings.node.ae_title,
+            peer.ae_title,
+            peer.host,
+            peer.port,
+            paths,
+            self.settings.delivery.timeout_seconds,
+            self.tls.get(name),
+        )
 
     def _record(self, ids: list[int], errors: list[str | None]) -> None:
         policy = self.settings.delivery
@@ -74,6 +90,7 @@ class Deliverer(WorkerThread):
                 inst = s.get_one(Instance, d.instance_id)
                 d.attempts += 1
                 if error is None:
+                    DELIVERED.labels(d.destination).inc()
                     d.state, d.delivered_at, d.last_error = DeliveryState.DELIVERED, utcnow(), None
                     record_event(
                         s,
@@ -92,6 +109,7 @@ class Deliverer(WorkerThread):
                     if pending is None:
                         inst.state = InstanceState.DELIVERED
                     continue
+                DELIVERY_FAILURES.labels(d.destination).inc()
                 d.last_error = error
                 if d.attempts >= policy.max_attempts:
                     d.state = DeliveryState.FAILED

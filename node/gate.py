@@ -29,10 +29,11 @@ RADIOGRAPHS = {ComputedRadiographyImageStorage, DigitalXRayImageStorageForPresen
 class Decision:
     analyse: bool
     reason: str | None = None
+    code: str | None = None  # a short, fixed name for the reason (a metrics label)
 
 
-def _skip(reason: str) -> Decision:
-    return Decision(False, reason)
+def _skip(code: str, reason: str) -> Decision:
+    return Decision(False, reason, code)
 
 
 def _descriptions(ds: Dataset) -> str:
@@ -65,31 +66,35 @@ def _view(ds: Dataset, gate: GateSection) -> str | None:
 def decide(ds: Dataset, gate: GateSection, age_range: tuple[float, float]) -> Decision:
     sop_class = str(ds.get("SOPClassUID", ""))
     if str(ds.get("Manufacturer", "")) == MANUFACTURER:
-        return _skip("the node's own output")
+        return _skip("own-output", "the node's own output")
     if sop_class == DigitalXRayImageStorageForProcessing:
-        return _skip("DX For Processing (raw detector image, not for presentation)")
+        return _skip(
+            "for-processing", "DX For Processing (raw detector image, not for presentation)"
+        )
     if sop_class not in RADIOGRAPHS:
         name = getattr(ds.SOPClassUID, "name", sop_class) if "SOPClassUID" in ds else "missing"
-        return _skip(f"SOP class {name} is not CR or DX For Presentation")
+        return _skip("sop-class", f"SOP class {name} is not CR or DX For Presentation")
     if str(ds.get("PresentationIntentType", "")).upper() == "FOR PROCESSING":
-        return _skip("PresentationIntentType FOR PROCESSING")
+        return _skip("for-processing", "PresentationIntentType FOR PROCESSING")
     image_type = [str(v).upper() for v in (ds.get("ImageType") or [])]
     if len(image_type) >= 2 and image_type[1] == "SECONDARY":
-        return _skip("ImageType SECONDARY (derived or captured image)")
+        return _skip("secondary", "ImageType SECONDARY (derived or captured image)")
     if image_type[:1] == ["DERIVED"] and not gate.accept_derived_primary:
-        return _skip("ImageType DERIVED")
+        return _skip("derived", "ImageType DERIVED")
     if "PixelData" not in ds:
-        return _skip("no Pixel Data")
+        return _skip("no-pixels", "no Pixel Data")
     if int(ds.get("SamplesPerPixel", 1) or 1) != 1:
-        return _skip(f"colour image ({ds.get('PhotometricInterpretation', '?')})")
+        return _skip("colour", f"colour image ({ds.get('PhotometricInterpretation', '?')})")
     if int(ds.get("NumberOfFrames", 1) or 1) != 1:
-        return _skip("multi-frame image")
-    for check in (_body_part, _view):
+        return _skip("multi-frame", "multi-frame image")
+    for code, check in (("body-part", _body_part), ("view", _view)):
         reason = check(ds, gate)
         if reason:
-            return _skip(reason)
+            return _skip(code, reason)
     age = chronological_age(ds)
     low, high = age_range
     if age is not None and not low <= age <= high:
-        return _skip(f"patient age {age:g} outside the model's validated range {low:g}-{high:g}")
+        return _skip(
+            "age-range", f"patient age {age:g} outside the model's validated range {low:g}-{high:g}"
+        )
     return Decision(True)

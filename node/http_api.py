@@ -1,4 +1,7 @@
-"""The read-only HTTP API: audit-log queries, instance states, a status page, ``/healthz``.
+"""The read-only HTTP API: audit-log queries, instance states, a status page; and, with no
+token, the probes ``/healthz`` (the process answers and its database is reachable) and
+``/readyz`` (this role can do its work: schema current, SCP listening, model loaded), and the
+Prometheus ``/metrics`` (:mod:`node.metrics`; no patient data in it).
 
 Every ``/api`` route needs ``Authorization: Bearer <token>`` with one of ``[http] tokens``;
 the token's name is the actor recorded in the audit log for the query. Lists are newest first
@@ -10,16 +13,19 @@ import datetime as dt
 import secrets
 import threading
 import time
+from collections.abc import Callable
 from importlib.resources import files
 from typing import Annotated, Any
 
 import uvicorn
 from fastapi import Depends, FastAPI, HTTPException, Query, Request, status
-from fastapi.responses import HTMLResponse
+from fastapi.responses import HTMLResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import desc, func, select, text
 
 from node.config import ConfigError
+from node.metrics import registry_for
 from storage import Database, Instance, InstanceState, record_event
 from storage.audit import AuditQuery, as_dict, run_query
 
@@ -27,7 +33,10 @@ MAX_PAGE = 1000
 PAGE = (files("node") / "web" / "index.html").read_text()
 
 
-def create_app(db: Database, tokens: dict[str, str]) -> FastAPI:
+def create_app(
+    db: Database, tokens: dict[str, str], readiness: Callable[[], list[str]] = list
+) -> FastAPI:
+    """``readiness`` lists what keeps this process from being ready (empty: ready)."""
     app = FastAPI(title="xrayage", docs_url=None, redoc_url=None, openapi_url="/api/openapi.json")
     bearer = HTTPBearer(auto_error=False)
 
@@ -58,6 +67,19 @@ def create_app(db: Database, tokens: dict[str, str]) -> FastAPI:
         except Exception as e:
             raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, f"database: {e}") from None
         return {"status": "ok"}
+
+    @app.get("/readyz")
+    def readyz() -> dict[str, str]:
+        problems = readiness()
+        if problems:
+            raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "; ".join(problems))
+        return {"status": "ready"}
+
+    metrics = registry_for(db)
+
+    @app.get("/metrics")
+    def prometheus() -> Response:
+        return Response(generate_latest(metrics), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/", response_class=HTMLResponse)
     def page() -> str:

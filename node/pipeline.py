@@ -16,6 +16,7 @@ import datetime as dt
 import logging
 import os
 import socket
+import time
 import warnings
 from collections.abc import Callable
 from io import BytesIO
@@ -24,11 +25,13 @@ from pathlib import Path
 import pydicom
 from pydicom.dataset import Dataset
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from ai import AgeModel, Engine
 from node.capture import build_sc
 from node.config import Settings
 from node.findings import Findings
+from node.metrics import BATCH_SIZE, INFERENCE_SECONDS, INFERRED
 from node.patient_age import chronological_age
 from node.report import build_sr
 from node.uids import ReportUIDs
@@ -101,7 +104,12 @@ class InferenceWorker(WorkerThread):
         with self.db.session() as s:
             jobs = claim_jobs(s, self.owner, self.settings.model.batch_size, self.lease)
             paths = [Path(job.instance.path) for job in jobs]
-        outcomes = self.engine.run(paths)
+        if not jobs:  # another worker claimed them first
+            return 0
+        started = time.perf_counter()
+        outcomes = list(self.engine.run(paths))
+        INFERENCE_SECONDS.observe(time.perf_counter() - started)
+        BATCH_SIZE.observe(len(jobs))
         for job, outcome in zip(jobs, outcomes, strict=True):
             if outcome.error is not None or outcome.header is None or outcome.xray_age is None:
                 self._fail(job, outcome.error or "not a DICOM file")
@@ -109,12 +117,27 @@ class InferenceWorker(WorkerThread):
                 self._report(job, outcome.header, outcome.xray_age)
         return len(jobs)
 
+    def _still_ours(self, s: Session, job_id: int) -> Job | None:
+        """The job, locked, if this worker still holds it: a worker that overran its lease has
+        lost the job to another and must not record a second outcome."""
+        job = s.get_one(Job, job_id, with_for_update=True)
+        if job.state == JobState.RUNNING and job.owner == self.owner:
+            return job
+        log.warning(
+            "job %d: lease lost to %s; its outcome is not recorded twice", job.id, job.owner
+        )
+        return None
+
     def _fail(self, job: Job, reason: str, summary: str | None = None) -> None:
         """Record ``reason`` (database and audit log); the application log gets ``summary``
         instead where the reason may quote header values, which can identify the patient."""
         log.warning("job %d failed: %s", job.id, summary or reason)
         with self.db.session() as s:
-            job = s.get_one(Job, job.id)
+            held = self._still_ours(s, job.id)
+            if held is None:
+                return
+            job = held
+            INFERRED.labels("failed").inc()
             job.state, job.error = JobState.FAILED, reason
             inst = job.instance
             inst.state, inst.reason = InstanceState.FAILED, reason
@@ -157,8 +180,11 @@ class InferenceWorker(WorkerThread):
             return
 
         with self.db.session() as s:
-            job = s.get_one(Job, claimed.id)
-            inst = job.instance
+            held = self._still_ours(s, claimed.id)
+            if held is None:
+                return
+            job, inst = held, held.instance
+            INFERRED.labels("reported").inc()
             result = s.scalar(
                 select(Result).where(
                     Result.instance_id == inst.id, Result.model_sha256 == card.sha256

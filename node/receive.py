@@ -32,7 +32,8 @@ from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 
 from node.config import Settings
-from node.gate import decide
+from node.gate import Decision, decide
+from node.metrics import RECEIVED, SKIPPED
 from node.scp_server import GuardedServer
 from node.tls import server_context
 from storage import (
@@ -161,20 +162,25 @@ class Receiver:
             return OUT_OF_RESOURCES
 
         try:
-            queued = self._commit(
+            decision = self._commit(
                 ds, path=str(path), digest=digest, size=len(data), calling=calling, origin=origin
             )
         except SQLAlchemyError as e:
             log.error("cannot record %s: %s", sop_uid, e)
             return OUT_OF_RESOURCES
-        if queued:
-            self.on_queued()
+        if decision is not None:
+            RECEIVED.labels(origin).inc()
+            if decision.analyse:
+                self.on_queued()
+            else:
+                SKIPPED.labels(decision.code).inc()
         return SUCCESS
 
     def _commit(
         self, ds: Dataset, *, path: str, digest: str, size: int, calling: str, origin: str
-    ) -> bool:
-        """Record the instance, its gate decision and its job in one transaction."""
+    ) -> Decision | None:
+        """Record the instance, its gate decision and its job in one transaction; the decision,
+        or None for a duplicate."""
         with self.db.session() as s:
             existing = s.scalar(
                 select(Instance).where(Instance.sop_instance_uid == ds.SOPInstanceUID)
@@ -187,7 +193,7 @@ class Receiver:
                     instance=existing,
                     detail="duplicate of an instance already stored",
                 )
-                return False
+                return None
             inst = Instance(
                 sop_instance_uid=str(ds.SOPInstanceUID),
                 sop_class_uid=str(ds.SOPClassUID),
@@ -213,11 +219,11 @@ class Receiver:
             if not decision.analyse:
                 inst.state, inst.reason = InstanceState.SKIPPED, decision.reason
                 record_event(s, "skipped", instance=inst, detail=decision.reason)
-                return False
+                return decision
             inst.state = InstanceState.QUEUED
             s.add(Job(instance_id=inst.id, state=JobState.QUEUED))
             record_event(s, "queued", instance=inst)
-            return True
+            return decision
 
     def make_ae(self) -> AE:
         node = self.settings.node

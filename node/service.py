@@ -1,4 +1,11 @@
-"""The running node: receiver, inference worker and deliverer around one database and store."""
+"""The running node: receiver, inference worker, deliverer and scheduler around one database
+and file store, in one process (role ``all``) or spread over processes and hosts that share a
+PostgreSQL database and a volume (roles ``receive``, ``infer``, ``deliver``, ``schedule``).
+
+Everything the roles tell each other goes through the database (jobs, deliveries, scans), so
+any mix of processes behaves like one node. ``schedule`` (retro-scans, audit purge, ATNA export,
+recording config changes) runs once per deployment; the others scale out.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +13,13 @@ import datetime as dt
 import logging
 import signal
 import threading
+from typing import Literal, get_args
 
 from apscheduler.triggers.cron import CronTrigger
+from sqlalchemy.exc import SQLAlchemyError
 
-from ai import AgeModel, resolve_weights
+from ai import AgeModel, ModelCard, resolve_weights
+from ai.model import model_card
 from node.atna import SyslogExporter
 from node.changes import record_changes
 from node.config import Settings
@@ -22,27 +32,41 @@ from node.schedule import ScheduledJob, Scheduler
 from node.scp_server import GuardedServer
 from storage import Database, FileStore, record_event
 from storage.audit import purge_events
+from storage.schema import SchemaError, check
 from storage.tables import utcnow
 
 log = logging.getLogger("xrayage")
 
+Role = Literal["receive", "infer", "deliver", "schedule", "all"]
+ROLES: tuple[Role, ...] = get_args(Role)[:-1]
+
 
 class NodeService:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, role: Role = "all") -> None:
         self.settings = settings
+        self.role = role
+        roles = set(ROLES) if role == "all" else {role}
         settings.storage.path.mkdir(parents=True, exist_ok=True)
         self.db = Database(settings.database_url, settings.storage.database_timeout_seconds)
-        self.db.create_schema()
+        self.db.prepare_schema()
         self.store = FileStore(
             settings.storage.path / "dicom", settings.storage.min_free_mb * 1024 * 1024
         )
         cfg = settings.model
+        weights = resolve_weights(cfg.weights, cfg.cache_dir) if cfg.weights else None
+        # Only the inference role loads the network; the others need its card (the gate's age
+        # range, the model identity that retro-scans compare against).
         self.model = (
-            AgeModel.load(resolve_weights(cfg.weights, cfg.cache_dir), cfg.device, warm_up=True)
-            if cfg.weights
+            AgeModel.load(weights, cfg.device, warm_up=True)
+            if weights and "infer" in roles
             else None
         )
-        self.deliverer = Deliverer(settings, self.db) if settings.destinations else None
+        self.card: ModelCard | None = (
+            self.model.card if self.model else model_card(weights) if weights else None
+        )
+        self.deliverer = (
+            Deliverer(settings, self.db) if settings.destinations and "deliver" in roles else None
+        )
         self.worker = (
             InferenceWorker(
                 settings,
@@ -54,29 +78,51 @@ class NodeService:
             if self.model
             else None
         )
-        age_range = self.model.card.age_range if self.model else (0.0, 200.0)
+        # The receiver stores what the SCP receives and what a C-GET retro-scan fetches.
         self.receiver = Receiver(
             settings,
             self.db,
             self.store,
-            age_range,
+            self.card.age_range if self.card else (0.0, 200.0),
             on_queued=self.worker.wake.set if self.worker else lambda: None,
         )
+        self.listens = "receive" in roles
+        scheduling = "schedule" in roles
         self.scanner = (
-            RetroScanner(settings, self.db, self.model.card.sha256, self.receiver.handle_store)
-            if settings.retro.peer is not None and self.model is not None
+            RetroScanner(settings, self.db, self.card.sha256, self.receiver.handle_store)
+            if settings.retro.peer is not None and self.card is not None and scheduling
             else None
         )
-        self.scheduler = Scheduler(self.db, self._scheduled_jobs())
+        self.scheduler = Scheduler(self.db, self._scheduled_jobs()) if scheduling else None
         syslog = settings.audit.syslog
-        self.exporter = SyslogExporter(syslog, self.db, settings.node.ae_title) if syslog else None
+        self.exporter = (
+            SyslogExporter(syslog, self.db, settings.node.ae_title)
+            if syslog and scheduling
+            else None
+        )
         http = settings.http
         self.http = (
-            HttpServer(create_app(self.db, http.tokens), http.host, http.port)
+            HttpServer(create_app(self.db, http.tokens, self.not_ready), http.host, http.port)
             if http.port
             else None
         )
         self._server: GuardedServer | None = None
+
+    def not_ready(self) -> list[str]:
+        """What keeps this process from doing its role's work now (``/readyz``)."""
+        problems = []
+        try:
+            check(self.db.engine)
+        except (SchemaError, SQLAlchemyError) as e:
+            problems.append(f"database: {str(e).splitlines()[0]}")
+        if self.listens and self._server is None:
+            problems.append("DICOM SCP not listening")
+        for name, thread in (("inference worker", self.worker), ("deliverer", self.deliverer)):
+            if thread is not None and not thread.is_alive():
+                problems.append(f"{name} not running")
+        if self.role in ("infer", "all") and self.model is None:
+            problems.append("no [model] weights configured")
+        return problems
 
     def _scheduled_jobs(self) -> list[ScheduledJob]:
         jobs = []
@@ -107,18 +153,16 @@ class NodeService:
         if removed:
             log.info("removed %d partial files left by an earlier stop", removed)
         node = self.settings.node
-        record_changes(self.db, self.settings, self.model.card if self.model else None)
+        if self.scheduler is not None:  # once per deployment, not once per process
+            record_changes(self.db, self.settings, self.card)
+        where = f" on port {node.port}" if self.listens else ""
         with self.db.session() as s:
-            record_event(s, "node", detail=f"started as {node.ae_title} on port {node.port}")
-        self._server = self.receiver.start()
-        log.info("listening as %s on %s:%d", node.ae_title, node.host, node.port)
-        if self.worker is None:
-            log.warning(
-                "no [model] weights configured: images are received and queued, "
-                "and inference waits until a model is configured"
-            )
-        else:
-            card = self.model.card  # type: ignore[union-attr]
+            record_event(s, "node", detail=f"started as {node.ae_title} ({self.role}){where}")
+        if self.listens:
+            self._server = self.receiver.start()
+            log.info("listening as %s on %s:%d", node.ae_title, node.host, node.port)
+        if self.model is not None and self.worker is not None:
+            card = self.model.card
             log.info(
                 "model %s %s (sha256 %s) on %s%s",
                 card.name,
@@ -126,26 +170,33 @@ class NodeService:
                 card.sha256,
                 self.model.device,
                 " - UNTRAINED weights" if card.untrained else "",
-            )  # type: ignore[union-attr]
+            )
             self.worker.start()
+        elif self.role in ("infer", "all"):
+            log.warning(
+                "no [model] weights configured: images are received and queued, "
+                "and inference waits until a model is configured"
+            )
         for thread in (self.deliverer, self.exporter):
             if thread is not None:
                 thread.start()
-        if self.settings.retro.peer is not None and self.scanner is None:
-            log.warning("[retro] peer configured, but retro-scans need [model] weights")
-        self.scheduler.start()
+        if self.scheduler is not None:
+            if self.settings.retro.peer is not None and self.scanner is None:
+                log.warning("[retro] peer configured, but retro-scans need [model] weights")
+            self.scheduler.start()
         if self.http is not None:
             self.http.start()
-            log.info("HTTP API on %s:%d", self.settings.http.host, self.settings.http.port)
+            log.info("HTTP on %s:%d", self.settings.http.host, self.settings.http.port)
             if not self.settings.http.tokens:
-                log.warning("[http] has no tokens: only /healthz answers")
+                log.warning("[http] has no tokens: only /healthz, /readyz and /metrics answer")
 
     def stop(self) -> None:
         if self.http is not None:
             self.http.stop()
         if self.scanner is not None:
             self.scanner.stopping.set()
-        self.scheduler.stop()
+        if self.scheduler is not None:
+            self.scheduler.stop()
         if self._server is not None:
             self._server.shutdown()
         for thread in (self.worker, self.deliverer, self.exporter):
@@ -153,7 +204,7 @@ class NodeService:
                 thread.stop()
                 thread.join(timeout=60)
         with self.db.session() as s:
-            record_event(s, "node", detail="stopped")
+            record_event(s, "node", detail=f"stopped ({self.role})")
         self.db.dispose()
 
     def serve_forever(self) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
-from storage.tables import Base
+from storage import schema
 
 
 def _sqlite_pragmas(dbapi_connection, busy_ms: int) -> None:  # type: ignore[no-untyped-def]
@@ -45,8 +45,21 @@ class Database:
         folder.mkdir(parents=True, exist_ok=True)
         return cls(f"sqlite:///{folder / 'xrayage.db'}")
 
+    @property
+    def is_sqlite(self) -> bool:
+        return self.engine.dialect.name == "sqlite"
+
     def create_schema(self) -> None:
-        Base.metadata.create_all(self.engine)
+        """Bring the schema to this build's revision (Alembic; see :mod:`storage.schema`)."""
+        schema.upgrade(self.engine)
+
+    def prepare_schema(self) -> None:
+        """What a starting node does: upgrade the embedded SQLite database, and only check a
+        shared one (PostgreSQL is upgraded on purpose, with ``xrayage db upgrade``)."""
+        if self.is_sqlite:
+            schema.upgrade(self.engine)
+        else:
+            schema.check(self.engine)
 
     @contextmanager
     def session(self) -> Iterator[Session]:

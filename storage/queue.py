@@ -84,15 +84,23 @@ def requeue_orphans(session: Session, host: str, alive: Callable[[int], bool] = 
     return len(orphans)
 
 
-def due_deliveries(session: Session, limit: int) -> list[Delivery]:
-    return list(
-        session.scalars(
-            select(Delivery)
-            .where(Delivery.state == DeliveryState.PENDING, Delivery.next_attempt_at <= utcnow())
-            .order_by(Delivery.next_attempt_at)
-            .limit(limit)
-        )
+def claim_deliveries(session: Session, limit: int, lease: dt.timedelta) -> list[Delivery]:
+    """Pending deliveries that are due, claimed by moving their next attempt past ``lease``: a
+    deliverer that dies mid-send leaves them due again once the lease is over. On PostgreSQL
+    ``SKIP LOCKED`` keeps concurrent deliverers off each other's rows."""
+    now = utcnow()
+    pick = (
+        select(Delivery)
+        .where(Delivery.state == DeliveryState.PENDING, Delivery.next_attempt_at <= now)
+        .order_by(Delivery.next_attempt_at)
+        .limit(limit)
     )
+    if session.get_bind().dialect.name == "postgresql":
+        pick = pick.with_for_update(skip_locked=True)
+    due = list(session.scalars(pick))
+    for d in due:
+        d.next_attempt_at = now + lease
+    return due
 
 
 class NotRetriable(ValueError):

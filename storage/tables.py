@@ -12,7 +12,6 @@ import datetime as dt
 import enum
 
 from sqlalchemy import (
-    DDL,
     Date,
     DateTime,
     Enum,
@@ -25,7 +24,6 @@ from sqlalchemy import (
     TypeDecorator,
     UniqueConstraint,
 )
-from sqlalchemy import event as sa_event
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -171,7 +169,8 @@ class Delivery(Base):
 
 class AuditEvent(Base):
     """Append-only audit log: rows are only ever inserted; the database itself refuses an UPDATE
-    (trigger below), and the only DELETE is the retention purge, which is audited in turn.
+    (a trigger made by the initial migration), and the only DELETE is the retention purge, which
+    is audited in turn.
 
     Queries filter on one identifier and page newest first by ``id``, so each filter column
     leads an index that ends in ``id``.
@@ -196,27 +195,6 @@ class AuditEvent(Base):
     patient_id: Mapped[str | None] = mapped_column(String(64))
     accession_number: Mapped[str | None] = mapped_column(String(16))
     detail: Mapped[str | None] = mapped_column(Text)
-
-
-_NO_UPDATE = "audit_events is append-only"
-sa_event.listen(
-    AuditEvent.__table__,
-    "after_create",
-    DDL(
-        "CREATE TRIGGER audit_events_no_update BEFORE UPDATE ON audit_events "
-        f"BEGIN SELECT RAISE(ABORT, '{_NO_UPDATE}'); END"
-    ).execute_if(dialect="sqlite"),
-)
-sa_event.listen(
-    AuditEvent.__table__,
-    "after_create",
-    DDL(
-        "CREATE FUNCTION audit_events_no_update() RETURNS trigger LANGUAGE plpgsql AS "
-        f"$$ BEGIN RAISE EXCEPTION '{_NO_UPDATE}'; END $$; "
-        "CREATE TRIGGER audit_events_no_update BEFORE UPDATE ON audit_events "
-        "FOR EACH ROW EXECUTE FUNCTION audit_events_no_update()"
-    ).execute_if(dialect="postgresql"),
-)
 
 
 class ScanState(enum.StrEnum):

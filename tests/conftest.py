@@ -16,7 +16,7 @@ from pydicom.uid import generate_uid
 from ai import build_untrained_model
 from node.config import load_settings
 from node.service import NodeService
-from tests.servers import NodeProcess, Orthanc, free_port
+from tests.servers import NodeProcess, Orthanc, PostgreSQL, free_port
 
 STORESCU = "/usr/bin/storescu"  # DCMTK's; pynetdicom installs its own storescu earlier on PATH
 
@@ -108,6 +108,16 @@ def storescu(port: int, *files: Path, called: str = "XRAYAGE") -> subprocess.Com
         text=True,
         timeout=120,
     )
+
+
+@pytest.fixture(scope="session")
+def postgresql() -> Iterator[PostgreSQL]:
+    """One throwaway PostgreSQL server for the session; each test makes its own database."""
+    require("/usr/bin/pg_ctlcluster")  # Debian's postgresql package
+    server = PostgreSQL(free_port())
+    server.start()
+    yield server
+    server.stop()
 
 
 @pytest.fixture(scope="module")

@@ -18,15 +18,17 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import requests
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 XRAYAGE = Path(sys.executable).parent / "xrayage"
+DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
 
 
 def free_port() -> int:
@@ -74,14 +76,23 @@ class Orthanc:
     dicom_port: int
     aet: str = "ORTHANC"
     proc: subprocess.Popen[bytes] | None = None
+    auth: tuple[str, str] | None = None  # a user for the REST API and DICOMweb, when set
+
+    @property
+    def dicomweb(self) -> str:
+        """The DICOMweb plugin's root (Debian package orthanc-dicomweb), when started with it."""
+        return f"{self.url}/dicom-web"
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.http_port}"
 
-    def start(self, allowed: dict[str, str], ports: dict[str, int] | None = None) -> None:
+    def start(
+        self, allowed: dict[str, str], ports: dict[str, int] | None = None, dicomweb: bool = False
+    ) -> None:
         """``allowed``: AE title -> name of the peers that may store (all from 127.0.0.1);
-        ``ports``: AE title -> DICOM port, for the peers that C-MOVE sends to."""
+        ``ports``: AE title -> DICOM port, for the peers that C-MOVE sends to; ``dicomweb``:
+        load the DICOMweb plugin."""
         ports = ports or {}
         db = self.folder / "db"
         db.mkdir(parents=True, exist_ok=True)
@@ -93,14 +104,16 @@ class Orthanc:
             "DicomPort": self.dicom_port,
             "DicomAet": self.aet,
             "RemoteAccessAllowed": False,
-            "AuthenticationEnabled": False,
+            "AuthenticationEnabled": self.auth is not None,
+            "RegisteredUsers": dict([self.auth]) if self.auth else {},
             "DicomAlwaysAllowStore": False,
             "DicomAlwaysAllowEcho": False,
             "DicomCheckModalityHost": True,
             "DicomModalities": {
                 name: [aet, "127.0.0.1", ports.get(aet, 104)] for aet, name in allowed.items()
             },
-            "Plugins": [],
+            "Plugins": [DICOMWEB_PLUGIN] if dicomweb else [],
+            "DicomWeb": {"Enable": dicomweb, "Root": "/dicom-web/"},
             "HttpCompressionEnabled": False,
         }
         path = self.folder / "orthanc.json"
@@ -113,7 +126,7 @@ class Orthanc:
         if self.proc is not None and self.proc.poll() is not None:
             raise AssertionError(f"Orthanc exited: {(self.folder / 'orthanc.log').read_text()}")
         try:
-            return requests.get(f"{self.url}/system", timeout=1).ok
+            return requests.get(f"{self.url}/system", auth=self.auth, timeout=1).ok
         except requests.ConnectionError:
             return False
 
@@ -125,6 +138,7 @@ class Orthanc:
         r = requests.post(
             f"{self.url}/tools/find",
             json={"Level": "Instance", "Query": query, "Expand": True},
+            auth=self.auth,
             timeout=10,
         )
         r.raise_for_status()
@@ -137,11 +151,11 @@ class Orthanc:
     def upload(self, *paths: Path) -> None:
         for path in paths:
             requests.post(
-                f"{self.url}/instances", data=path.read_bytes(), timeout=30
+                f"{self.url}/instances", data=path.read_bytes(), auth=self.auth, timeout=30
             ).raise_for_status()
 
     def file(self, orthanc_id: str) -> bytes:
-        r = requests.get(f"{self.url}/instances/{orthanc_id}/file", timeout=30)
+        r = requests.get(f"{self.url}/instances/{orthanc_id}/file", auth=self.auth, timeout=30)
         r.raise_for_status()
         return r.content
 
@@ -155,16 +169,22 @@ class NodeProcess:
     log: Path
     proc: subprocess.Popen[bytes] | None = None
     file_size_limit: int | None = None  # RLIMIT_FSIZE: writes beyond it fail with EFBIG
+    role: str = "all"
+    # A role that does not listen for DICOM is up when its [http] port answers /readyz.
+    http_port: int | None = None
+    env: dict[str, str] = field(default_factory=dict)  # XRAYAGE_* overrides for this process
 
     def _limits(self) -> None:
         if self.file_size_limit is not None:
             resource.setrlimit(resource.RLIMIT_FSIZE, (self.file_size_limit,) * 2)
 
     def start(self) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("XRAYAGE_")}
+        env = {k: v for k, v in os.environ.items() if not k.startswith("XRAYAGE_")} | self.env
+        if self.http_port is not None:
+            env["XRAYAGE_HTTP__PORT"] = str(self.http_port)
         out = self.log.open("ab")
         self.proc = subprocess.Popen(
-            [str(XRAYAGE), "serve", "--config", str(self.config)],
+            [str(XRAYAGE), "serve", "--config", str(self.config), "--role", self.role],
             stdout=out,
             stderr=subprocess.STDOUT,
             env=env,
@@ -175,7 +195,25 @@ class NodeProcess:
     def _up(self) -> bool:
         if self.proc is not None and self.proc.poll() is not None:
             raise AssertionError(f"xrayage serve exited: {self.log.read_text()}")
-        return echo(self.port)
+        if self.role in ("receive", "all"):
+            return echo(self.port)
+        return self.ready()
+
+    def ready(self) -> bool:
+        try:
+            return requests.get(f"http://127.0.0.1:{self.http_port}/readyz", timeout=2).ok
+        except requests.ConnectionError:
+            return False
+
+    def metrics(self) -> dict[str, float]:
+        """The process's ``/metrics``, sample name with labels -> value."""
+        text = requests.get(f"http://127.0.0.1:{self.http_port}/metrics", timeout=5).text
+        return {
+            name: float(value)
+            for line in text.splitlines()
+            if line and not line.startswith("#")
+            for name, _, value in [line.rpartition(" ")]
+        }
 
     def stop(self) -> None:
         if self.proc is not None:
@@ -214,6 +252,14 @@ class PostgreSQL:
         self._run(
             "pg_ctl", "-D", str(data), "-o", options, "-l", str(self.folder / "log"), "-w", "start"
         )
+
+    def create_database(self, name: str) -> str:
+        """A new, empty database on this server; its SQLAlchemy URL."""
+        with psycopg.connect(
+            f"postgresql://postgres@127.0.0.1:{self.port}/postgres", autocommit=True
+        ) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')  # a test's own name, not user input
+        return self.url.rpartition("/")[0] + f"/{name}"
 
     def stop(self) -> None:
         self._run("pg_ctl", "-D", str(self.folder / "data"), "-m", "fast", "-w", "stop")

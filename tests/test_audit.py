@@ -18,8 +18,7 @@ from node.changes import record_changes
 from node.config import load_settings
 from storage import AuditEvent, Database, Instance, InstanceState, record_event
 from storage.audit import AuditQuery, query_events
-from tests.conftest import require
-from tests.servers import PostgreSQL, free_port
+from tests.servers import PostgreSQL
 from tests.test_cli import run
 
 
@@ -126,28 +125,21 @@ def test_config_and_model_changes_are_audited(tmp_path: Path) -> None:
     db.dispose()
 
 
-def test_on_postgresql_the_log_is_append_only_and_queried_alike(tmp_path: Path) -> None:
-    require("/usr/bin/pg_ctlcluster")  # Debian's postgresql package
-    server = PostgreSQL(free_port())
-    server.start()
-    try:
-        db = Database(server.url)
-        db.create_schema()
-        with db.session() as s:
-            inst = _instance(1, "PAT-A", "ACC-1")
-            s.add(inst)
-            s.flush()
-            record_event(s, "received", instance=inst)
-            record_event(s, "reported", instance=inst)
-        with db.session() as s:
-            found = query_events(s, AuditQuery(patient_id="PAT-A", limit=1))
-            assert [e.event for e in found] == ["reported"]
-            assert [
-                e.event
-                for e in query_events(s, AuditQuery(accession="ACC-1", before_id=found[0].id))
-            ] == ["received"]
-        with pytest.raises(DatabaseError, match="append-only"), db.session() as s:
-            s.execute(update(AuditEvent).values(detail="edited"))
-        db.dispose()
-    finally:
-        server.stop()
+def test_on_postgresql_the_log_is_append_only_and_queried_alike(postgresql: PostgreSQL) -> None:
+    db = Database(postgresql.create_database("audit"))
+    db.create_schema()
+    with db.session() as s:
+        inst = _instance(1, "PAT-A", "ACC-1")
+        s.add(inst)
+        s.flush()
+        record_event(s, "received", instance=inst)
+        record_event(s, "reported", instance=inst)
+    with db.session() as s:
+        found = query_events(s, AuditQuery(patient_id="PAT-A", limit=1))
+        assert [e.event for e in found] == ["reported"]
+        assert [
+            e.event for e in query_events(s, AuditQuery(accession="ACC-1", before_id=found[0].id))
+        ] == ["received"]
+    with pytest.raises(DatabaseError, match="append-only"), db.session() as s:
+        s.execute(update(AuditEvent).values(detail="edited"))
+    db.dispose()

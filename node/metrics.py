@@ -1,0 +1,117 @@
+"""Prometheus metrics (prometheus-client), served at ``/metrics`` on ``[http] port``.
+
+Counters and histograms count what this process did since it started; Prometheus sums them over
+the processes of a deployment and survives their restarts. The shared state (queue depth,
+instances by state, deliveries waiting, retro-scan progress) is read from the database at scrape
+time, so every role reports the same numbers and nothing is kept in memory only.
+No metric carries a patient identifier.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from sqlalchemy import desc, func, select
+
+from storage import Database, Delivery, Instance, utcnow
+from storage.queue import backlog
+from storage.tables import RetroScan, RetroStudy
+
+RECEIVED = Counter(
+    "xrayage_instances_received",
+    "Instances stored and committed (answered with C-STORE Success), by origin (push or retro)",
+    ["origin"],
+    registry=None,
+)
+SKIPPED = Counter(
+    "xrayage_instances_skipped", "Instances the gate did not analyse, by reason", ["reason"],
+    registry=None,
+)  # fmt: skip
+INFERENCE_SECONDS = Histogram(
+    "xrayage_inference_batch_seconds",
+    "Wall time of one inference batch: decoding, preprocessing and the model",
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+    registry=None,
+)
+BATCH_SIZE = Histogram(
+    "xrayage_inference_batch_size", "Images per inference batch",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=None,
+)  # fmt: skip
+INFERRED = Counter(
+    "xrayage_instances_inferred", "Instances through the model, by outcome (reported or failed)",
+    ["outcome"], registry=None,
+)  # fmt: skip
+DELIVERED = Counter(
+    "xrayage_deliveries", "Report objects delivered, by destination", ["destination"],
+    registry=None,
+)  # fmt: skip
+DELIVERY_FAILURES = Counter(
+    "xrayage_delivery_failures", "Failed delivery attempts, by destination", ["destination"],
+    registry=None,
+)  # fmt: skip
+PROCESS_METRICS = (RECEIVED, SKIPPED, INFERENCE_SECONDS, BATCH_SIZE, INFERRED, DELIVERED,
+                   DELIVERY_FAILURES)  # fmt: skip
+
+
+class DatabaseCollector(Collector):
+    """Gauges of the shared state, read from the database at each scrape."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    def collect(self) -> Iterator[Metric]:
+        with self.db.session() as s:
+            depth, oldest = backlog(s)
+            states = s.execute(select(Instance.state, func.count()).group_by(Instance.state)).all()
+            deliveries = s.execute(
+                select(Delivery.state, func.count()).group_by(Delivery.state)
+            ).all()
+            scan = s.scalar(select(RetroScan).order_by(desc(RetroScan.id)).limit(1))
+            studies = (
+                s.execute(
+                    select(func.count(), func.count().filter(RetroStudy.done)).where(
+                        RetroStudy.scan_id == scan.id
+                    )
+                ).one()
+                if scan is not None
+                else (0, 0)
+            )
+        yield GaugeMetricFamily(
+            "xrayage_queue_depth", "Jobs an inference worker could claim now", value=depth
+        )
+        wait = (utcnow() - oldest).total_seconds() if oldest else 0.0
+        yield GaugeMetricFamily(
+            "xrayage_queue_oldest_seconds", "Age of the oldest claimable job", value=wait
+        )
+        yield _by("xrayage_instances", "Instances by state", "state", states)
+        yield _by("xrayage_deliveries_by_state", "Deliveries by state", "state", deliveries)
+        progress = GaugeMetricFamily(
+            "xrayage_retro_scan", "The latest retro-scan: studies and images", labels=["count"]
+        )
+        if scan is not None:
+            for name, value in (
+                ("studies_total", studies[0]), ("studies_done", studies[1]),
+                ("images_fetched", scan.fetched), ("images_already_done", scan.already_done),
+                ("images_failed", scan.failed), ("running", int(scan.state == "running")),
+            ):  # fmt: skip
+                progress.add_metric([name], value)
+        yield progress
+
+
+def _by(name: str, doc: str, label: str, rows: list[tuple[object, int]]) -> GaugeMetricFamily:
+    family = GaugeMetricFamily(name, doc, labels=[label])
+    for key, count in rows:
+        family.add_metric([str(getattr(key, "value", key))], count)
+    return family
+
+
+def registry_for(db: Database) -> CollectorRegistry:
+    """This process's counters with the database's gauges, for one HTTP app."""
+    registry = CollectorRegistry()
+    for metric in PROCESS_METRICS:
+        registry.register(metric)
+    registry.register(DatabaseCollector(db))
+    return registry

@@ -1,0 +1,93 @@
+"""The schema is Alembic's: migrations build exactly the tables the code declares, on SQLite and
+PostgreSQL; `xrayage db upgrade` applies them; a node refuses a shared schema that is behind."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import create_engine, update
+from sqlalchemy.exc import DatabaseError
+
+from storage import AuditEvent, Database, record_event
+from storage.schema import SchemaError, head
+from storage.tables import Base
+from tests.servers import PostgreSQL
+from tests.test_cli import run
+
+
+def _differences(db: Database) -> list[object]:
+    with db.engine.connect() as conn:
+        return list(
+            compare_metadata(
+                MigrationContext.configure(conn, opts={"include_object": _not_scheduler}),
+                Base.metadata,
+            )
+        )
+
+
+def _not_scheduler(obj: object, name: str | None, type_: str, *_: object) -> bool:
+    return name != "apscheduler_jobs"
+
+
+def _schema_is_the_models(db: Database) -> None:
+    db.create_schema()
+    assert _differences(db) == []  # a model change without its migration fails here
+    with db.session() as s:
+        record_event(s, "node", detail="x")
+    with pytest.raises(DatabaseError, match="append-only"), db.session() as s:
+        s.execute(update(AuditEvent).values(detail="edited"))
+    db.create_schema()  # a second upgrade is a no-op
+    db.dispose()
+
+
+def test_migrations_build_the_declared_schema_on_sqlite(tmp_path: Path) -> None:
+    _schema_is_the_models(Database.sqlite_in(tmp_path))
+
+
+def test_migrations_build_the_declared_schema_on_postgresql(postgresql: PostgreSQL) -> None:
+    _schema_is_the_models(Database(postgresql.create_database("schema")))
+
+
+def test_db_upgrade_is_run_on_purpose_for_postgresql(
+    tmp_path: Path, postgresql: PostgreSQL
+) -> None:
+    url = postgresql.create_database("upgrade")
+    config = tmp_path / "xrayage.toml"
+    config.write_text(f'[storage]\npath = "{tmp_path / "data"}"\ndatabase_url = "{url}"\n')
+
+    refused = run("serve", "--config", str(config), "--role", "deliver")
+    assert refused.returncode == 2
+    assert refused.stderr.strip() == (
+        f"xrayage: error: database schema is at revision none, this build needs {head()}: "
+        "run `xrayage db upgrade`"
+    )
+    assert run("db", "current", "--config", str(config)).returncode == 1
+
+    first = run("db", "upgrade", "--config", str(config))
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.strip() == f"database upgraded from revision none (empty) to {head()}"
+    again = run("db", "upgrade", "--config", str(config))
+    assert again.stdout.strip() == f"database already at revision {head()}"
+    current = run("db", "current", "--config", str(config))
+    assert current.returncode == 0 and current.stdout.strip() == (
+        f"database at {head()}; this build needs {head()}"
+    )
+
+
+def test_an_unreachable_database_is_one_line(tmp_path: Path) -> None:
+    config = tmp_path / "xrayage.toml"
+    config.write_text('[storage]\ndatabase_url = "postgresql+psycopg://nobody@127.0.0.1:1/none"\n')
+    out = run("db", "upgrade", "--config", str(config))
+    assert out.returncode == 2
+    assert out.stderr.startswith("xrayage: error: database: ") and out.stderr.count("\n") == 1
+
+
+def test_a_database_from_before_migrations_is_refused_clearly(tmp_path: Path) -> None:
+    engine = create_engine(f"sqlite:///{tmp_path / 'xrayage.db'}")
+    Base.metadata.create_all(engine)  # what builds before migrations did
+    engine.dispose()
+    with pytest.raises(SchemaError, match="no migration history"):
+        Database.sqlite_in(tmp_path).create_schema()
