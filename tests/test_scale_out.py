@@ -60,9 +60,11 @@ def test_three_workers_share_the_queue_and_nothing_is_done_twice(
 
         def delivered() -> bool:
             with db.session() as s:
-                return s.scalar(
-                    select(func.count()).where(Instance.state == InstanceState.DELIVERED)
-                ) == IMAGES
+                return (
+                    s.scalar(select(func.count()).where(Instance.state == InstanceState.DELIVERED))
+                    == IMAGES
+                )
+
         wait_until(delivered, 300, f"{IMAGES} instances delivered", interval=1)
 
         with db.session() as s:
@@ -79,9 +81,7 @@ def test_three_workers_share_the_queue_and_nothing_is_done_twice(
             deliveries = s.scalars(select(Delivery)).all()
             assert {(d.state, d.attempts) for d in deliveries} == {(DeliveryState.DELIVERED, 1)}
             assert len(deliveries) == IMAGES
-            sent_events = s.scalar(
-                select(func.count()).where(AuditEvent.event == "delivered")
-            )
+            sent_events = s.scalar(select(func.count()).where(AuditEvent.event == "delivered"))
             assert sent_events == IMAGES
         srs = orthanc.sr_uids()
         assert len(srs) == len(set(srs)) == IMAGES
