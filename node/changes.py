@@ -2,7 +2,8 @@
 
 The audit log records "model or config changes" (ARCHITECTURE.md); a node compares what it
 starts with against the last version stored, and stores and audits a new one when they differ.
-Secrets (API tokens) are replaced by their SHA-256 before anything is stored.
+Secrets (API tokens, DICOMweb tokens and passwords) are replaced by their SHA-256 before
+anything is stored.
 """
 
 from __future__ import annotations
@@ -28,12 +29,17 @@ def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix.rstrip("."): value}
 
 
+def _hashed(secret: str) -> str:
+    return "sha256:" + hashlib.sha256(secret.encode()).hexdigest()
+
+
 def snapshot(settings: Settings, card: ModelCard | None) -> dict[str, Any]:
     data = settings.model_dump(mode="json")
-    data["http"]["tokens"] = {
-        name: "sha256:" + hashlib.sha256(token.encode()).hexdigest()
-        for name, token in settings.http.tokens.items()
-    }
+    data["http"]["tokens"] = {name: _hashed(t) for name, t in settings.http.tokens.items()}
+    for dest in data["destinations"]:
+        for key in ("token", "password"):
+            if dest[key] is not None:
+                dest[key] = _hashed(dest[key])
     data["loaded_model"] = (
         {"name": card.name, "version": card.version, "sha256": card.sha256} if card else None
     )

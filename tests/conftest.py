@@ -15,7 +15,7 @@ from pydicom.uid import generate_uid
 
 from ai import build_untrained_model
 from node.config import load_settings
-from node.service import NodeService
+from node.service import NodeService, Role
 from tests.servers import NodeProcess, Orthanc, PostgreSQL, free_port
 
 STORESCU = "/usr/bin/storescu"  # DCMTK's; pynetdicom installs its own storescu earlier on PATH
@@ -43,7 +43,7 @@ def chest_ds(chest_pa: Path) -> pydicom.Dataset:
 
 
 @contextmanager
-def node_in_process(tmp_path: Path, **sections: Any) -> Iterator[NodeService]:
+def node_in_process(tmp_path: Path, role: Role = "all", **sections: Any) -> Iterator[NodeService]:
     """A running node in the test's own process; ``sections`` as in the config file, with
     ``node`` and ``storage`` merged into loopback, a free port and a folder under ``tmp_path``."""
     settings = load_settings(
@@ -52,7 +52,7 @@ def node_in_process(tmp_path: Path, **sections: Any) -> Iterator[NodeService]:
         storage={"path": tmp_path / "data", **sections.pop("storage", {})},
         **sections,
     )
-    service = NodeService(settings)
+    service = NodeService(settings, role)
     service.start()
     try:
         yield service

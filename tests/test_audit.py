@@ -109,19 +109,24 @@ def test_config_and_model_changes_are_audited(tmp_path: Path) -> None:
     settings = load_settings(None, storage={"path": tmp_path})
     assert record_changes(db, settings, one) == []  # first start
     assert record_changes(db, settings, one) == []  # nothing changed
+    web = {"name": "web", "stow_url": "http://x", "username": "u", "password": "dicomweb-pass"}
     changed = load_settings(None, storage={"path": tmp_path}, delivery={"max_attempts": 3},
-                            http={"tokens": {"ward": "a-long-enough-secret"}})  # fmt: skip
+                            http={"tokens": {"ward": "a-long-enough-secret"}},
+                            destinations=[web])  # fmt: skip
     assert record_changes(db, changed, two) == [
-        "delivery.max_attempts", "http.tokens.ward", "loaded_model.sha256", "loaded_model.version",
+        "delivery.max_attempts", "destinations", "http.tokens.ward", "loaded_model.sha256",
+        "loaded_model.version",
     ]  # fmt: skip
     with db.session() as s:
         events = {e.event: e.detail for e in s.scalars(select(AuditEvent))}
         stored = s.scalar(
             text("SELECT settings_json FROM config_versions ORDER BY id DESC LIMIT 1")
         )
-    assert events["config"] == "settings changed: delivery.max_attempts, http.tokens.ward"
+    assert events["config"] == (
+        "settings changed: delivery.max_attempts, destinations, http.tokens.ward"
+    )
     assert "-> m 2 (sha256 " + "b" * 64 in events["model"]  # type: ignore[operator]
-    assert "a-long-enough-secret" not in stored
+    assert "a-long-enough-secret" not in stored and "dicomweb-pass" not in stored
     db.dispose()
 
 

@@ -84,6 +84,21 @@ def test_defaults_without_a_file() -> None:
         ('[retro]\nwindow_end = "25:00"\n', "config: retro.window_end: Input should be"),
         ('[retro]\nretrieve = "copy"\n', "config: retro.retrieve: Input should be 'move' or 'get'"),
         ('[http]\nport = 8080\ntokens = { ward = "short" }\n', "tokens shorter than 16"),
+        (
+            '[[destinations]]\nname = "a"\nhost = "h"\n',
+            "needs ae_title, host and port, or stow_url",
+        ),
+        ('[[destinations]]\nname = "a"\nstow_url = "ftp://x"\n', "must start with http://"),
+        (
+            '[[destinations]]\nname = "a"\nstow_url = "http://x"\nport = 104\n',
+            "a stow_url destination takes no port",
+        ),
+        (
+            '[[destinations]]\nname = "a"\nstow_url = "http://x"\ntoken = "t"\nusername = "u"\n',
+            "give a token or a username and password, not both",
+        ),
+        ('[[destinations]]\nname = "a"\nstow_url = "http://x"\nusername = "u"\n', "go together"),
+        ('[logging]\nformat = "xml"\n', "config: logging.format: Input should be 'text' or 'json'"),
     ],
 )
 def test_mistakes_are_one_clear_error(tmp_path: Path, text: str, message: str) -> None:

@@ -10,12 +10,13 @@ from pathlib import Path
 
 import pydicom
 import pytest
+import requests
 from sqlalchemy import func, select
 
 from storage import Database, Delivery, DeliveryState, Instance, InstanceState, Job, JobState
 from storage.tables import AuditEvent, Result
-from tests.conftest import node_config, small_chests, storescu
-from tests.servers import NodeProcess, Orthanc, PostgreSQL, free_port, wait_until
+from tests.conftest import node_config, node_in_process, small_chests, storescu
+from tests.servers import NodeProcess, Orthanc, PostgreSQL, echo, free_port, wait_until
 from tests.test_cli import run
 
 IMAGES = 300
@@ -102,3 +103,19 @@ def test_three_workers_share_the_queue_and_nothing_is_done_twice(
     records = [json.loads(line) for line in procs[1].log.read_text().splitlines()]
     assert {"time", "level", "logger", "message"} <= records[0].keys()
     assert any(r["message"].startswith("model ") for r in records)
+
+
+def test_readyz_says_what_keeps_a_role_from_working(tmp_path: Path) -> None:
+    http = free_port()
+    with node_in_process(tmp_path, role="infer", http={"port": http}):
+        answer = requests.get(f"http://127.0.0.1:{http}/readyz", timeout=5)
+        assert answer.status_code == 503
+        assert answer.json()["detail"] == "no [model] weights configured"
+        assert requests.get(f"http://127.0.0.1:{http}/healthz", timeout=5).ok  # alive, not ready
+    with node_in_process(tmp_path, role="receive", http={"port": http}) as service:
+        assert requests.get(f"http://127.0.0.1:{http}/readyz", timeout=5).json() == {
+            "status": "ready"
+        }
+        assert echo(service.settings.node.port)
+        metrics = requests.get(f"http://127.0.0.1:{http}/metrics", timeout=5).text
+        assert "\nxrayage_queue_depth 0.0\n" in metrics
