@@ -8,6 +8,7 @@ rather than racing other processes to migrate it.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 from alembic import command
@@ -29,6 +30,7 @@ def _config() -> Config:
     return cfg
 
 
+@functools.cache  # the migration files do not change while the process runs
 def head() -> str:
     """The revision this build's tables need."""
     revision = ScriptDirectory.from_config(_config()).get_current_head()
