@@ -43,6 +43,12 @@ def _node(tmp_path: Path, weights: Path, **destination: str) -> Any:
     )
 
 
+def _basic_auth_node(tmp_path: Path, weights: Path, pacs: Orthanc, password: str) -> Any:
+    return _node(
+        tmp_path, weights, name="web", stow_url=pacs.dicomweb, username=USER[0], password=password
+    )
+
+
 def _sent_and_delivered(service: Any, image: Path) -> tuple[Result, list[Delivery]]:
     assert storescu(service.settings.node.port, image).returncode == 0
 
@@ -60,10 +66,7 @@ def test_stow_rs_with_basic_auth_stores_the_sr_in_orthanc(
     tmp_path: Path, weights: Path, chest_ds: pydicom.Dataset, dicomweb_pacs: Orthanc
 ) -> None:
     [image] = small_chests(chest_ds, tmp_path / "images", 1)
-    with _node(
-        tmp_path, weights, name="web", stow_url=dicomweb_pacs.dicomweb,
-        username=USER[0], password=USER[1],
-    ) as service:  # fmt: skip
+    with _basic_auth_node(tmp_path, weights, dicomweb_pacs, USER[1]) as service:
         result, [delivery] = _sent_and_delivered(service, image)
     assert delivery.state == DeliveryState.DELIVERED and delivery.attempts == 1
     assert result.sr_sop_instance_uid in dicomweb_pacs.sr_uids()
@@ -73,10 +76,7 @@ def test_a_wrong_password_is_retried_with_the_servers_answer(
     tmp_path: Path, weights: Path, chest_ds: pydicom.Dataset, dicomweb_pacs: Orthanc
 ) -> None:
     [image] = small_chests(chest_ds, tmp_path / "images", 1)
-    with _node(
-        tmp_path, weights, name="web", stow_url=dicomweb_pacs.dicomweb,
-        username=USER[0], password="not-the-password",
-    ) as service:  # fmt: skip
+    with _basic_auth_node(tmp_path, weights, dicomweb_pacs, "not-the-password") as service:
         result, [delivery] = _sent_and_delivered(service, image)
         with service.db.session() as s:
             retry = s.scalars(
