@@ -7,13 +7,53 @@ inference, evaluation. Usable on its own, with no database and no network::
         print(outcome.path, outcome.xray_age, outcome.error)
 """
 
-from ai.architectures import ARCHITECTURES, UnknownArchitecture, create_network
-from ai.card import ModelCard, ModelCardError, load_card
-from ai.engine import Engine, Outcome, prepare
-from ai.model import AgeModel, ModelLoadError, pick_device
-from ai.preprocess import PreprocessError, display_values, load_dataset, preprocess, to_tensor
-from ai.presets import PRESETS, WeightsNotFound, default_cache_dir, resolve_weights
-from ai.untrained import build_untrained_model
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
+# Names load their module on first use (PEP 562), so ``import ai`` for a model card does not
+# import torch: a receiving process stays small (bench/ingest.py measures its memory). The
+# function ``preprocess`` is ``ai.preprocess.preprocess``: a lazy name cannot share the name of
+# the submodule it lives in.
+_HOME = {
+    "ARCHITECTURES": "architectures",
+    "UnknownArchitecture": "errors",
+    "create_network": "architectures",
+    "ModelCard": "card",
+    "ModelCardError": "card",
+    "load_card": "card",
+    "Engine": "engine",
+    "Outcome": "engine",
+    "prepare": "engine",
+    "AgeModel": "model",
+    "ModelLoadError": "errors",
+    "pick_device": "model",
+    "PreprocessError": "errors",
+    "display_values": "preprocess",
+    "load_dataset": "preprocess",
+    "to_tensor": "preprocess",
+    "PRESETS": "presets",
+    "WeightsNotFound": "presets",
+    "default_cache_dir": "presets",
+    "model_card": "presets",
+    "resolve_weights": "presets",
+    "build_untrained_model": "untrained",
+}
+
+if TYPE_CHECKING:
+    from ai.architectures import ARCHITECTURES, UnknownArchitecture, create_network
+    from ai.card import ModelCard, ModelCardError, load_card
+    from ai.engine import Engine, Outcome, prepare
+    from ai.model import AgeModel, ModelLoadError, pick_device
+    from ai.preprocess import PreprocessError, display_values, load_dataset, to_tensor
+    from ai.presets import PRESETS, WeightsNotFound, default_cache_dir, model_card, resolve_weights
+    from ai.untrained import build_untrained_model
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOME:
+        raise AttributeError(f"module 'ai' has no attribute {name!r}")
+    return getattr(import_module(f"ai.{_HOME[name]}"), name)
+
 
 __all__ = [
     "ARCHITECTURES",
@@ -33,9 +73,9 @@ __all__ = [
     "display_values",
     "load_card",
     "load_dataset",
+    "model_card",
     "pick_device",
     "prepare",
-    "preprocess",
     "resolve_weights",
     "to_tensor",
 ]

@@ -9,11 +9,9 @@ from __future__ import annotations
 import timm
 from torch import nn
 
+from ai.errors import UnknownArchitecture
+
 ARCHITECTURES = ("senet154", "seresnext50_32x4d", "seresnext101_32x4d")
-
-
-class UnknownArchitecture(ValueError):
-    pass
 
 
 def create_network(architecture: str) -> nn.Module:

@@ -15,16 +15,12 @@ from pathlib import Path
 import requests
 
 from ai.card import file_sha256, write_card
-from ai.model import ModelLoadError, load_torchscript
+from ai.errors import DownloadError, ModelLoadError
 from ai.presets import Preset
 
 Progress = Callable[[int, int | None], None]  # bytes so far, total bytes (None: unknown)
 
 _CHUNK = 1 << 20
-
-
-class DownloadError(RuntimeError):
-    pass
 
 
 def _fetch(url: str, part: Path, progress: Progress | None, timeout: float) -> None:
@@ -85,6 +81,8 @@ def pull(
         raise DownloadError(
             f"SHA-256 mismatch: got {digest}, expected {expected}; the download was deleted"
         )
+    from ai.model import load_torchscript  # torch loads only when a file has arrived
+
     try:
         load_torchscript(part)
     except ModelLoadError:

@@ -16,10 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-
-class LabelsError(ValueError):
-    pass
-
+from ai.errors import LabelsError
 
 Metric = Callable[[np.ndarray, np.ndarray], float]
 

@@ -14,7 +14,7 @@ on CPU in float32.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,14 +24,11 @@ from safetensors import SafetensorError
 from torch import nn
 
 from ai.architectures import UnknownArchitecture, create_network
-from ai.card import ModelCard, card_path, file_sha256, load_card
-from ai.presets import PRESETS
+from ai.card import ModelCard, card_path
+from ai.errors import ModelLoadError
+from ai.presets import model_card
 
 TORCHSCRIPT_SUFFIXES = (".pt", ".pth", ".ts")
-
-
-class ModelLoadError(RuntimeError):
-    pass
 
 
 def pick_device(requested: str = "auto") -> torch.device:
@@ -73,14 +70,6 @@ def _load_safetensors(path: Path, card: ModelCard) -> nn.Module:
             f"{path}: not {architecture} weights in safetensors ({first})"
         ) from None
     return network
-
-
-def model_card(path: Path) -> ModelCard:
-    """The card beside the weights; for a preset's file without one, the built-in card."""
-    preset = next((p for p in PRESETS.values() if p.filename == path.name), None)
-    if preset is not None and not card_path(path).exists():
-        return replace(preset.card, sha256=file_sha256(path))
-    return load_card(path, required=path.suffix == ".safetensors")
 
 
 @dataclass

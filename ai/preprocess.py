@@ -29,12 +29,10 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.pixels import apply_modality_lut, apply_voi_lut, pixel_array
 
+from ai.errors import PreprocessError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-class PreprocessError(ValueError):
-    """The image cannot be turned into model input; the message says why."""
 
 
 def _window(values: np.ndarray, center: float, width: float, function: str) -> np.ndarray:

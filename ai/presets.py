@@ -9,10 +9,10 @@ beside the file, and every later load is checked against it.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from ai.card import ModelCard
+from ai.card import ModelCard, card_path, file_sha256, load_card
 
 
 @dataclass(frozen=True)
@@ -93,3 +93,11 @@ def resolve_weights(spec: str, cache_dir: Path | None = None) -> Path:
         known = ", ".join(PRESETS)
         raise WeightsNotFound(f"weights not found: {spec} (not a file, nor a preset: {known})")
     return path
+
+
+def model_card(path: Path) -> ModelCard:
+    """The card beside the weights; for a preset's file without one, the built-in card."""
+    preset = next((p for p in PRESETS.values() if p.filename == path.name), None)
+    if preset is not None and not card_path(path).exists():
+        return replace(preset.card, sha256=file_sha256(path))
+    return load_card(path, required=path.suffix == ".safetensors")

@@ -8,18 +8,21 @@ import json
 import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 from rich.table import Table
 
-from ai import AgeModel, Engine, Outcome
 from ai.evaluate import agreement, plot_agreement, read_labels
 from node.cli_support import ConfigOption, DeviceOption, WeightsOption, load_model, user_errors
 from node.config import ConfigError, load_settings
 from node.patient_age import chronological_age
+
+if TYPE_CHECKING:
+    from ai.engine import Outcome
+    from ai.model import AgeModel
 
 BatchOption = Annotated[int | None, typer.Option(help="images per batch (default: config)")]
 
@@ -45,6 +48,8 @@ def collect_files(paths: Iterable[Path]) -> list[Path]:
 
 def _run(model: AgeModel, files: list[Path], batch_size: int) -> Iterator[Outcome]:
     """The engine's outcomes with a progress bar on a terminal's stderr."""
+    from ai.engine import Engine  # torch loads here, not for every command
+
     columns = ("{task.description}", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     console = Console(stderr=True)
     with Progress(*columns, console=console, disable=not console.is_terminal) as progress:

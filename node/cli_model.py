@@ -21,8 +21,7 @@ from rich.table import Table
 from ai import PRESETS, default_cache_dir
 from ai.card import card_path
 from ai.download import pull as download
-from ai.model import model_card
-from ai.presets import Preset
+from ai.presets import Preset, model_card
 from node.cli_support import ConfigOption, user_errors
 from node.config import ConfigError, load_settings
 

@@ -14,7 +14,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from ai import resolve_weights
-from ai.model import model_card
+from ai.presets import model_card
 from node.cli_support import ConfigOption, open_database, user_errors
 from node.config import ConfigError, Settings, load_settings
 from node.receive import Receiver

@@ -5,27 +5,28 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 from pydantic import ValidationError
 from pydicom.errors import InvalidDicomError
 from sqlalchemy.exc import OperationalError
 
-from ai import (
-    AgeModel,
-    ModelCardError,
+from ai.card import ModelCardError
+from ai.errors import (
+    DownloadError,
+    LabelsError,
     ModelLoadError,
     PreprocessError,
     UnknownArchitecture,
-    WeightsNotFound,
-    resolve_weights,
 )
-from ai.download import DownloadError
-from ai.evaluate import LabelsError
+from ai.presets import WeightsNotFound, resolve_weights
 from node.config import ConfigError, Settings
 from storage import Database
 from storage.schema import SchemaError
+
+if TYPE_CHECKING:
+    from ai.model import AgeModel
 
 F = TypeVar("F", bound=Callable[..., Any])
 USER_ERRORS = (
@@ -80,6 +81,8 @@ def load_model(settings: Settings, weights: str | None, device: str | None) -> A
         raise ConfigError(
             "no weights: pass --weights PATH|PRESET or set [model] weights in the config"
         )
+    from ai.model import AgeModel  # torch loads here, not for every command
+
     path = resolve_weights(chosen, settings.model.cache_dir)
     return AgeModel.load(path, device or settings.model.device)
 

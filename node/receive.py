@@ -25,7 +25,10 @@ import threading
 from collections.abc import Callable
 
 from pydicom.dataset import Dataset
+from pydicom.filereader import read_dataset
+from pydicom.uid import UID
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+from pynetdicom.dsutils import encode_file_meta
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.utils import make_target
 from sqlalchemy import select
@@ -55,6 +58,18 @@ DUPLICATE_CONFLICT = 0x0111
 OUT_OF_RESOURCES = 0xA700
 DOES_NOT_MATCH = 0xA900
 CANNOT_UNDERSTAND = 0xC000
+
+
+def _header(event: evt.Event) -> Dataset:
+    """The received dataset with values over 4 KB deferred: the handler needs attributes only,
+    and reading the pixels of a large radiograph would cost a copy of them (the inference worker
+    decodes them from the stored file)."""
+    syntax = UID(event.context.transfer_syntax)
+    if syntax.is_deflated:
+        return event.dataset
+    stream = event.request.DataSet
+    stream.seek(0)
+    return read_dataset(stream, syntax.is_implicit_VR, syntax.is_little_endian, defer_size=4096)
 
 
 def _text(ds: Dataset, keyword: str, limit: int = 64) -> str | None:
@@ -128,7 +143,7 @@ class Receiver:
             "retro" if not assoc.is_acceptor or mover == self.settings.node.ae_title else "push"
         )
         try:
-            ds = event.dataset
+            ds = _header(event)
             sop_uid = str(ds.SOPInstanceUID)
             sop_class = str(ds.SOPClassUID)
         except Exception as e:  # any decoding error of a peer's bytes
@@ -142,9 +157,12 @@ class Receiver:
                 f"request ({request.AffectedSOPClassUID}, {request.AffectedSOPInstanceUID})",
             )
             return DOES_NOT_MATCH
+        # The bytes as received, behind a preamble and File Meta Information (PS3.10 7.1): no
+        # decoded copy of the pixels, no re-encoding.
+        received = event.request.DataSet.getbuffer()
+        head = b"\x00" * 128 + b"DICM" + encode_file_meta(event.file_meta)
         try:  # the store validates the UID before it writes anything
-            data = event.encoded_dataset(include_meta=True)
-            path, digest, _ = self.store.store_received(sop_uid, data)
+            path, digest, _ = self.store.store_received(sop_uid, head, received)
         except InvalidUID as e:
             self._audit_failure("received", calling, str(e))
             return CANNOT_UNDERSTAND
@@ -163,7 +181,12 @@ class Receiver:
 
         try:
             decision = self._commit(
-                ds, path=str(path), digest=digest, size=len(data), calling=calling, origin=origin
+                ds,
+                path=str(path),
+                digest=digest,
+                size=len(head) + len(received),
+                calling=calling,
+                origin=origin,
             )
         except SQLAlchemyError as e:
             log.error("cannot record %s: %s", sop_uid, e)

@@ -13,19 +13,18 @@ import datetime as dt
 import logging
 import signal
 import threading
-from typing import Literal, get_args
+from typing import TYPE_CHECKING, Literal, get_args
 
 from apscheduler.triggers.cron import CronTrigger
 from sqlalchemy.exc import SQLAlchemyError
 
-from ai import AgeModel, ModelCard, resolve_weights
-from ai.model import model_card
+from ai.card import ModelCard
+from ai.presets import model_card, resolve_weights
 from node.atna import SyslogExporter
 from node.changes import record_changes
 from node.config import Settings
 from node.deliver import Deliverer
 from node.http_api import HttpServer, create_app
-from node.pipeline import InferenceWorker
 from node.receive import Receiver
 from node.retro import RetroScanner, next_at
 from node.schedule import ScheduledJob, Scheduler
@@ -34,6 +33,9 @@ from storage import Database, FileStore, record_event
 from storage.audit import purge_events
 from storage.schema import SchemaError, check
 from storage.tables import utcnow
+
+if TYPE_CHECKING:
+    from node.pipeline import InferenceWorker
 
 log = logging.getLogger("xrayage")
 
@@ -54,30 +56,28 @@ class NodeService:
         )
         cfg = settings.model
         weights = resolve_weights(cfg.weights, cfg.cache_dir) if cfg.weights else None
-        # Only the inference role loads the network; the others need its card (the gate's age
-        # range, the model identity that retro-scans compare against).
-        self.model = (
-            AgeModel.load(weights, cfg.device, warm_up=True)
-            if weights and "infer" in roles
-            else None
-        )
-        self.card: ModelCard | None = (
-            self.model.card if self.model else model_card(weights) if weights else None
-        )
         self.deliverer = (
             Deliverer(settings, self.db) if settings.destinations and "deliver" in roles else None
         )
-        self.worker = (
-            InferenceWorker(
+        # Only the inference role loads the network (and imports torch); the others need its
+        # card (the gate's age range, the model identity that retro-scans compare against).
+        self.card: ModelCard | None = None
+        self.worker: InferenceWorker | None = None
+        if weights and "infer" in roles:
+            from ai.model import AgeModel
+            from node.pipeline import InferenceWorker
+
+            model = AgeModel.load(weights, cfg.device, warm_up=True)
+            self.card = model.card
+            self.worker = InferenceWorker(
                 settings,
                 self.db,
                 self.store,
-                self.model,
+                model,
                 on_reported=self.deliverer.wake.set if self.deliverer else None,
             )
-            if self.model
-            else None
-        )
+        elif weights:
+            self.card = model_card(weights)
         # The receiver stores what the SCP receives and what a C-GET retro-scan fetches.
         self.receiver = Receiver(
             settings,
@@ -120,7 +120,7 @@ class NodeService:
         for name, thread in (("inference worker", self.worker), ("deliverer", self.deliverer)):
             if thread is not None and not thread.is_alive():
                 problems.append(f"{name} not running")
-        if self.role in ("infer", "all") and self.model is None:
+        if self.role in ("infer", "all") and self.worker is None:
             problems.append("no [model] weights configured")
         return problems
 
@@ -161,14 +161,15 @@ class NodeService:
         if self.listens:
             self._server = self.receiver.start()
             log.info("listening as %s on %s:%d", node.ae_title, node.host, node.port)
-        if self.model is not None and self.worker is not None:
-            card = self.model.card
+        if self.worker is not None:
+            model = self.worker.model
+            card = model.card
             log.info(
                 "model %s %s (sha256 %s) on %s%s",
                 card.name,
                 card.version,
                 card.sha256,
-                self.model.device,
+                model.device,
                 " - UNTRAINED weights" if card.untrained else "",
             )
             self.worker.start()

@@ -13,7 +13,10 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
+
+Buffer = bytes | memoryview  # collections.abc.Buffer arrives with Python 3.12
 
 # PS3.5 9.1: digits and dots, at most 64 characters. Leading zeros in a component are
 # non-conformant but common from older modalities; they are harmless for paths, so accepted.
@@ -67,20 +70,26 @@ class FileStore:
         shard = hashlib.sha1(uid.encode()).hexdigest()[:2]
         return self.root / area / shard / f"{uid}.dcm"
 
-    def _write_tmp(self, data: bytes) -> tuple[Path, str]:
+    def _write_tmp(self, parts: Sequence[Buffer]) -> tuple[Path, str]:
+        """Write ``parts`` one after the other, hashing as they go (no joined copy of a large
+        image in memory), and fsync."""
         fd, name = tempfile.mkstemp(dir=self.tmp, suffix=".part")
+        digest = hashlib.sha256()
         try:
             with os.fdopen(fd, "wb") as f:
-                f.write(data)
+                for part in parts:
+                    f.write(part)
+                    digest.update(part)
                 f.flush()
                 os.fsync(f.fileno())
         except BaseException:
             Path(name).unlink(missing_ok=True)
             raise
-        return Path(name), hashlib.sha256(data).hexdigest()
+        return Path(name), digest.hexdigest()
 
-    def store_received(self, sop_instance_uid: str, data: bytes) -> tuple[Path, str, bool]:
-        """Store received bytes unchanged. Returns (path, sha256, already_present).
+    def store_received(self, sop_instance_uid: str, *parts: Buffer) -> tuple[Path, str, bool]:
+        """Store received bytes unchanged, the file being ``parts`` concatenated. Returns
+        (path, sha256, already_present).
 
         Refuses with :class:`StoreFull` when the write would eat into the reserve. Never
         overwrites: ``os.link`` fails if the final name exists, which makes two
@@ -89,14 +98,14 @@ class FileStore:
         """
         final = self.path_for("incoming", sop_instance_uid)
         free = shutil.disk_usage(self.root).free
-        if free - len(data) < self.min_free_bytes:
+        if free - sum(len(memoryview(p)) for p in parts) < self.min_free_bytes:
             raise StoreFull(
                 errno.ENOSPC,
                 f"{free >> 20} MB free, {self.min_free_bytes >> 20} MB kept in reserve",
                 str(self.root),
             )
         final.parent.mkdir(parents=True, exist_ok=True)
-        tmp, digest = self._write_tmp(data)
+        tmp, digest = self._write_tmp(parts)
         try:
             os.link(tmp, final)
         except FileExistsError:
@@ -112,7 +121,7 @@ class FileStore:
         """Store an object the node made; its UID is deterministic, so a rewrite replaces."""
         final = self.path_for("reports", sop_instance_uid)
         final.parent.mkdir(parents=True, exist_ok=True)
-        tmp, _ = self._write_tmp(data)
+        tmp, _ = self._write_tmp([data])
         os.replace(tmp, final)
         _fsync_dir(final.parent)
         return final

@@ -17,8 +17,8 @@ import pytest
 import torch
 from pydicom.uid import ExplicitVRLittleEndian
 
-from ai import preprocess
 from ai.engine import prepare
+from ai.preprocess import preprocess
 from tests.conftest import pydicom_data_file, require
 
 

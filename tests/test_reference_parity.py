@@ -13,7 +13,8 @@ import torch
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
-from ai import AgeModel, display_values, preprocess
+from ai import AgeModel, display_values
+from ai.preprocess import preprocess
 from tests.conftest import pydicom_data_file
 
 xrv = pytest.importorskip("torchxrayvision")  # a test-only dependency: transforms, no weights

@@ -7,26 +7,23 @@ under a lease (``storage.queue.claim_jobs``: ``FOR UPDATE SKIP LOCKED`` on Postg
 be claimed exactly once: the run fails otherwise. PostgreSQL is a throwaway server started here
 (127.0.0.1, a free port), so both backends run on the same machine in the same run.
 
-    python bench/queue.py --workers 8 --jobs 20000 --batch 1,8
+    python bench/claims.py --workers 8 --jobs 20000 --batch 1,8
 """
 
 from __future__ import annotations
 
+import argparse
+import datetime as dt
+import json
+import multiprocessing as mp
 import sys
+import tempfile
+import time
 from pathlib import Path
 
-# The repository instead of bench/ first on the path: this file's name would shadow the
-# standard library's queue module for everything imported below.
+from sqlalchemy import func, insert, select, update
+
 sys.path[0] = str(Path(__file__).resolve().parents[1])
-
-import argparse  # noqa: E402
-import datetime as dt  # noqa: E402
-import json  # noqa: E402
-import multiprocessing as mp  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-
-from sqlalchemy import func, insert, select, update  # noqa: E402
 
 from storage import Database, Instance, InstanceState, Job, JobState  # noqa: E402
 from storage.queue import claim_jobs  # noqa: E402
