@@ -39,6 +39,9 @@ class ModelCard:
     license: str = ""
     sha256: str = ""
     notes: list[str] = field(default_factory=list)
+    # (slope, intercept) of the age gap's linear trend with chronological age on a reference set
+    # (ai.train.fit_gap_correction); the SR then also reports the gap with that trend removed.
+    gap_correction: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
         # A card the preprocessing cannot honour is refused rather than silently misread.
@@ -62,6 +65,9 @@ class ModelCard:
             raw = json.loads(text)
             raw["age_range"] = tuple(raw.get("age_range", (18.0, 100.0)))
             raw["views"] = tuple(raw.get("views", ("PA", "AP")))
+            if raw.get("gap_correction") is not None:
+                slope, intercept = raw["gap_correction"]
+                raw["gap_correction"] = (float(slope), float(intercept))
             return cls(**raw)
         except ModelCardError as e:
             raise ModelCardError(f"{where}: {e}") from None

@@ -31,6 +31,8 @@ def _lines(source: Dataset, f: Findings) -> list[tuple[str, int]]:
             (f"Chronological age  {f.chronological_age:.1f} years", 40),
             (f"Difference  {f.difference:+.1f} years", 40),
         ]
+        if f.corrected_difference is not None:
+            lines.append((f"Bias-corrected difference  {f.corrected_difference:+.1f} years", 40))
     else:
         lines.append(("Chronological age unknown", 40))
     lines += [

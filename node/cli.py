@@ -21,6 +21,7 @@ from node.cli_model import model_app
 from node.cli_rescan import rescan
 from node.cli_retry import retry
 from node.cli_support import ConfigOption, user_errors
+from node.cli_train import train
 from node.config import ConfigError, load_settings
 from node.logs import configure_logging
 
@@ -36,6 +37,7 @@ app.command()(infer)
 app.command()(evaluate)
 app.command()(retry)
 app.command()(rescan)
+app.command()(train)
 app.command()(audit)
 app.command("audit-purge")(audit_purge)
 app.add_typer(model_app, name="model")

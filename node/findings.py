@@ -20,6 +20,16 @@ class Findings:
         return round(self.xray_age - self.chronological_age, 2)
 
     @property
+    def corrected_difference(self) -> float | None:
+        """The difference less its expected value at this age, by the card's bias correction."""
+        correction = self.card.gap_correction
+        if correction is None or self.chronological_age is None:
+            return None
+        slope, intercept = correction
+        raw = self.xray_age - self.chronological_age
+        return round(raw - (slope * self.chronological_age + intercept), 2)
+
+    @property
     def series_description(self) -> str:
         # LO, at most 64 characters, and only characters every character set can carry.
         if self.card.untrained:

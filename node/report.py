@@ -4,8 +4,10 @@ Content (PS3.16 TID 1500, IHE AI Results):
 - observer context: the node as device observer (TID 1004);
 - procedure reported: plain chest X-ray (SCT 399208008);
 - image library (TID 1600) and the measurement group's source image: the radiograph;
-- measurements (TID 300): X-ray age, chronological age when known, their difference, in UCUM
-  ``a`` (year), each with algorithm identification (TID 4019: name, version, weights SHA-256).
+- measurements (TID 300): X-ray age, chronological age when known, their difference and, when
+  the model card carries an age-gap bias correction, the difference with that correction, in
+  UCUM ``a`` (year), each with algorithm identification (TID 4019: name, version, weights
+  SHA-256).
 
 No standard code exists for an image-estimated age, so the private coding scheme ``99XRAYAGE``
 is declared in the Coding Scheme Identification Sequence.
@@ -26,6 +28,7 @@ from node.uids import ReportUIDs, device_uid
 SCHEME = "99XRAYAGE"
 XRAY_AGE = CodedConcept("XA-001", SCHEME, "X-ray age")
 AGE_DIFFERENCE = CodedConcept("XA-002", SCHEME, "X-ray age minus chronological age")
+CORRECTED_DIFFERENCE = CodedConcept("XA-003", SCHEME, "Age difference, bias-corrected")
 CHRONOLOGICAL_AGE = CodedConcept("30525-0", "LN", "Age")
 YEARS = CodedConcept("a", "UCUM", "year")
 PLAIN_CHEST_XRAY = CodedConcept("399208008", "SCT", "Plain X-ray of chest")
@@ -131,6 +134,15 @@ def build_sr(
                 name=AGE_DIFFERENCE, value=findings.difference, unit=YEARS, algorithm_id=algo
             ),
         ]
+    if findings.corrected_difference is not None:
+        measurements.append(
+            hd.sr.Measurement(
+                name=CORRECTED_DIFFERENCE,
+                value=findings.corrected_difference,
+                unit=YEARS,
+                algorithm_id=algo,
+            )
+        )
     group = hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(uid=uids.tracking, identifier="X-ray age"),
         algorithm_id=algo,
