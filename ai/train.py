@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader, Dataset
 from ai.architectures import create_network
 from ai.card import ModelCard, file_sha256, load_card, write_card
 from ai.errors import LabelsError, ModelLoadError
+from ai.model import pick_device
 from ai.preprocess import (
     IMAGE_SUFFIXES,
     IMAGENET_MEAN,
@@ -282,12 +283,7 @@ class Trainer:
             raise LabelsError("training and validation sets must both hold images")
         self.train_items, self.val_items = list(train), list(val)
         self.out, self.config, self.provenance = out, config, provenance
-        device = config.device
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        elif device == "cuda" and not torch.cuda.is_available():
-            raise ModelLoadError("device 'cuda' requested but no CUDA device is available")
-        self.device = torch.device(device)
+        self.device = pick_device(config.device)
         torch.manual_seed(config.seed)
         self.network = create_network(config.architecture)
         if init_weights is not None:
@@ -419,6 +415,12 @@ class Trainer:
             "torch_rng": torch.get_rng_state(),
             "epoch": self.epoch,
             "best_mae": self.best_mae,
+            **self._identity(),
+        }
+
+    def _identity(self) -> dict[str, object]:
+        """What a checkpoint must share with the run that resumes from it."""
+        return {
             "architecture": self.config.architecture,
             "input_size": self.config.input_size,
             "val_files": sorted(str(e.path) for e in self.val_items),
@@ -434,9 +436,9 @@ class Trainer:
         if not path.is_file():
             raise ModelLoadError(f"{path}: no checkpoint to resume from")
         state = torch.load(path, map_location=self.device, weights_only=True)
-        for key in ("architecture", "input_size", "val_files"):
-            now = self._state()[key]
-            if state[key] != now:
+        now = self._identity()
+        for key, value in now.items():
+            if state[key] != value:
                 raise ModelLoadError(
                     f"{path}: checkpoint's {key.replace('_', ' ')} differs from this run's; "
                     "resume with the same data, --arch and --input-size"

@@ -156,9 +156,9 @@ def test_training_learns_resumes_and_its_files_load_in_infer(
     assert (out / "history.png").stat().st_size > 0
 
     examples = labelled_examples(synthetic / "labels.csv", synthetic)
-    _, val = split_by_patient(examples.items, 0.2, seed=0)
+    train, val = split_by_patient(examples.items, 0.2, seed=0)
     ages = np.array([e.age for e in val])
-    constant_mae = float(np.mean(np.abs(ages - np.mean([e.age for e in _]))))
+    constant_mae = float(np.mean(np.abs(ages - np.mean([e.age for e in train]))))
     best = min(float(r["val_mae"]) for r in rows)
     assert best < constant_mae / 2, (best, constant_mae)
 
