@@ -8,10 +8,11 @@ so a number is computed the same way wherever it is shown.
 from __future__ import annotations
 
 import os
+import time
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -21,9 +22,9 @@ from ai.model import AgeModel
 from ai.preprocess import (
     IMAGE_SUFFIXES,
     PreprocessError,
+    display_values,
     load_dataset,
     load_image_file,
-    preprocess,
     to_tensor,
 )
 
@@ -34,16 +35,32 @@ class Outcome:
     xray_age: float | None = None
     error: str | None = None
     header: Dataset | None = None  # the DICOM header without Pixel Data; None for image files
+    # Wall seconds of "decode" (file to display values), "preprocess" (to the tensor) and
+    # "model" (the whole batch this file ran in): where a result's latency went.
+    seconds: dict[str, float] = field(default_factory=dict)
 
 
-def prepare(path: Path, input_size: int) -> tuple[torch.Tensor, Dataset | None]:
+@dataclass
+class Prepared:
+    tensor: torch.Tensor
+    header: Dataset | None
+    seconds: dict[str, float]
+
+
+def prepare(path: Path, input_size: int) -> Prepared:
     """The model input for one file, and its DICOM header when it is DICOM."""
+    started = time.perf_counter()
+    header: Dataset | None = None
     if path.suffix.lower() in IMAGE_SUFFIXES:
-        return to_tensor(load_image_file(path), input_size), None
-    ds = load_dataset(path)
-    tensor = preprocess(ds, input_size)
-    del ds.PixelData
-    return tensor, ds
+        display = load_image_file(path)
+    else:
+        header = load_dataset(path)
+        display = display_values(header)
+        del header.PixelData
+    decoded = time.perf_counter()
+    tensor = to_tensor(display, input_size)
+    seconds = {"decode": decoded - started, "preprocess": time.perf_counter() - decoded}
+    return Prepared(tensor, header, seconds)
 
 
 def default_workers() -> int:
@@ -61,7 +78,7 @@ class Engine:
         error, never an exception."""
         todo = iter(paths)
         size = self.model.card.input_size
-        pending: deque[tuple[Path, Future[tuple[torch.Tensor, Dataset | None]]]] = deque()
+        pending: deque[tuple[Path, Future[Prepared]]] = deque()
         with ThreadPoolExecutor(self.workers, thread_name_prefix="xrayage-prep") as pool:
 
             def fill() -> None:
@@ -74,24 +91,25 @@ class Engine:
                 fill()  # the pool prepares the next batch while this one runs
                 yield from self._predict(batch)
 
-    def _predict(
-        self, batch: list[tuple[Path, Future[tuple[torch.Tensor, Dataset | None]]]]
-    ) -> Iterator[Outcome]:
+    def _predict(self, batch: list[tuple[Path, Future[Prepared]]]) -> Iterator[Outcome]:
         outcomes: list[Outcome] = []
         tensors: list[torch.Tensor] = []
         for path, future in batch:
             try:
-                tensor, header = future.result()
+                prepared = future.result()
             except Exception as e:  # any way a file can be malformed: its outcome, not ours
                 known = isinstance(e, PreprocessError)
                 error = str(e) if known else f"{path.name}: {type(e).__name__}: {e}"
                 outcomes.append(Outcome(path, error=error))
                 continue
-            outcomes.append(Outcome(path, header=header))
-            tensors.append(tensor)
+            outcomes.append(Outcome(path, header=prepared.header, seconds=prepared.seconds))
+            tensors.append(prepared.tensor)
         if tensors:
+            started = time.perf_counter()
             ages = iter(self.model.predict(torch.stack(tensors)))
+            model_seconds = time.perf_counter() - started
             for outcome in outcomes:
                 if outcome.error is None:
                     outcome.xray_age = next(ages)
+                    outcome.seconds["model"] = model_seconds
         yield from outcomes

@@ -36,15 +36,22 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def _window(values: np.ndarray, center: float, width: float, function: str) -> np.ndarray:
-    """Window to [0, 255] (PS3.3 C.11.2.1.2 LINEAR, C.11.2.1.3.1 LINEAR_EXACT and SIGMOID)."""
+    """Window to [0, 255] (PS3.3 C.11.2.1.2 LINEAR, C.11.2.1.3.1 LINEAR_EXACT and SIGMOID);
+    LINEAR overwrites ``values``."""
     if function == "SIGMOID":
         return 255.0 / (1.0 + np.exp(-4.0 * (values - center) / width))
     if function == "LINEAR_EXACT":
         return np.clip((values - center) / width + 0.5, 0.0, 1.0) * 255.0
     if width < 1:
         raise PreprocessError(f"window width {width} is below 1")
-    scaled = (values - (center - 0.5)) / (width - 1) + 0.5
-    return np.clip(scaled, 0.0, 1.0) * 255.0
+    # In place, the same operations in the same order as ((v - (c - 0.5)) / (w - 1) + 0.5):
+    # the same numbers without three more 40 MB arrays for a 5-megapixel radiograph.
+    values -= center - 0.5
+    values /= width - 1
+    values += 0.5
+    np.clip(values, 0.0, 1.0, out=values)
+    values *= 255.0
+    return values
 
 
 def _first(value: object) -> float:
@@ -107,9 +114,10 @@ def display_values(ds: Dataset) -> np.ndarray:
         lo, hi = float(valid.min()), float(valid.max())
         display = (values - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(values)
 
-    display = np.clip(np.rint(display), 0, 255).astype(np.float32)
+    np.rint(display, out=display)
+    display = np.clip(display, 0, 255, out=display).astype(np.float32)
     if photometric == "MONOCHROME1":
-        display = 255.0 - display
+        np.subtract(255.0, display, out=display)
     if padding is not None:
         display[padding] = 0.0
     return display

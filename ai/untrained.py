@@ -47,10 +47,20 @@ def build_untrained_model(path: Path, seed: int = 0, input_size: int = 320) -> M
         traced = torch.jit.trace(net, example)
     path.parent.mkdir(parents=True, exist_ok=True)
     traced.save(str(path))
+    return _write_card(
+        path,
+        "xrayage-untrained-seresnet",
+        "SE-ResNet (timm ResNet, BasicBlock [1,1,1,1], SE attention)",
+        input_size,
+        seed,
+    )
+
+
+def _write_card(path: Path, name: str, architecture: str, input_size: int, seed: int) -> ModelCard:
     card = ModelCard(
-        name="xrayage-untrained-seresnet",
+        name=name,
         version=f"seed{seed}",
-        architecture="SE-ResNet (timm ResNet, BasicBlock [1,1,1,1], SE attention)",
+        architecture=architecture,
         input_size=input_size,
         untrained=True,
         provenance="made on the spot by xrayage; random weights, never trained",
@@ -60,3 +70,17 @@ def build_untrained_model(path: Path, seed: int = 0, input_size: int = 320) -> M
     )
     card_path(path).write_text(card.to_json())
     return card
+
+
+def build_untrained_timm(
+    path: Path, architecture: str, input_size: int = 320, seed: int = 0
+) -> ModelCard:
+    """Safetensors weights and their card for one of :data:`ai.architectures.ARCHITECTURES`,
+    randomly initialised: the real network's cost with meaningless numbers, for benchmarks."""
+    import safetensors.torch
+
+    from ai.architectures import create_network
+
+    torch.manual_seed(seed)
+    safetensors.torch.save_file(create_network(architecture).state_dict(), str(path))
+    return _write_card(path, f"xrayage-untrained-{architecture}", architecture, input_size, seed)

@@ -6,7 +6,8 @@ Sends ``--images`` copies of the 7 MB chest CR ``RG1_UNCR.dcm`` (each with fresh
 
 - ``storescp``: DCMTK ``storescp +B`` (bit-preserving: the received stream written straight to
   the file, no fsync), with ``--fork`` when more than one association runs at once;
-- ``orthanc``: the Debian package's Orthanc, default storage (files and its SQLite index);
+- ``orthanc``: the Debian package's Orthanc, default storage (files and its SQLite index), with
+  ``TCP_NODELAY=1`` like every DCMTK-based process here;
 - ``node``: ``xrayage serve --role receive`` with SQLite and local storage, durable: every
   Success follows the file's fsync and the row's commit.
 
@@ -46,9 +47,12 @@ STORESCU = "/usr/bin/storescu"  # pynetdicom installs its own storescu earlier o
 STORESCP = "/usr/bin/storescp"
 
 
-def make_copies(folder: Path, count: int) -> list[Path]:
-    """``count`` copies of RG1_UNCR, each its own study, series and instance."""
+def make_copies(folder: Path, count: int, **attributes: str) -> list[Path]:
+    """``count`` copies of RG1_UNCR, each its own study, series and instance; ``attributes``
+    (keyword = value) are set on every copy."""
     ds = pydicom.dcmread(pydicom_data_file("RG1_UNCR.dcm"))
+    for keyword, value in attributes.items():
+        setattr(ds, keyword, value)
     paths = []
     for i in range(count):
         ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
@@ -185,6 +189,7 @@ def main() -> None:
     parser.add_argument("--receivers", default="storescp,orthanc,node")
     parser.add_argument("--work", type=Path, default=None, help="scratch folder (default: /tmp)")
     args = parser.parse_args()
+    os.environ["TCP_NODELAY"] = "1"  # the DCMTK inside Orthanc too: no 40 ms Nagle stalls
     with tempfile.TemporaryDirectory(dir=args.work, prefix="xrayage-ingest-") as tmp:
         work = Path(tmp)
         (work / "in").mkdir()

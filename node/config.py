@@ -109,7 +109,8 @@ class ModelSection(_Section):
     device: str = "auto"
     batch_size: int = Field(8, ge=1, le=1024)
     # With fewer than batch_size images queued, wait at most this long for more before running.
-    max_wait_ms: float = Field(200.0, ge=0)
+    # 0: an idle worker starts at once (latency); batches still fill while a batch runs.
+    max_wait_ms: float = Field(0.0, ge=0)
     preprocess_workers: int | None = Field(None, ge=1)  # default: CPU count, at most 8
     # A claimed batch comes back to the queue if its worker has not finished it by then (a worker
     # on another host died); longer than the slowest batch. A restart on the same host does not

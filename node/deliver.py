@@ -15,13 +15,14 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import random
+import time
 from itertools import groupby
 from pathlib import Path
 
 from sqlalchemy import select
 
 from node.config import DeliverySection, Settings
-from node.metrics import DELIVERED, DELIVERY_FAILURES
+from node.metrics import DELIVERED, DELIVERY_FAILURES, STAGE_SECONDS
 from node.scu import send_files
 from node.stow import stow_client, stow_files
 from node.tls import client_context
@@ -62,7 +63,12 @@ class Deliverer(WorkerThread):
             due = [(d.id, d.destination, d.path) for d in claim_deliveries(s, 64, self.lease)]
         for name, batch in groupby(sorted(due, key=lambda d: d[1]), key=lambda d: d[1]):
             items = list(batch)
-            self._record([i for i, _, _ in items], self._send(name, [Path(p) for _, _, p in items]))
+            started = time.perf_counter()
+            errors = self._send(name, [Path(p) for _, _, p in items])
+            seconds = time.perf_counter() - started
+            for _ in items:  # each object waited for the whole attempt
+                STAGE_SECONDS.labels("send").observe(seconds)
+            self._record([i for i, _, _ in items], errors)
         return len(due)
 
     def _send(self, name: str, paths: list[Path]) -> list[str | None]:

@@ -52,8 +52,18 @@ DELIVERY_FAILURES = Counter(
     "xrayage_delivery_failures", "Failed delivery attempts, by destination", ["destination"],
     registry=None,
 )  # fmt: skip
+STAGE_SECONDS = Histogram(
+    "xrayage_stage_seconds",
+    "Seconds one instance spent in each step of the data path: store (C-STORE handler: file "
+    "fsynced, row committed), queue (committed to claimed by a worker), decode (file read, "
+    "pixels to display values), preprocess (to the model's tensor), model (its whole batch), "
+    "report (SR and SC built, stored, committed), send (the delivery attempt to a destination)",
+    ["stage"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+    registry=None,
+)
 PROCESS_METRICS = (RECEIVED, SKIPPED, INFERENCE_SECONDS, BATCH_SIZE, INFERRED, DELIVERED,
-                   DELIVERY_FAILURES)  # fmt: skip
+                   DELIVERY_FAILURES, STAGE_SECONDS)  # fmt: skip
 
 
 class DatabaseCollector(Collector):

@@ -31,7 +31,7 @@ from ai import AgeModel, Engine
 from node.capture import build_sc
 from node.config import Settings
 from node.findings import Findings
-from node.metrics import BATCH_SIZE, INFERENCE_SECONDS, INFERRED
+from node.metrics import BATCH_SIZE, INFERENCE_SECONDS, INFERRED, STAGE_SECONDS
 from node.patient_age import chronological_age
 from node.report import build_sr
 from node.uids import ReportUIDs
@@ -106,15 +106,22 @@ class InferenceWorker(WorkerThread):
             paths = [Path(job.instance.path) for job in jobs]
         if not jobs:  # another worker claimed them first
             return 0
+        claimed = utcnow()
+        for job in jobs:
+            STAGE_SECONDS.labels("queue").observe((claimed - job.created_at).total_seconds())
         started = time.perf_counter()
         outcomes = list(self.engine.run(paths))
         INFERENCE_SECONDS.observe(time.perf_counter() - started)
         BATCH_SIZE.observe(len(jobs))
         for job, outcome in zip(jobs, outcomes, strict=True):
+            for stage, seconds in outcome.seconds.items():
+                STAGE_SECONDS.labels(stage).observe(seconds)
             if outcome.error is not None or outcome.header is None or outcome.xray_age is None:
                 self._fail(job, outcome.error or "not a DICOM file")
-            else:
-                self._report(job, outcome.header, outcome.xray_age)
+                continue
+            started = time.perf_counter()
+            self._report(job, outcome.header, outcome.xray_age)
+            STAGE_SECONDS.labels("report").observe(time.perf_counter() - started)
         return len(jobs)
 
     def _still_ours(self, s: Session, job_id: int) -> Job | None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 
 from pydicom.dataset import Dataset
@@ -36,7 +37,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from node.config import Settings
 from node.gate import Decision, decide
-from node.metrics import RECEIVED, SKIPPED
+from node.metrics import RECEIVED, SKIPPED, STAGE_SECONDS
 from node.scp_server import GuardedServer
 from node.tls import server_context
 from storage import (
@@ -134,6 +135,12 @@ class Receiver:
         return SUCCESS
 
     def handle_store(self, event: evt.Event) -> int:
+        started = time.perf_counter()
+        status = self._store(event)
+        STAGE_SECONDS.labels("store").observe(time.perf_counter() - started)
+        return status
+
+    def _store(self, event: evt.Event) -> int:
         assoc, request = event.assoc, event.request
         # A C-STORE on a C-GET association that we requested, or a C-MOVE sub-operation that we
         # originated (Move Originator AE Title, PS3.7 9.1.1.1), is a retro-scan's fetch.

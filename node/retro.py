@@ -37,6 +37,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 
 from node.config import Peer, Settings
+from node.scu import no_delay
 from node.tls import client_context
 from storage import Database
 from storage.scans import (
@@ -96,7 +97,7 @@ class Archive:
         ae.acse_timeout = ae.network_timeout = 30
         ae.dimse_timeout = self.timeout
         ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
-        roles, handlers = [], []
+        roles, handlers = [], [(evt.EVT_CONN_OPEN, no_delay)]
         if self.use_get:
             if self.store_handler is None:
                 raise ValueError("C-GET needs a store handler")
@@ -104,7 +105,7 @@ class Archive:
             for sop_class in RETRIEVED_CLASSES:
                 ae.add_requested_context(sop_class)
                 roles.append(build_role(sop_class, scp_role=True))
-            handlers = [(evt.EVT_C_STORE, self.store_handler)]
+            handlers.append((evt.EVT_C_STORE, self.store_handler))
         else:
             ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
         peer = self.peer

@@ -155,6 +155,9 @@ class GuardedServer(ThreadedAssociationServer):
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         client, address = self.socket.accept()  # type: ignore[union-attr]
+        # pynetdicom leaves Nagle's algorithm on: a response split over two writes would wait for
+        # the peer's delayed ACK (40 ms on Linux).
+        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if self.ssl_context:  # handshake later, on the connection's thread
             client = self.ssl_context.wrap_socket(
                 client, server_side=True, do_handshake_on_connect=False

@@ -6,7 +6,7 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Callable
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from storage.audit import record_event
@@ -100,8 +100,14 @@ def count_retrieved(session: Session, study_id: int, fetched: int, failed: int) 
     study = session.get_one(RetroStudy, study_id)
     study.fetched += fetched
     study.failed += failed
-    study.scan.fetched += fetched
-    study.scan.failed += failed
+    _add_to_scan(session, study.scan_id, fetched=fetched, failed=failed)
+
+
+def _add_to_scan(session: Session, scan_id: int, **counts: int) -> None:
+    """Add to a scan's totals in SQL: its studies are fetched by several threads (or hosts) at
+    once, and a read-add-write in Python would lose the counts of a concurrent one."""
+    columns = {name: getattr(RetroScan, name) + n for name, n in counts.items()}
+    session.execute(update(RetroScan).where(RetroScan.id == scan_id).values(**columns))
 
 
 def study_done(session: Session, study_id: int, already_done: int, detail: str | None) -> None:
@@ -110,7 +116,7 @@ def study_done(session: Session, study_id: int, already_done: int, detail: str |
     study = session.get_one(RetroStudy, study_id)
     study.done, study.detail = True, detail
     study.already_done = max(0, already_done - study.fetched)
-    study.scan.already_done += study.already_done
+    _add_to_scan(session, study.scan_id, already_done=study.already_done)
 
 
 def close_scan(

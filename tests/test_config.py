@@ -41,7 +41,7 @@ def test_the_documented_keys_load(tmp_path: Path) -> None:
 def test_the_example_config_in_deploy_loads() -> None:
     s = load_settings(Path(__file__).parents[1] / "deploy" / "xrayage.example.toml")
     assert s.node.port == 11112 and s.destinations
-    assert s.model.weights == "riken-senet154" and s.model.max_wait_ms == 200
+    assert s.model.weights == "riken-senet154" and s.model.max_wait_ms == 0
 
 
 def test_environment_overrides_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

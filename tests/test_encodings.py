@@ -131,7 +131,10 @@ def test_odd_sizes_and_pixel_padding(chest_ds: pydicom.Dataset) -> None:
 
 
 def test_a_file_round_trips_through_prepare(chest_pa: Path) -> None:
-    tensor, header = prepare(chest_pa, 320)
+    prepared = prepare(chest_pa, 320)
+    header = prepared.header
     assert header is not None and "PixelData" not in header
     assert header.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
-    assert tensor.shape == (3, 320, 320)
+    assert prepared.tensor.shape == (3, 320, 320)
+    assert set(prepared.seconds) == {"decode", "preprocess"}
+    assert all(s > 0 for s in prepared.seconds.values())

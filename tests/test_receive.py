@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import datetime as dt
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
 import pydicom
 import pytest
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from sqlalchemy import func, select
 
-from node.scu import send_files
+from node.scu import no_delay, send_files
 from node.service import NodeService
 from storage import AuditEvent, Delivery, DeliveryState, Instance, InstanceState, Job
 from storage.tables import utcnow
@@ -85,3 +88,22 @@ def test_a_delivery_to_an_unreachable_pacs_is_kept_and_retried(
             assert d.next_attempt_at > utcnow() + dt.timedelta(seconds=25)
         with node.db.session() as s:
             assert s.scalars(select(Instance)).one().state == InstanceState.REPORTED
+
+
+def test_both_ends_of_an_association_send_each_pdu_at_once(receiver: NodeService) -> None:
+    """TCP_NODELAY on the node's accepted sockets and on those it opens (``no_delay``): with
+    Nagle's algorithm a small PDU after another waits for the peer's delayed ACK."""
+    ae = AE("TESTSCU")
+    ae.add_requested_context(Verification)
+    assoc = ae.associate(
+        "127.0.0.1", receiver.settings.node.port, ae_title="XRAYAGE",
+        evt_handlers=[(evt.EVT_CONN_OPEN, no_delay)],
+    )  # fmt: skip
+    assert assoc.is_established
+    try:
+        assert receiver._server is not None
+        (accepted,) = receiver._server.active_associations
+        ends = [a.dul.socket.socket for a in (assoc, accepted)]  # type: ignore[union-attr]
+        assert all(s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) for s in ends)
+    finally:
+        assoc.release()

@@ -22,7 +22,14 @@ from node.retro import Budget, RetroScanner
 from node.schedule import detach
 from node.service import NodeService
 from storage import Database, Instance, InstanceState
-from storage.scans import resumable_scans
+from storage.scans import (
+    count_retrieved,
+    list_studies,
+    open_scan,
+    pending_studies,
+    resumable_scans,
+    study_done,
+)
 from storage.tables import RetroScan, ScanState
 from tests.conftest import node_config, require, small_chests, storescu
 from tests.servers import NodeProcess, Orthanc, free_port, wait_until
@@ -274,4 +281,31 @@ def test_a_move_the_archive_cannot_complete_pauses_the_scan_with_its_status(
     assert re.match(r"archive: C-MOVE refused: 0x[AC][0-9A-F]{3} ", scan.detail or ""), scan.detail
     with db.session() as s:
         assert resumable_scans(s, socket.gethostname()) != []
+    db.dispose()
+
+
+def test_studies_fetched_at_once_each_count_in_the_scan(tmp_path: Path) -> None:
+    """Two threads finishing studies of one scan: the second must not overwrite the first's
+    counts with a total it read before the first committed."""
+    db = Database.sqlite_in(tmp_path)
+    db.prepare_schema()
+    today = dt.date(2026, 11, 24)
+    with db.session() as s:
+        scan_id = open_scan(s, "cli", today, today, "0" * 64, "here:1").id
+        list_studies(s, scan_id, [("1.2.3", None), ("1.2.4", None)])
+    with db.session() as s:
+        first, second = pending_studies(s, scan_id)
+        first_id, second_id = first.id, second.id
+    with db.session() as slow:
+        # Read before the other thread's commit, and held (the session keeps it while referenced)
+        stale = slow.get_one(RetroScan, scan_id)
+        assert stale.fetched == 0
+        with db.session() as quick:
+            count_retrieved(quick, second_id, 3, 1)
+            study_done(quick, second_id, 5, None)
+        count_retrieved(slow, first_id, 2, 0)
+        study_done(slow, first_id, 2, None)
+    with db.session() as s:
+        scan = s.get_one(RetroScan, scan_id)
+        assert (scan.fetched, scan.failed, scan.already_done) == (5, 1, 2)
     db.dispose()

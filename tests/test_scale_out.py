@@ -95,6 +95,16 @@ def test_three_workers_share_the_queue_and_nothing_is_done_twice(
         assert deliverer['xrayage_deliveries_total{destination="pacs"}'] == IMAGES
         assert deliverer["xrayage_queue_depth"] == 0
         assert deliverer['xrayage_instances{state="delivered"}'] == IMAGES
+
+        # Each role times its own steps of the data path, once per instance.
+        def stage(metrics: list[dict[str, float]], name: str) -> float:
+            return sum(m.get(f'xrayage_stage_seconds_count{{stage="{name}"}}', 0) for m in metrics)
+
+        assert stage([receiver], "store") == IMAGES
+        for name in ("queue", "decode", "preprocess", "model", "report"):
+            assert stage(workers, name) == IMAGES, name
+        assert stage([deliverer], "send") == IMAGES
+        assert stage([receiver, deliverer], "model") == 0
     finally:
         for proc in procs:
             proc.stop()
