@@ -102,7 +102,7 @@ def rescan(
                 record_event(
                     s, "retro-scan", actor=actor,
                     detail=f"dry run, studies {first}..{last}: would fetch "
-                    f"{sum(len(p.fetch) for p in plans)}",
+                    f"{sum(p.count for p in plans)}",
                 )  # fmt: skip
             return
         if not scans:
@@ -137,12 +137,13 @@ def _show_plan(plans: list[SeriesPlan]) -> None:
     table = Table("study date", "study", "series", "fetch", "already done", "queue again", box=None)
     for p in plans:
         table.add_row(
-            p.study_date or "", p.study_uid, p.series_uid, str(len(p.fetch)),
+            p.study_date or "", p.study_uid, p.series_uid,
+            f"{p.whole}+ (series whole)" if p.whole else str(len(p.fetch)),
             str(p.already_done), str(len(p.again)),
         )  # fmt: skip
     Console(width=240).print(table)
     typer.echo(
-        f"would fetch {sum(len(p.fetch) for p in plans)} instances from "
-        f"{sum(1 for p in plans if p.fetch)} series; "
+        f"would fetch {sum(p.count for p in plans)} instances from "
+        f"{sum(1 for p in plans if p.count)} series; "
         f"{sum(p.already_done for p in plans)} already done"
     )

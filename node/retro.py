@@ -37,7 +37,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 
 from node.config import Peer, Settings
-from node.scu import no_delay
+from node.scu import on_connect
 from node.tls import client_context
 from storage import Database
 from storage.scans import (
@@ -97,7 +97,7 @@ class Archive:
         ae.acse_timeout = ae.network_timeout = 30
         ae.dimse_timeout = self.timeout
         ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
-        roles, handlers = [], [(evt.EVT_CONN_OPEN, no_delay)]
+        roles, handlers = [], [(evt.EVT_CONN_OPEN, on_connect)]
         if self.use_get:
             if self.store_handler is None:
                 raise ValueError("C-GET needs a store handler")
@@ -124,7 +124,11 @@ class Archive:
             if assoc.is_established:
                 assoc.release()
 
-    def find(self, assoc: Association, level: str, **keys: str) -> list[Dataset]:
+    def find(self, assoc: Association, level: str, **keys: str) -> tuple[list[Dataset], bool]:
+        """The matches, and whether they are all of them: a peer that stops at its result limit
+        ends with Cancel (0xFE00, "matching terminated", PS3.4 C.4.1.1.4) after the matches it
+        sent (Orthanc's ``LimitFindResults``/``LimitFindInstances``, DCMTK's ``--max-results``).
+        """
         query = Dataset()
         query.QueryRetrieveLevel = level
         for keyword, value in keys.items():
@@ -138,18 +142,22 @@ class Archive:
                 raise ArchiveError(f"C-FIND at {level} level: no response (timed out)")
             if code in (0xFF00, 0xFF01) and identifier is not None:
                 matches.append(identifier)
+            elif code == 0xFE00 and matches:
+                return matches, False
             elif code != 0x0000:
                 raise ArchiveError(f"C-FIND at {level} level failed: status 0x{code:04X}")
-        return matches
+        return matches, True
 
     def retrieve(
-        self, assoc: Association, study_uid: str, series_uid: str, sop_uids: list[str]
+        self, assoc: Association, study_uid: str, series_uid: str, sop_uids: list[str] | None
     ) -> tuple[int, int]:
-        """Fetch these instances; returns how many arrived and how many failed."""
+        """Fetch these instances, or the whole series (``sop_uids`` None); returns how many
+        arrived and how many failed."""
         query = Dataset()
-        query.QueryRetrieveLevel = "IMAGE"
+        query.QueryRetrieveLevel = "SERIES" if sop_uids is None else "IMAGE"
         query.StudyInstanceUID, query.SeriesInstanceUID = study_uid, series_uid
-        query.SOPInstanceUID = sop_uids
+        if sop_uids is not None:
+            query.SOPInstanceUID = sop_uids
         responses = (
             assoc.send_c_get(query, StudyRootQueryRetrieveInformationModelGet)
             if self.use_get
@@ -169,6 +177,8 @@ class Archive:
             raise ArchiveError(
                 f"{what} refused: 0x{code:04X} {RETRIEVE_FAILURES.get(code, 'unable to process')}"
             )
+        if sop_uids is None:
+            return done + warned, int(final.get("NumberOfFailedSuboperations", 0))  # type: ignore[union-attr]
         return done + warned, len(sop_uids) - done - warned
 
 
@@ -182,6 +192,15 @@ class SeriesPlan:
     fetch: list[str]
     already_done: int
     again: list[int]  # instances reported by another model: queued again from the stored file
+    # The archive listed fewer instances than the series holds (its C-FIND result limit): the
+    # series is retrieved whole, ``whole`` instances at least, and the gate sorts them.
+    whole: int = 0
+    listed: int = 0
+
+    @property
+    def count(self) -> int:
+        """Instances this plan fetches."""
+        return self.whole or len(self.fetch)
 
 
 @dataclass
@@ -191,10 +210,13 @@ class Budget:
     left: int
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def take(self, wanted: list[str]) -> list[str]:
+    def take(self, wanted: int, all_or_none: bool = False) -> int:
+        """How many of ``wanted`` images may be fetched (none when ``all_or_none`` and fewer)."""
         with self.lock:
-            granted = wanted[: max(self.left, 0)]
-            self.left -= len(granted)
+            granted = min(wanted, max(self.left, 0))
+            if all_or_none and granted < wanted:
+                return 0
+            self.left -= granted
             return granted
 
 
@@ -223,12 +245,17 @@ class RetroScanner:
     def find_studies(
         self, assoc: Association, date_from: dt.date, date_to: dt.date
     ) -> list[tuple[str, str | None]]:
-        found = self.archive.find(
+        found, complete = self.archive.find(
             assoc, "STUDY",
             StudyDate=f"{date_from:%Y%m%d}-{date_to:%Y%m%d}",
             ModalitiesInStudy="\\".join(MODALITIES),
             StudyInstanceUID="",
         )  # fmt: skip
+        if not complete:
+            raise ArchiveError(
+                f"the archive ended the study list at {len(found)} studies (its C-FIND result "
+                "limit): scan fewer days at a time"
+            )
         return sorted(
             {(str(d.StudyInstanceUID), str(d.get("StudyDate") or "") or None) for d in found},
             key=lambda s: (s[1] or "", s[0]),
@@ -240,20 +267,28 @@ class RetroScanner:
         """The series of a study that may hold frontal chest radiographs, triaged."""
         body_parts = {b.upper() for b in self.settings.gate.body_parts}
         plans = []
-        for series in self.archive.find(
+        found, _ = self.archive.find(
             assoc, "SERIES", StudyInstanceUID=study_uid, SeriesInstanceUID="",
-            Modality="", BodyPartExamined="",
-        ):  # fmt: skip
+            Modality="", BodyPartExamined="", NumberOfSeriesRelatedInstances="",
+        )  # fmt: skip
+        for series in found:
             body_part = str(series.get("BodyPartExamined") or "").upper()
             if series.get("Modality") not in MODALITIES or (
                 body_part and body_part not in body_parts
             ):
                 continue  # no body part: fetched, and the gate decides from the full header
             series_uid = str(series.SeriesInstanceUID)
-            images = self.archive.find(
+            images, complete = self.archive.find(
                 assoc, "IMAGE", StudyInstanceUID=study_uid, SeriesInstanceUID=series_uid,
                 SOPInstanceUID="", SOPClassUID="",
             )  # fmt: skip
+            size = series.get("NumberOfSeriesRelatedInstances")  # optional for the archive
+            if not complete or (size is not None and len(images) < int(size)):
+                whole = max(int(size or 0), len(images))
+                plans.append(
+                    SeriesPlan(study_uid, study_date, series_uid, [], 0, [], whole, len(images))
+                )
+                continue
             wanted = [
                 str(i.SOPInstanceUID)
                 for i in images
@@ -363,7 +398,7 @@ class RetroScanner:
         """Fetch what a study lacks; returns the images fetched and whether all of it was handled
         (only then is the study marked done)."""
         fetched = done = again = 0
-        errors = []
+        notes = []
         with self.archive.association() as assoc:
             for plan in self.plan_study(assoc, study.study_instance_uid, study.study_date):
                 done += plan.already_done
@@ -371,19 +406,26 @@ class RetroScanner:
                     with self.db.session() as s:
                         requeue(s, plan.again, "retro-scan")
                     again += len(plan.again)
-                granted = budget.take(plan.fetch)
+                granted = budget.take(plan.count, all_or_none=bool(plan.whole))
                 if granted:
-                    ok, bad = self.archive.retrieve(assoc, plan.study_uid, plan.series_uid, granted)
+                    uids = None if plan.whole else plan.fetch[:granted]
+                    ok, bad = self.archive.retrieve(assoc, plan.study_uid, plan.series_uid, uids)
                     with self.db.session() as s:
                         count_retrieved(s, study.id, ok, bad)
                     fetched += ok
+                    if plan.whole:
+                        notes.append(
+                            f"series {plan.series_uid}: the archive listed {plan.listed} of "
+                            f"{plan.whole}+ instances; retrieved whole"
+                        )
                     if bad:
-                        errors.append(f"series {plan.series_uid}: {bad} not retrieved")
-                if len(granted) < len(plan.fetch):
+                        notes.append(f"series {plan.series_uid}: {bad} not retrieved")
+                if granted < plan.count:
                     return fetched, False
-        notes = [f"{again} queued again from the store"] if again else []
+        if again:
+            notes.insert(0, f"{again} queued again from the store")
         with self.db.session() as s:
-            study_done(s, study.id, done, "; ".join(notes + errors) or None)
+            study_done(s, study.id, done, "; ".join(notes) or None)
         return fetched, True
 
     def nightly(self) -> None:

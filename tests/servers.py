@@ -88,11 +88,15 @@ class Orthanc:
         return f"http://127.0.0.1:{self.http_port}"
 
     def start(
-        self, allowed: dict[str, str], ports: dict[str, int] | None = None, dicomweb: bool = False
+        self,
+        allowed: dict[str, str],
+        ports: dict[str, int] | None = None,
+        dicomweb: bool = False,
+        options: dict[str, Any] | None = None,
     ) -> None:
         """``allowed``: AE title -> name of the peers that may store (all from 127.0.0.1);
         ``ports``: AE title -> DICOM port, for the peers that C-MOVE sends to; ``dicomweb``:
-        load the DICOMweb plugin."""
+        load the DICOMweb plugin; ``options``: more of Orthanc's configuration."""
         ports = ports or {}
         db = self.folder / "db"
         db.mkdir(parents=True, exist_ok=True)
@@ -115,7 +119,7 @@ class Orthanc:
             "Plugins": [DICOMWEB_PLUGIN] if dicomweb else [],
             "DicomWeb": {"Enable": dicomweb, "Root": "/dicom-web/"},
             "HttpCompressionEnabled": False,
-        }
+        } | (options or {})
         path = self.folder / "orthanc.json"
         path.write_text(json.dumps(config, indent=2))
         log = (self.folder / "orthanc.log").open("wb")

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import datetime as dt
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pydicom
 import pytest
 from pynetdicom import AE, evt
+from pynetdicom.dimse_primitives import C_ECHO
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from sqlalchemy import func, select
 
-from node.scu import no_delay, send_files
+from node.scu import on_connect, send_files
 from node.service import NodeService
 from storage import AuditEvent, Delivery, DeliveryState, Instance, InstanceState, Job
 from storage.tables import utcnow
@@ -91,13 +93,13 @@ def test_a_delivery_to_an_unreachable_pacs_is_kept_and_retried(
 
 
 def test_both_ends_of_an_association_send_each_pdu_at_once(receiver: NodeService) -> None:
-    """TCP_NODELAY on the node's accepted sockets and on those it opens (``no_delay``): with
+    """TCP_NODELAY on the node's accepted sockets and on those it opens (``on_connect``): with
     Nagle's algorithm a small PDU after another waits for the peer's delayed ACK."""
     ae = AE("TESTSCU")
     ae.add_requested_context(Verification)
     assoc = ae.associate(
         "127.0.0.1", receiver.settings.node.port, ae_title="XRAYAGE",
-        evt_handlers=[(evt.EVT_CONN_OPEN, no_delay)],
+        evt_handlers=[(evt.EVT_CONN_OPEN, on_connect)],
     )  # fmt: skip
     assert assoc.is_established
     try:
@@ -107,3 +109,29 @@ def test_both_ends_of_an_association_send_each_pdu_at_once(receiver: NodeService
         assert all(s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) for s in ends)
     finally:
         assoc.release()
+
+
+def test_a_response_waits_for_the_call_that_expects_it(receiver: NodeService) -> None:
+    """pynetdicom's reactor polls the DIMSE queue of every association; on those the node
+    requests (``on_connect``) it takes nothing, so it cannot swallow a response meant for the
+    next ``send_*()`` (pynetdicom issue 875: lost C-FIND matches in retro-scans)."""
+    late = C_ECHO()
+    late.MessageIDBeingRespondedTo, late.Status = 1, 0x0000
+    ae = AE("TESTSCU")
+    ae.add_requested_context(Verification)
+    port = receiver.settings.node.port
+    queued = {}
+    for guarded in (False, True):
+        handlers = [(evt.EVT_CONN_OPEN, on_connect)] if guarded else []
+        assoc = ae.associate("127.0.0.1", port, ae_title="XRAYAGE", evt_handlers=handlers)
+        assert assoc.is_established
+        try:
+            assoc.dimse.msg_queue.put((1, late))
+            time.sleep(0.1)  # the reactor polls every millisecond
+            queued[guarded] = assoc.dimse.msg_queue.qsize()
+            if guarded:
+                assert assoc.dimse.get_msg(block=True) == (1, late)
+                assert assoc.send_c_echo().Status == 0x0000
+        finally:
+            assoc.release()
+    assert queued == {False: 0, True: 1}  # pynetdicom's own reactor takes it: the guard matters

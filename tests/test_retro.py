@@ -284,6 +284,50 @@ def test_a_move_the_archive_cannot_complete_pauses_the_scan_with_its_status(
     db.dispose()
 
 
+def test_an_archive_that_caps_its_answers_is_not_half_scanned(
+    tmp_path: Path, chest_pa: Path, weights: Path
+) -> None:
+    """Orthanc answering at most two studies and one instance per C-FIND (a cap many PACS
+    have): a study list cut short pauses the scan and says so; a series listed in part (its
+    SERIES-level count says two) is retrieved whole rather than half."""
+    pacs = Orthanc(tmp_path / "orthanc", free_port(), free_port())
+    pacs.start({"XRAYAGE": "xrayage"}, options={"LimitFindResults": 2, "LimitFindInstances": 1})
+    try:
+        chest = pydicom.dcmread(chest_pa)
+        capped = _study(chest, tmp_path, "20261110", "P-CAP", 2)
+        pacs.upload(
+            *capped, *(_study(chest, tmp_path, d, d, 1)[0] for d in ("20261111", "20261112"))
+        )
+        peer = f'peer = {{ ae_title = "{pacs.aet}", host = "127.0.0.1", port = {pacs.dicom_port} }}'
+        config = node_config(
+            tmp_path, free_port(), weights, None, retro=f'{peer}\nretrieve = "get"'
+        )
+        Database.sqlite_in(tmp_path / "data").create_schema()
+
+        month = run("rescan", *DATES, "-c", str(config))
+        assert month.returncode == 1
+        assert (
+            "scan 1 paused (archive: the archive ended the study list at 2 studies" in month.stdout
+        )
+
+        day = "--from", "2026-11-10", "--to", "2026-11-10"
+        dry = run("rescan", *day, "--dry-run", "-c", str(config))
+        assert "2+ (series whole)" in dry.stdout and "would fetch 2 instances" in dry.stdout
+        out = run("rescan", *day, "-c", str(config))
+        assert "scan 2 finished (done): fetched 2, already done 0, failed 0" in out.stdout, (
+            out.stdout
+        )
+        retro = {u for u, i in _instances(tmp_path).items() if i.origin == "retro"}
+        assert retro == {str(pydicom.dcmread(p).SOPInstanceUID) for p in capped}
+        db = Database.sqlite_in(tmp_path / "data")
+        with db.session() as s:
+            (study,) = s.get_one(RetroScan, 2).studies
+            assert "the archive listed 1 of 2+ instances; retrieved whole" in (study.detail or "")
+        db.dispose()
+    finally:
+        pacs.stop()
+
+
 def test_studies_fetched_at_once_each_count_in_the_scan(tmp_path: Path) -> None:
     """Two threads finishing studies of one scan: the second must not overwrite the first's
     counts with a total it read before the first committed."""
