@@ -7,12 +7,14 @@ steer a write outside the store (pydicom's FileSet and pynetdicom's qrscp have h
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
 import re
 import shutil
 import tempfile
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -126,10 +128,15 @@ class FileStore:
         _fsync_dir(final.parent)
         return final
 
-    def clean_tmp(self) -> int:
-        """Remove partial writes left by a crash; none of them was ever acknowledged."""
+    def clean_tmp(self, idle_seconds: float = 3600) -> int:
+        """Remove partial writes left by a crash; none of them was ever acknowledged. Only those
+        untouched for ``idle_seconds``: other processes sharing the store (receivers and
+        workers on one volume) may be writing theirs right now."""
         removed = 0
+        before = time.time() - idle_seconds
         for p in self.tmp.glob("*.part"):
-            p.unlink(missing_ok=True)
-            removed += 1
+            with contextlib.suppress(FileNotFoundError):  # its writer finished meanwhile
+                if p.stat().st_mtime < before:
+                    p.unlink()
+                    removed += 1
         return removed

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
 
 import pytest
@@ -35,5 +37,9 @@ def test_reports_are_replaced_and_partial_files_cleaned(tmp_path: Path) -> None:
     store = FileStore(tmp_path)
     store.store_report("2.25.1", b"old")
     assert store.store_report("2.25.1", b"new").read_bytes() == b"new"
-    (store.tmp / "crash.part").write_bytes(b"half")
-    assert store.clean_tmp() == 1 and list(store.tmp.iterdir()) == []
+    crashed, writing = store.tmp / "crash.part", store.tmp / "another-process.part"
+    crashed.write_bytes(b"half")
+    hours_ago = time.time() - 7200
+    os.utime(crashed, (hours_ago, hours_ago))
+    writing.write_bytes(b"in flight")  # a receiver sharing the store, writing now
+    assert store.clean_tmp() == 1 and list(store.tmp.iterdir()) == [writing]
