@@ -1,4 +1,6 @@
-"""C-STORE SCU: sends files as they are stored, in one association per call."""
+"""The associations this node requests: ``on_connect`` prepares each of them (here and for the
+retro-scan's query/retrieve, :mod:`node.retro`); the C-STORE SCU sends files as they are stored,
+in one association per call."""
 
 from __future__ import annotations
 
