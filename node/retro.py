@@ -267,10 +267,15 @@ class RetroScanner:
         """The series of a study that may hold frontal chest radiographs, triaged."""
         body_parts = {b.upper() for b in self.settings.gate.body_parts}
         plans = []
-        found, _ = self.archive.find(
+        found, complete = self.archive.find(
             assoc, "SERIES", StudyInstanceUID=study_uid, SeriesInstanceUID="",
             Modality="", BodyPartExamined="", NumberOfSeriesRelatedInstances="",
         )  # fmt: skip
+        if not complete:  # which series are missing cannot be known: said, not guessed
+            raise ArchiveError(
+                f"the archive ended the series list of study {study_uid} at {len(found)} series "
+                "(its C-FIND result limit): raise that limit"
+            )
         for series in found:
             body_part = str(series.get("BodyPartExamined") or "").upper()
             if series.get("Modality") not in MODALITIES or (

@@ -287,9 +287,9 @@ def test_a_move_the_archive_cannot_complete_pauses_the_scan_with_its_status(
 def test_an_archive_that_caps_its_answers_is_not_half_scanned(
     tmp_path: Path, chest_pa: Path, weights: Path
 ) -> None:
-    """Orthanc answering at most two studies and one instance per C-FIND (a cap many PACS
-    have): a study list cut short pauses the scan and says so; a series listed in part (its
-    SERIES-level count says two) is retrieved whole rather than half."""
+    """Orthanc answering at most two studies or series and one instance per C-FIND (a cap many
+    PACS have): a study or series list cut short pauses the scan and says so; a series listed
+    in part (its SERIES-level count says two) is retrieved whole rather than half."""
     pacs = Orthanc(tmp_path / "orthanc", free_port(), free_port())
     pacs.start({"XRAYAGE": "xrayage"}, options={"LimitFindResults": 2, "LimitFindInstances": 1})
     try:
@@ -317,6 +317,15 @@ def test_an_archive_that_caps_its_answers_is_not_half_scanned(
         assert "scan 2 finished (done): fetched 2, already done 0, failed 0" in out.stdout, (
             out.stdout
         )
+        study = generate_uid()  # three series, one more than the archive lists
+        pacs.upload(*(
+            small_chests(chest, tmp_path / "wide", 1, prefix=f"s{i}", StudyDate="20261113",
+                         StudyInstanceUID=study, SeriesInstanceUID=generate_uid())[0]
+            for i in range(3)
+        ))  # fmt: skip
+        wide = run("rescan", "--from", "2026-11-13", "--to", "2026-11-13", "-c", str(config))
+        assert wide.returncode == 1
+        assert f"the archive ended the series list of study {study} at 2 series" in wide.stdout
         retro = {u for u, i in _instances(tmp_path).items() if i.origin == "retro"}
         assert retro == {str(pydicom.dcmread(p).SOPInstanceUID) for p in capped}
         db = Database.sqlite_in(tmp_path / "data")
