@@ -1,20 +1,22 @@
 """DICOM files on local disk, written so that a Success response never outruns the disk.
 
 Each write goes to a temporary file in the same file system, is fsynced, then moved to its final
-name and the directory fsynced. Paths are built only from validated UIDs, so a dataset cannot
-steer a write outside the store (pydicom's FileSet and pynetdicom's qrscp have had such bugs).
+name and the directory fsynced. Temporary files live in a directory of the writing process's
+own, locked while it lives, so a starting process removes exactly what dead ones left. Paths
+are built only from validated UIDs, so a dataset cannot steer a write outside the store
+(pydicom's FileSet and pynetdicom's qrscp have had such bugs).
 """
 
 from __future__ import annotations
 
-import contextlib
 import errno
+import fcntl
 import hashlib
 import os
 import re
 import shutil
 import tempfile
-import time
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -66,6 +68,30 @@ class FileStore:
         self.tmp = root / "tmp"
         for sub in (self.tmp, root / "incoming", root / "reports"):
             sub.mkdir(parents=True, exist_ok=True)
+        self._own_tmp: Path | None = None
+        self._own_fd = -1  # holds the flock on _own_tmp; closed by the kernel at exit
+        self._own_lock = threading.Lock()
+
+    def _writing_dir(self) -> Path:
+        """This process's directory under ``tmp/``, made on first write and flocked for as long
+        as the process lives (the kernel drops the lock at exit, ``kill -9`` included)."""
+        with self._own_lock:
+            while self._own_tmp is None:
+                path = Path(tempfile.mkdtemp(dir=self.tmp))
+                try:
+                    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+                except FileNotFoundError:  # a starting process removed it before we locked it
+                    continue
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    # Or removed it between our open and our lock.
+                    if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                        self._own_tmp, self._own_fd = path, fd
+                except (FileNotFoundError, BlockingIOError):
+                    pass
+                if self._own_fd != fd:
+                    os.close(fd)
+            return self._own_tmp
 
     def path_for(self, area: str, sop_instance_uid: str) -> Path:
         uid = validate_uid(sop_instance_uid)
@@ -75,7 +101,7 @@ class FileStore:
     def _write_tmp(self, parts: Sequence[Buffer]) -> tuple[Path, str]:
         """Write ``parts`` one after the other, hashing as they go (no joined copy of a large
         image in memory), and fsync."""
-        fd, name = tempfile.mkstemp(dir=self.tmp, suffix=".part")
+        fd, name = tempfile.mkstemp(dir=self._writing_dir(), suffix=".part")
         digest = hashlib.sha256()
         try:
             with os.fdopen(fd, "wb") as f:
@@ -128,15 +154,24 @@ class FileStore:
         _fsync_dir(final.parent)
         return final
 
-    def clean_tmp(self, idle_seconds: float = 3600) -> int:
-        """Remove partial writes left by a crash; none of them was ever acknowledged. Only those
-        untouched for ``idle_seconds``: other processes sharing the store (receivers and
-        workers on one volume) may be writing theirs right now."""
+    def clean_tmp(self) -> int:
+        """Remove the partial writes of processes that died (none was ever acknowledged),
+        leaving those of live processes sharing the store (receivers and workers on one volume).
+        Returns how many files were removed."""
         removed = 0
-        before = time.time() - idle_seconds
-        for p in self.tmp.glob("*.part"):
-            with contextlib.suppress(FileNotFoundError):  # its writer finished meanwhile
-                if p.stat().st_mtime < before:
-                    p.unlink()
-                    removed += 1
+        for path in self.tmp.iterdir():
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:  # its process is alive
+                os.close(fd)
+                continue
+            try:
+                removed += sum(1 for p in path.iterdir() if p.is_file())
+                shutil.rmtree(path, ignore_errors=True)
+            finally:
+                os.close(fd)
         return removed

@@ -46,7 +46,7 @@ def test_a_write_the_kernel_refuses_answers_a700(
         errors = send_files("TESTSCU", "XRAYAGE", "127.0.0.1", port, [chest_pa, small])
         assert errors == [A700, None]  # 7 MB refused, 110 kB stored: the node carries on
         assert "File too large" in node.log.read_text()
-        assert list((tmp_path / "data" / "dicom" / "tmp").iterdir()) == []
+        assert list((tmp_path / "data" / "dicom" / "tmp").rglob("*.part")) == []
     finally:
         node.stop()
 
