@@ -8,12 +8,15 @@ Sends ``--images`` copies of the 7 MB chest CR ``RG1_UNCR.dcm`` (each with fresh
   the file, no fsync), with ``--fork`` when more than one association runs at once;
 - ``orthanc``: the Debian package's Orthanc, default storage (files and its SQLite index), with
   ``TCP_NODELAY=1`` like every DCMTK-based process here;
+- ``pynetdicom``: ``bench/bare_scp.py``, pynetdicom's SCP answering Success at once and storing
+  nothing: the ceiling of any receiver built on pynetdicom;
 - ``node``: ``xrayage serve --role receive`` with SQLite and local storage, durable: every
   Success follows the file's fsync and the row's commit.
 
 For each receiver and association count: images/s and MB/s from the first storescu start to the
-last storescu exit, and the peak resident memory of the receiver's process tree (sampled every
-10 ms). Ratios node/storescp and node/orthanc come last. Afterwards a ``--rss-associations``
+last storescu exit, the peak resident memory of the receiver's process tree (sampled every
+10 ms) and the CPU it used per image (user and system, ``/proc/PID/stat``, children it reaped
+included). Ratios node/storescp and node/orthanc come last. Afterwards a ``--rss-associations``
 run (default 10) of the node alone gives its peak RSS under that many concurrent associations.
 
     python bench/ingest.py --images 200 --associations 1,4
@@ -97,6 +100,12 @@ def peak_rss(pid: int) -> Iterator[dict[str, float]]:
         thread.join()
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User and system CPU of ``pid`` and the children it has waited for, in seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return sum(int(f) for f in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+
+
 def send(port: int, called: str, files: list[Path], associations: int) -> float:
     """Seconds for ``associations`` concurrent storescu processes to send ``files`` between
     them; fails unless every one exits 0."""
@@ -121,13 +130,15 @@ def send(port: int, called: str, files: list[Path], associations: int) -> float:
 def measure(
     name: str, start: Callable[[Path], tuple[int, str, Callable[[], None], int]],
     files: list[Path], associations: int, work: Path,
-) -> dict[str, object]:  # fmt: skip
+) -> dict[str, float | int | str]:  # fmt: skip
     """Start a fresh receiver in ``work``, send, stop it; one result row."""
     folder = Path(tempfile.mkdtemp(dir=work, prefix=f"{name}-"))
     pid, called, stop, port = start(folder)
     try:
+        cpu = _cpu_seconds(pid)
         with peak_rss(pid) as rss:
             seconds = send(port, called, files, associations)
+        cpu = _cpu_seconds(pid) - cpu
     finally:
         stop()
         shutil.rmtree(folder, ignore_errors=True)
@@ -140,7 +151,21 @@ def measure(
         "images_per_s": round(len(files) / seconds, 1),
         "mb_per_s": round(megabytes / seconds, 1),
         **rss,
+        "cpu_ms_per_image": round(cpu * 1000 / len(files), 1),
     }
+
+
+def _serving(
+    proc: subprocess.Popen[bytes], called: str, port: int
+) -> tuple[int, str, Callable[[], None], int]:
+    """Wait for a receiver started as ``proc`` to answer C-ECHO; the row ``measure`` needs."""
+    wait_until(lambda: echo(port, called), 30, called)
+
+    def stop() -> None:
+        proc.terminate()
+        proc.wait()
+
+    return proc.pid, called, stop, port
 
 
 def start_storescp(associations: int) -> Callable[[Path], tuple[int, str, Callable[[], None], int]]:
@@ -153,15 +178,15 @@ def start_storescp(associations: int) -> Callable[[Path], tuple[int, str, Callab
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             env=os.environ | {"TCP_NODELAY": "1"},
         )  # fmt: skip
-        wait_until(lambda: echo(port, "ANY-SCP"), 30, "storescp")
-
-        def stop() -> None:
-            proc.terminate()
-            proc.wait()
-
-        return proc.pid, "ANY-SCP", stop, port
+        return _serving(proc, "ANY-SCP", port)
 
     return start
+
+
+def start_bare_pynetdicom(folder: Path) -> tuple[int, str, Callable[[], None], int]:
+    port = free_port()
+    script = Path(__file__).with_name("bare_scp.py")
+    return _serving(subprocess.Popen([sys.executable, str(script), str(port)]), "BARE", port)
 
 
 def start_orthanc(folder: Path) -> tuple[int, str, Callable[[], None], int]:
@@ -186,7 +211,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=200)
     parser.add_argument("--associations", default="1,4")
     parser.add_argument("--rss-associations", type=int, default=10)
-    parser.add_argument("--receivers", default="storescp,orthanc,node")
+    parser.add_argument("--receivers", default="storescp,orthanc,pynetdicom,node")
     parser.add_argument("--work", type=Path, default=None, help="scratch folder (default: /tmp)")
     args = parser.parse_args()
     os.environ["TCP_NODELAY"] = "1"  # the DCMTK inside Orthanc too: no 40 ms Nagle stalls
@@ -195,17 +220,22 @@ def main() -> None:
         (work / "in").mkdir()
         files = make_copies(work / "in", args.images)
         receivers = args.receivers.split(",")
-        rows = []
+        rows: list[dict[str, float | int | str]] = []
         for n in (int(a) for a in args.associations.split(",")):
-            starts = {"storescp": start_storescp(n), "orthanc": start_orthanc, "node": start_node}
+            starts = {
+                "storescp": start_storescp(n),
+                "orthanc": start_orthanc,
+                "pynetdicom": start_bare_pynetdicom,
+                "node": start_node,
+            }
             by_name = {r: measure(r, starts[r], files, n, work) for r in receivers}
             rows.extend(by_name.values())
             node = by_name.get("node")
-            for peer in ("storescp", "orthanc"):
+            for peer in ("storescp", "orthanc", "pynetdicom"):
                 if node and peer in by_name:
                     node[f"ratio_to_{peer}"] = round(
                         float(node["images_per_s"]) / float(by_name[peer]["images_per_s"]),
-                        2,  # type: ignore[arg-type]
+                        2,
                     )
         if "node" in receivers and args.rss_associations:
             rows.append(measure("node", start_node, files, args.rss_associations, work))

@@ -19,7 +19,7 @@ from node.cli_support import ConfigOption, open_database, user_errors
 from node.config import ConfigError, Settings, load_settings
 from node.receive import Receiver
 from node.retro import Budget, RetroScanner, SeriesPlan
-from storage import Database, FileStore, record_event
+from storage import Database, record_event
 
 
 def _date(value: str | None, name: str) -> dt.date | None:
@@ -129,8 +129,7 @@ def _store_handler(settings: Settings, db: Database, age_range: tuple[float, flo
     """For C-GET, this process receives the images, through the node's own receive path."""
     if settings.retro.retrieve != "get":
         return None
-    store = FileStore(settings.storage.path / "dicom", settings.storage.min_free_mb * 1024 * 1024)
-    return Receiver(settings, db, store, age_range).handle_store
+    return Receiver(settings, db, settings.file_store(), age_range).handle_store
 
 
 def _show_plan(plans: list[SeriesPlan]) -> None:

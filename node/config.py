@@ -28,6 +28,8 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from storage.filestore import FileStore
+
 
 class ConfigError(ValueError):
     pass
@@ -99,6 +101,9 @@ class StorageSection(_Section):
     # Free space kept on the store's file system: below it, C-STORE answers 0xA700 rather than
     # fill the disk that the database and the reports also need.
     min_free_mb: int = Field(1024, ge=0)
+    # Write received files with O_DIRECT, bypassing the page cache (falls back by itself where
+    # the file system refuses it); false: ordinary buffered writes, both fsynced before Success.
+    direct_io: bool = True
 
 
 class ModelSection(_Section):
@@ -304,6 +309,11 @@ class Settings(BaseSettings):
     @property
     def database_url(self) -> str:
         return self.storage.database_url or f"sqlite:///{self.storage.path / 'xrayage.db'}"
+
+    def file_store(self) -> FileStore:
+        """The DICOM file store under ``storage.path``, as every role opens it."""
+        cfg = self.storage
+        return FileStore(cfg.path / "dicom", cfg.min_free_mb * 1024 * 1024, cfg.direct_io)
 
 
 def load_settings(path: Path | None = None, **overrides: object) -> Settings:

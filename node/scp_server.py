@@ -80,27 +80,31 @@ class GuardedSocket(AssociationSocket):
     def _recv_before(self, nr_bytes: int, deadline: float) -> bytearray:
         sock = self.socket
         assert sock is not None
-        data = bytearray()
+        # Received in place: a 128 KiB P-DATA PDU is one buffer, not pieces joined.
+        data = bytearray(nr_bytes)
+        view = memoryview(data)
+        got = 0
         blocking = sock.gettimeout()  # restored: sends must not inherit a read's deadline
         try:
-            while len(data) < nr_bytes:
+            while got < nr_bytes:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
                 sock.settimeout(left)
                 try:
-                    chunk = sock.recv(min(nr_bytes - len(data), 1 << 16))
+                    n = sock.recv_into(view[got:])
                 except TimeoutError:
                     break
-                if not chunk:  # the peer closed: not a violation
-                    return data
-                data += chunk
+                if not n:  # the peer closed: not a violation
+                    return data[:got]
+                got += n
         finally:
+            view.release()
             sock.settimeout(blocking)
-        if len(data) < nr_bytes:
+        if got < nr_bytes:
             self._server.on_violation(
                 _host(self.assoc.requestor.address),
-                f"{len(data)} of {nr_bytes} bytes in {self._server.pdu_deadline:g} s "
+                f"{got} of {nr_bytes} bytes in {self._server.pdu_deadline:g} s "
                 "(network timeout): connection dropped",
             )
             return self._hang_up()

@@ -29,7 +29,7 @@ from node.receive import Receiver
 from node.retro import RetroScanner, next_at
 from node.schedule import ScheduledJob, Scheduler
 from node.scp_server import GuardedServer
-from storage import Database, FileStore, record_event
+from storage import Database, record_event
 from storage.audit import purge_events
 from storage.schema import SchemaError, check
 from storage.tables import utcnow
@@ -51,9 +51,7 @@ class NodeService:
         settings.storage.path.mkdir(parents=True, exist_ok=True)
         self.db = Database(settings.database_url, settings.storage.database_timeout_seconds)
         self.db.prepare_schema()
-        self.store = FileStore(
-            settings.storage.path / "dicom", settings.storage.min_free_mb * 1024 * 1024
-        )
+        self.store = settings.file_store()
         cfg = settings.model
         weights = resolve_weights(cfg.weights, cfg.cache_dir) if cfg.weights else None
         self.deliverer = (

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -9,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from storage import FileStore, InvalidUID
-from storage.filestore import ConflictingContent
+from storage.filestore import _BLOCK, _CHUNK, ConflictingContent
 
 
 @pytest.mark.parametrize(
@@ -20,6 +22,43 @@ def test_uids_that_are_not_uids_never_become_paths(tmp_path: Path, uid: str) -> 
     with pytest.raises(InvalidUID):
         store.store_received(uid, b"x")
     assert [p for p in tmp_path.rglob("*") if p.is_file()] == []
+
+
+@pytest.mark.parametrize("direct_io", [True, False])
+def test_files_hold_exactly_the_parts_written(tmp_path: Path, direct_io: bool) -> None:
+    """Lengths around the O_DIRECT block (4 KiB) and staging chunk (1 MiB), parts split across
+    both: each file is the parts concatenated, its digest theirs."""
+    store = FileStore(tmp_path, direct_io=direct_io)
+    data = random.Random(7).randbytes(3 * _CHUNK + 5)
+    for i, length in enumerate([0, 1, _BLOCK - 1, _BLOCK + 1, _CHUNK, _CHUNK + 1, len(data)]):
+        whole = data[:length]
+        parts = [whole[:130], memoryview(whole)[130 : _CHUNK + 7], whole[_CHUNK + 7 :]]
+        path, digest, _ = store.store_received(f"1.2.{i}", *parts)
+        assert path.read_bytes() == whole and digest == hashlib.sha256(whole).hexdigest()
+    assert store.direct_io == direct_io  # this file system took O_DIRECT: no fallback
+
+
+def _run(*command: str | Path) -> str:
+    return subprocess.run(
+        list(map(str, command)), capture_output=True, text=True, check=True
+    ).stdout
+
+
+def _cached_bytes(path: Path) -> int:
+    return int(_run("fincore", "--bytes", "--noheadings", "-o", "RES", path))
+
+
+def test_direct_writes_leave_the_page_cache_alone(tmp_path: Path) -> None:
+    """Where the file system honours O_DIRECT, a received image does not pass through the page
+    cache (the CPU that copy cost is in bench/README.md); written buffered, it does."""
+    if _run("stat", "--file-system", "--format=%T", tmp_path).strip() == "tmpfs":
+        pytest.skip("tmpfs keeps every file in the page cache")
+    image = random.Random(8).randbytes(3 << 20)
+    direct, _, _ = FileStore(tmp_path / "direct").store_received("1.2.3", image)
+    buffered, _, _ = FileStore(tmp_path / "buffered", direct_io=False).store_received(
+        "1.2.3", image
+    )
+    assert _cached_bytes(direct) < _BLOCK * 2 < len(image) <= _cached_bytes(buffered)
 
 
 def test_same_bytes_twice_is_a_duplicate_and_different_bytes_conflict(tmp_path: Path) -> None:
