@@ -5,9 +5,9 @@ name and the directory fsynced. Temporary files live in a directory of the writi
 own, locked while it lives, so a starting process removes exactly what dead ones left. Files
 are written with ``O_DIRECT`` where the file system allows it: an image is written once and
 read once by the inference worker, and copying it into the page cache first cost more CPU than
-anything else in the receive path (``bench/README.md``). Paths
-are built only from validated UIDs, so a dataset cannot steer a write outside the store
-(pydicom's FileSet and pynetdicom's qrscp have had such bugs).
+anything else in the receive path (``bench/README.md``). Paths are built only from validated
+UIDs, so a dataset cannot steer a write outside the store (pydicom's FileSet and pynetdicom's
+qrscp have had such bugs).
 """
 
 from __future__ import annotations
