@@ -121,6 +121,9 @@ class ModelSection(_Section):
     # on another host died); longer than the slowest batch. A restart on the same host does not
     # wait: it takes back its dead predecessor's jobs at once.
     lease_seconds: float = Field(300.0, gt=0)
+    # Claims of one image whose worker died each time (a decoder that aborts, memory exhausted)
+    # before the image is `failed` with that reason, and the queue goes on without it.
+    max_attempts: int = Field(3, ge=1)
 
 
 class GateSection(_Section):

@@ -28,6 +28,7 @@ from node.stow import stow_client, stow_files
 from node.tls import client_context
 from node.worker_thread import WorkerThread
 from storage import Database, Delivery, DeliveryState, Instance, InstanceState, record_event
+from storage.lifecycle import change_state
 from storage.queue import claim_deliveries
 from storage.tables import utcnow
 
@@ -97,13 +98,11 @@ class Deliverer(WorkerThread):
                 d.attempts += 1
                 if error is None:
                     DELIVERED.labels(d.destination).inc()
-                    d.state, d.delivered_at, d.last_error = DeliveryState.DELIVERED, utcnow(), None
-                    record_event(
-                        s,
-                        "delivered",
-                        instance=inst,
+                    d.delivered_at, d.last_error = utcnow(), None
+                    change_state(
+                        s, d, DeliveryState.DELIVERED,
                         detail=f"{d.sop_instance_uid} to {d.destination}",
-                    )
+                    )  # fmt: skip
                     pending = s.scalar(
                         select(Delivery.id)
                         .where(
@@ -112,23 +111,23 @@ class Deliverer(WorkerThread):
                         )
                         .limit(1)
                     )
-                    if pending is None:
-                        inst.state = InstanceState.DELIVERED
+                    if pending is None and inst.state == InstanceState.REPORTED:
+                        # audited by the last delivery's event above
+                        change_state(s, inst, InstanceState.DELIVERED, audit=False)
                     continue
                 DELIVERY_FAILURES.labels(d.destination).inc()
                 d.last_error = error
                 if d.attempts >= policy.max_attempts:
-                    d.state = DeliveryState.FAILED
-                    inst.state = InstanceState.FAILED
-                    inst.reason = f"delivery to {d.destination} failed: {error}"
-                    record_event(
-                        s,
-                        "failed",
-                        outcome="failure",
-                        instance=inst,
-                        detail=f"{d.sop_instance_uid} to {d.destination} after "
-                        f"{d.attempts} attempts: {error}",
+                    detail = (
+                        f"{d.sop_instance_uid} to {d.destination} after "
+                        f"{d.attempts} attempts: {error}"
                     )
+                    change_state(s, d, DeliveryState.FAILED, detail=detail)
+                    if inst.state != InstanceState.FAILED:  # audited by the delivery's event
+                        change_state(
+                            s, inst, InstanceState.FAILED, audit=False,
+                            reason=f"delivery to {d.destination} failed: {error}",
+                        )  # fmt: skip
                 else:
                     wait = backoff_seconds(d.attempts, policy, self.rng)
                     d.next_attempt_at = utcnow() + dt.timedelta(seconds=wait)

@@ -17,6 +17,7 @@ from prometheus_client.registry import Collector
 from sqlalchemy import desc, func, select
 
 from storage import Database, Delivery, Instance, utcnow
+from storage.lifecycle import STATE_CHANGES
 from storage.queue import backlog
 from storage.tables import RetroScan, RetroStudy
 
@@ -63,7 +64,7 @@ STAGE_SECONDS = Histogram(
     registry=None,
 )
 PROCESS_METRICS = (RECEIVED, SKIPPED, INFERENCE_SECONDS, BATCH_SIZE, INFERRED, DELIVERED,
-                   DELIVERY_FAILURES, STAGE_SECONDS)  # fmt: skip
+                   DELIVERY_FAILURES, STAGE_SECONDS, STATE_CHANGES)  # fmt: skip
 
 
 class DatabaseCollector(Collector):

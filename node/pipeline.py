@@ -45,10 +45,16 @@ from storage import (
     Job,
     JobState,
     Result,
-    record_event,
     utcnow,
 )
-from storage.queue import backlog, claim_jobs, requeue_orphans
+from storage.lifecycle import change_state
+from storage.queue import (
+    backlog,
+    claim_jobs,
+    fail_exhausted,
+    requeue_orphans,
+    stored_age,
+)
 
 log = logging.getLogger("xrayage.pipeline")
 
@@ -101,28 +107,47 @@ class InferenceWorker(WorkerThread):
         """Claim and process one batch; returns how many jobs were claimed."""
         if not self._wait_for_batch():
             return 0
+        cfg = self.settings.model
+        sha = self.model.card.sha256
         with self.db.session() as s:
-            jobs = claim_jobs(s, self.owner, self.settings.model.batch_size, self.lease)
-            paths = [Path(job.instance.path) for job in jobs]
+            for job_id, reason in fail_exhausted(s, cfg.max_attempts):
+                log.warning("job %d failed: %s", job_id, reason)
+            jobs = claim_jobs(s, self.owner, cfg.batch_size, self.lease, cfg.max_attempts)
+            # A job whose instance is `inferred` lost its worker after the model: the stored
+            # age is reused, the model does not run again.
+            known = {
+                job.id: age
+                for job in jobs
+                if job.instance.state == InstanceState.INFERRED
+                and (age := stored_age(s, job.instance_id, sha)) is not None
+            }
+            todo = [(job, Path(job.instance.path)) for job in jobs if job.id not in known]
+            done = [(job, Path(job.instance.path)) for job in jobs if job.id in known]
         if not jobs:  # another worker claimed them first
             return 0
         claimed = utcnow()
         for job in jobs:
             STAGE_SECONDS.labels("queue").observe((claimed - job.created_at).total_seconds())
-        started = time.perf_counter()
-        outcomes = list(self.engine.run(paths))
-        INFERENCE_SECONDS.observe(time.perf_counter() - started)
-        BATCH_SIZE.observe(len(jobs))
-        for job, outcome in zip(jobs, outcomes, strict=True):
-            for stage, seconds in outcome.seconds.items():
-                STAGE_SECONDS.labels(stage).observe(seconds)
-            if outcome.error is not None or outcome.header is None or outcome.xray_age is None:
-                self._fail(job, outcome.error or "not a DICOM file")
-                continue
+        if todo:
             started = time.perf_counter()
-            self._report(job, outcome.header, outcome.xray_age)
-            STAGE_SECONDS.labels("report").observe(time.perf_counter() - started)
+            outcomes = list(self.engine.run(path for _, path in todo))
+            INFERENCE_SECONDS.observe(time.perf_counter() - started)
+            BATCH_SIZE.observe(len(todo))
+            for (job, _), outcome in zip(todo, outcomes, strict=True):
+                for stage, seconds in outcome.seconds.items():
+                    STAGE_SECONDS.labels(stage).observe(seconds)
+                if outcome.error is not None or outcome.header is None or outcome.xray_age is None:
+                    self._fail(job, outcome.error or "not a DICOM file")
+                elif self._inferred(job, outcome.header, outcome.xray_age):
+                    self._report_timed(job, outcome.header, outcome.xray_age)
+        for job, path in done:
+            self._report_timed(job, read_header(path), known[job.id])
         return len(jobs)
+
+    def _report_timed(self, job: Job, header: Dataset, age: float) -> None:
+        started = time.perf_counter()
+        self._report(job, header, age)
+        STAGE_SECONDS.labels("report").observe(time.perf_counter() - started)
 
     def _still_ours(self, s: Session, job_id: int) -> Job | None:
         """The job, locked, if this worker still holds it: a worker that overran its lease has
@@ -143,12 +168,46 @@ class InferenceWorker(WorkerThread):
             held = self._still_ours(s, job.id)
             if held is None:
                 return
-            job = held
             INFERRED.labels("failed").inc()
-            job.state, job.error = JobState.FAILED, reason
-            inst = job.instance
-            inst.state, inst.reason = InstanceState.FAILED, reason
-            record_event(s, "failed", outcome="failure", instance=inst, detail=reason)
+            held.state, held.error = JobState.FAILED, reason
+            change_state(s, held.instance, InstanceState.FAILED, reason=reason)
+
+    def _inferred(self, claimed: Job, header: Dataset, age: float) -> bool:
+        """Commit the model's output (``inferred``) before any report is built, so a crash
+        from here on does not run the model again; False if the job is no longer ours."""
+        card = self.model.card
+        with self.db.session() as s:
+            held = self._still_ours(s, claimed.id)
+            if held is None:
+                return False
+            inst = held.instance
+            result = s.scalar(
+                select(Result).where(
+                    Result.instance_id == inst.id, Result.model_sha256 == card.sha256
+                )
+            )
+            if result is None:
+                result = Result(
+                    instance_id=inst.id,
+                    model_sha256=card.sha256,
+                    model_name=card.name,
+                    model_version=card.version,
+                    xray_age=age,
+                )
+                s.add(result)
+            result.xray_age = age
+            result.chronological_age = chronological_age(header)
+            result.sr_sop_instance_uid = result.sr_path = None
+            result.sc_sop_instance_uid = result.sc_path = None
+            if inst.state == InstanceState.INFERRED:  # by an earlier model: already audited
+                return True
+            change_state(
+                s,
+                inst,
+                InstanceState.INFERRED,
+                detail=f"x-ray age {age} a, model {card.name} {card.version} sha256 {card.sha256}",
+            )
+        return True
 
     def _report(self, claimed: Job, header: Dataset, age: float) -> None:
         card = self.model.card
@@ -174,14 +233,15 @@ class InferenceWorker(WorkerThread):
             objects = [(uids.sr_instance, _encode(sr))]
             if sc is not None:
                 objects.append((uids.sc_instance, _encode(sc)))
-            paths = [self.store.store_report(uid, data) for uid, data in objects]
-        except (ValueError, TypeError, AttributeError) as e:  # highdicom validation errors
+        except ValueError as e:  # highdicom's validation of what the source header gave it
             self._fail(
                 claimed,
                 f"report cannot be built: {e}",
                 f"report cannot be built ({type(e).__name__}; the reason is in the database)",
             )
             return
+        try:
+            paths = [self.store.store_report(uid, data) for uid, data in objects]
         except OSError as e:
             self._fail(claimed, f"report cannot be stored: {e}")
             return
@@ -192,33 +252,15 @@ class InferenceWorker(WorkerThread):
                 return
             job, inst = held, held.instance
             INFERRED.labels("reported").inc()
-            result = s.scalar(
+            result = s.scalars(
                 select(Result).where(
                     Result.instance_id == inst.id, Result.model_sha256 == card.sha256
                 )
-            )
-            if result is None:
-                result = Result(
-                    instance_id=inst.id,
-                    model_sha256=card.sha256,
-                    model_name=card.name,
-                    model_version=card.version,
-                    xray_age=age,
-                )
-                s.add(result)
-            result.xray_age = age
-            result.chronological_age = findings.chronological_age
+            ).one()
             result.sr_sop_instance_uid, result.sr_path = uids.sr_instance, str(paths[0])
             if sc is not None:
                 result.sc_sop_instance_uid, result.sc_path = uids.sc_instance, str(paths[1])
-            record_event(
-                s,
-                "inferred",
-                instance=inst,
-                detail=f"x-ray age {age} a, model {card.name} {card.version} sha256 {card.sha256}",
-            )
-            inst.state, inst.reason = InstanceState.REPORTED, None
-            record_event(s, "reported", instance=inst, detail=f"SR {uids.sr_instance}")
+            change_state(s, inst, InstanceState.REPORTED, detail=f"SR {uids.sr_instance}")
             for dest in self.settings.destinations:
                 for (uid, _), path in zip(objects, paths, strict=True):
                     known = s.scalar(
@@ -238,6 +280,10 @@ class InferenceWorker(WorkerThread):
                         )
             job.state, job.lease_until = JobState.DONE, None
         self.on_reported()
+
+
+def read_header(path: Path) -> Dataset:
+    return pydicom.dcmread(path, stop_before_pixels=True)
 
 
 def _encode(ds: Dataset) -> bytes:

@@ -51,6 +51,7 @@ from storage import (
     record_event,
 )
 from storage.filestore import ConflictingContent
+from storage.lifecycle import change_state
 
 log = logging.getLogger("xrayage.receive")
 
@@ -247,12 +248,10 @@ class Receiver:
             )  # fmt: skip
             decision = decide(ds, self.settings.gate, self.age_range)
             if not decision.analyse:
-                inst.state, inst.reason = InstanceState.SKIPPED, decision.reason
-                record_event(s, "skipped", instance=inst, detail=decision.reason)
+                change_state(s, inst, InstanceState.SKIPPED, reason=decision.reason)
                 return decision
-            inst.state = InstanceState.QUEUED
+            change_state(s, inst, InstanceState.QUEUED)
             s.add(Job(instance_id=inst.id, state=JobState.QUEUED))
-            record_event(s, "queued", instance=inst)
             return decision
 
     def make_ae(self) -> AE:

@@ -10,11 +10,19 @@ import datetime as dt
 import os
 from collections.abc import Callable
 
-from sqlalchemy import ColumnElement, func, or_, select, update
+from sqlalchemy import ColumnElement, Select, func, or_, select, update
 from sqlalchemy.orm import Session
 
-from storage.audit import record_event
-from storage.tables import Delivery, DeliveryState, InstanceState, Job, JobState, utcnow
+from storage.lifecycle import change_state
+from storage.tables import (
+    Delivery,
+    DeliveryState,
+    InstanceState,
+    Job,
+    JobState,
+    Result,
+    utcnow,
+)
 
 
 def _claimable(now: dt.datetime) -> ColumnElement[bool]:
@@ -33,25 +41,61 @@ def backlog(session: Session) -> tuple[int, dt.datetime | None]:
     return int(count), oldest
 
 
-def claim_jobs(session: Session, owner: str, limit: int, lease: dt.timedelta) -> list[Job]:
+def claim_jobs(
+    session: Session, owner: str, limit: int, lease: dt.timedelta, max_attempts: int = 3
+) -> list[Job]:
+    """Claim up to ``limit`` jobs under a lease. A job claimed before and not finished was in a
+    batch whose worker died: it is claimed alone, so that one image that kills its worker costs
+    no other image an attempt, and jobs at ``max_attempts`` are left to :func:`fail_exhausted`."""
     now = utcnow()
-    pick = select(Job.id).where(_claimable(now)).order_by(Job.id).limit(limit)
-    if session.get_bind().dialect.name == "postgresql":
-        pick = pick.with_for_update(skip_locked=True)
-    ids = session.scalars(
-        update(Job)
-        .where(Job.id.in_(pick.scalar_subquery()))
-        .values(
-            state=JobState.RUNNING,
-            owner=owner,
-            lease_until=now + lease,
-            attempts=Job.attempts + 1,
-        )
-        .returning(Job.id)
-    ).all()
+    base = select(Job.id).where(_claimable(now), Job.attempts < max_attempts).order_by(Job.id)
+    ids = _claim(session, base.where(Job.attempts > 0).limit(1), owner, now + lease)
+    if not ids:
+        ids = _claim(session, base.where(Job.attempts == 0).limit(limit), owner, now + lease)
     if not ids:
         return []
     return list(session.scalars(select(Job).where(Job.id.in_(ids)).order_by(Job.id)))
+
+
+def _claim(session: Session, pick: Select[tuple[int]], owner: str, until: dt.datetime) -> list[int]:
+    if session.get_bind().dialect.name == "postgresql":
+        pick = pick.with_for_update(skip_locked=True)
+    return list(
+        session.scalars(
+            update(Job)
+            .where(Job.id.in_(pick.scalar_subquery()))
+            .values(
+                state=JobState.RUNNING, owner=owner, lease_until=until, attempts=Job.attempts + 1
+            )
+            .returning(Job.id)
+        ).all()
+    )
+
+
+def fail_exhausted(session: Session, max_attempts: int) -> list[tuple[int, str]]:
+    """End, as ``failed``, the jobs whose worker died on them ``max_attempts`` times (the poison
+    ceiling: an image that crashes its worker is not claimed for ever); (job ID, reason) each."""
+    exhausted = session.scalars(
+        select(Job).where(_claimable(utcnow()), Job.attempts >= max_attempts).order_by(Job.id)
+    ).all()
+    ended = []
+    for job in exhausted:
+        last = f" (last: {job.error})" if job.error else ""
+        reason = f"worker process died {job.attempts} times on this image{last}"
+        job.state, job.error, job.lease_until = JobState.FAILED, reason, None
+        change_state(session, job.instance, InstanceState.FAILED, reason=reason)
+        ended.append((job.id, reason))
+    return ended
+
+
+def stored_age(session: Session, instance_id: int, model_sha256: str) -> float | None:
+    """The X-ray age this model already gave the instance (committed when it became
+    ``inferred``), or None."""
+    return session.scalar(
+        select(Result.xray_age).where(
+            Result.instance_id == instance_id, Result.model_sha256 == model_sha256
+        )
+    )
 
 
 def pid_alive(pid: int) -> bool:
@@ -79,7 +123,12 @@ def requeue_orphans(session: Session, host: str, alive: Callable[[int], bool] = 
         session.execute(
             update(Job)
             .where(Job.id.in_(orphans))
-            .values(state=JobState.QUEUED, owner=None, lease_until=None)
+            .values(
+                state=JobState.QUEUED,
+                owner=None,
+                lease_until=None,
+                error="worker process " + Job.owner + " died",
+            )
         )
     return len(orphans)
 
@@ -130,15 +179,15 @@ def retry_deliveries(session: Session, ids: list[int] | None, actor: str) -> lis
                 raise NotRetriable(f"delivery {delivery_id} is {d.state.value}, not failed")
             chosen.append(d)
     for d in chosen:
-        d.state, d.attempts, d.next_attempt_at = DeliveryState.PENDING, 0, utcnow()
-        if d.instance.state == InstanceState.FAILED:
-            d.instance.state, d.instance.reason = InstanceState.REPORTED, None
-        record_event(
+        d.attempts, d.next_attempt_at = 0, utcnow()
+        change_state(
             session,
-            "delivery-retry",
+            d,
+            DeliveryState.PENDING,
             actor=actor,
-            instance=d.instance,
             detail=f"delivery {d.id} ({d.sop_instance_uid} to {d.destination}) queued again; "
             f"last error: {d.last_error}",
         )
+        if d.instance.state == InstanceState.FAILED:  # audited by the retry above
+            change_state(session, d.instance, InstanceState.REPORTED, audit=False)
     return chosen

@@ -10,6 +10,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from storage.audit import record_event
+from storage.lifecycle import change_state
 from storage.queue import pid_alive
 from storage.tables import (
     Instance,
@@ -172,9 +173,8 @@ def triage(
 
 def requeue(session: Session, instance_ids: list[int], actor: str) -> None:
     for inst in session.scalars(select(Instance).where(Instance.id.in_(instance_ids))):
-        inst.state, inst.reason = InstanceState.QUEUED, None
         session.add(Job(instance_id=inst.id, state=JobState.QUEUED))
-        record_event(
-            session, "queued", actor=actor, instance=inst,
+        change_state(
+            session, inst, InstanceState.QUEUED, actor=actor,
             detail="retro-scan: queued again from the stored file for the current model",
         )  # fmt: skip

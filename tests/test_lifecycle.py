@@ -1,0 +1,165 @@
+"""The lifecycle: one transition table, one function for every change, `inferred` committed, and
+the poison ceiling on jobs whose worker dies."""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+import socket
+import subprocess
+from pathlib import Path
+
+import pydicom
+import pytest
+from sqlalchemy import select
+
+from ai.presets import model_card
+from storage import AuditEvent, Database, Instance, InstanceState, Job, JobState, Result
+from storage.lifecycle import INSTANCE_TRANSITIONS, IllegalTransition, change_state
+from storage.queue import claim_jobs, fail_exhausted, requeue_orphans
+from tests.conftest import node_in_process, small_chests, storescu
+from tests.servers import wait_until
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+LEASE = dt.timedelta(minutes=5)
+
+
+def test_the_transition_table_is_the_readme_state_diagram() -> None:
+    section = README.read_text().split("## What happens to an image", 1)[1]
+    section = section.split("A delivery is", 1)[0]
+    rows = re.findall(r"^\| (\w+) \| (\w+) \| [^|]+ \|$", section, flags=re.MULTILINE)
+    documented = {(a, b) for a, b in rows if a != "from"}
+    table = {(a.value, b.value) for a, targets in INSTANCE_TRANSITIONS.items() for b in targets}
+    assert documented == table
+    # the diagram's main line and "failed reachable from each step" (except the terminal skip)
+    for step in ("received", "queued", "inferred", "reported"):
+        assert (step, "failed") in table
+    for a, b in [("received", "queued"), ("queued", "inferred"), ("inferred", "reported"),
+                 ("reported", "delivered"), ("received", "skipped")]:  # fmt: skip
+        assert (a, b) in table
+
+
+def _instances(db: Database, n: int, state: InstanceState = InstanceState.QUEUED) -> list[int]:
+    with db.session() as s:
+        rows = [
+            Instance(
+                sop_instance_uid=f"1.2.3.{i}",
+                sop_class_uid="1.2",
+                path="x",
+                sha256="0",
+                size=0,
+                state=state,
+            )
+            for i in range(n)
+        ]
+        s.add_all(rows)
+        s.flush()
+        for inst in rows:
+            s.add(Job(instance_id=inst.id, state=JobState.QUEUED))
+        return [inst.id for inst in rows]
+
+
+def test_an_illegal_move_is_refused_loudly_and_a_legal_one_is_audited(tmp_path: Path) -> None:
+    db = Database.sqlite_in(tmp_path)
+    db.create_schema()
+    (inst_id,) = _instances(db, 1)
+    with pytest.raises(IllegalTransition, match="queued -> delivered"), db.session() as s:
+        change_state(s, s.get_one(Instance, inst_id), InstanceState.DELIVERED)
+    with db.session() as s:
+        inst = s.get_one(Instance, inst_id)
+        assert inst.state == InstanceState.QUEUED  # the refused move was rolled back
+        change_state(s, inst, InstanceState.FAILED, reason="decoder said no")
+    with db.session() as s:
+        event = s.scalars(select(AuditEvent).order_by(AuditEvent.id.desc())).first()
+        assert event is not None
+        assert (event.event, event.outcome, event.detail) == (
+            "failed",
+            "failure",
+            "decoder said no",
+        )
+        assert s.get_one(Instance, inst_id).reason == "decoder said no"
+    db.dispose()
+
+
+def test_an_image_that_kills_its_worker_fails_after_max_attempts_and_costs_others_nothing(
+    tmp_path: Path,
+) -> None:
+    """Each claim's worker dies (a dead PID on this host); a restart gives its jobs back. The
+    jobs of the first, batched claim are then claimed alone; the poison one ends failed at the
+    ceiling, the others are claimed once more each and done."""
+    db = Database.sqlite_in(tmp_path)
+    db.create_schema()
+    poison, *others = _instances(db, 3)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    owner = f"ward:{dead.pid}"
+
+    def claim(limit: int = 8) -> list[int]:
+        with db.session() as s:
+            return [j.instance_id for j in claim_jobs(s, owner, limit, LEASE, max_attempts=3)]
+
+    def die() -> None:
+        with db.session() as s:
+            requeue_orphans(s, "ward")
+
+    assert claim() == [poison, *others]  # one batch
+    die()
+    for _ in range(2):  # alone, twice more: it kills its worker each time
+        assert claim() == [poison]
+        die()
+    with db.session() as s:
+        ended = fail_exhausted(s, 3)
+    assert [reason for _, reason in ended] == [
+        f"worker process died 3 times on this image (last: worker process {owner} died)"
+    ]
+    assert claim() == [others[0]]  # suspects still one at a time, each on its second attempt
+    assert claim() == [others[1]]
+    with db.session() as s:
+        inst = s.get_one(Instance, poison)
+        assert inst.state == InstanceState.FAILED
+        assert inst.reason is not None and "died 3 times" in inst.reason
+        assert s.scalar(select(Job.attempts).where(Job.instance_id == others[0])) == 2
+        audited = s.scalars(select(AuditEvent.detail).where(AuditEvent.event == "failed")).all()
+        assert audited == [inst.reason]
+    db.dispose()
+
+
+def test_an_instance_inferred_before_its_worker_died_is_reported_without_the_model_again(
+    tmp_path: Path, chest_ds: pydicom.Dataset, weights: Path
+) -> None:
+    """The stored age (42.0) is one the untrained model never gives this image: if the model
+    ran again, the result (and the SR) would carry its own age instead."""
+    (image,) = small_chests(chest_ds, tmp_path / "images", 1)
+    with node_in_process(tmp_path, report={"secondary_capture": False}) as node:  # no model
+        assert storescu(node.settings.node.port, image).returncode == 0
+    db = Database.sqlite_in(tmp_path / "data")
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    sha = model_card(weights).sha256
+    with db.session() as s:
+        inst = s.scalars(select(Instance)).one()
+        job = s.scalars(select(Job)).one()
+        job.state, job.attempts = JobState.RUNNING, 1
+        job.owner, job.lease_until = f"{socket.gethostname()}:{dead.pid}", None
+        s.add(Result(instance_id=inst.id, model_name="m", model_version="1", model_sha256=sha,
+                     xray_age=42.0))  # fmt: skip
+        change_state(s, inst, InstanceState.INFERRED)
+    db.dispose()
+    with node_in_process(
+        tmp_path, model={"weights": str(weights)}, report={"secondary_capture": False}
+    ) as node:
+
+        def reported() -> bool:
+            with node.db.session() as s:
+                return s.scalars(select(Instance.state)).one() == InstanceState.REPORTED
+
+        wait_until(reported, 60, "the inferred instance reported")
+        with node.db.session() as s:
+            result = s.scalars(select(Result)).one()
+            assert result.xray_age == 42.0
+            assert result.sr_path is not None
+            inferred = s.scalars(select(AuditEvent).where(AuditEvent.event == "inferred")).all()
+            assert len(inferred) == 1  # the one before the "crash"; the model did not run again
+        sr = pydicom.dcmread(result.sr_path)
+        ages = [float(e.value) for e in sr.iterall() if e.keyword == "NumericValue"]
+        assert 42.0 in ages
