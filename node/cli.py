@@ -24,6 +24,7 @@ from node.cli_support import ConfigOption, user_errors
 from node.cli_train import train
 from node.config import ConfigError, load_settings
 from node.logs import configure_logging
+from storage.locks import lock_folder
 
 app = typer.Typer(
     help="xrayage: X-ray age from frontal chest radiographs, as a DICOM node.",
@@ -62,7 +63,14 @@ def serve(
         raise ConfigError(f"--role must be one of {', '.join(ROLES)} or all, not {role!r}")
     settings = load_settings(config)
     configure_logging(settings.logging)
-    NodeService(settings, role).serve_forever()  # type: ignore[arg-type]
+    # SQLite has one writer: a second serve on the folder would run a second scheduler and
+    # record config changes that never happened. Roles sharing PostgreSQL need no such lock.
+    held = lock_folder(settings.storage.path) if settings.storage.database_url is None else None
+    try:
+        NodeService(settings, role).serve_forever()  # type: ignore[arg-type]
+    finally:
+        if held is not None:
+            held.close()
 
 
 def _free_port() -> int:

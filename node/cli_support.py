@@ -23,6 +23,7 @@ from ai.errors import (
 from ai.presets import WeightsNotFound, resolve_weights
 from node.config import ConfigError, Settings
 from storage import Database
+from storage.locks import FolderInUse
 from storage.schema import SchemaError
 
 if TYPE_CHECKING:
@@ -41,6 +42,7 @@ USER_ERRORS = (
     InvalidDicomError,
     SchemaError,
     WeightsNotFound,
+    FolderInUse,
 )
 
 ConfigOption = Annotated[

@@ -17,8 +17,8 @@ from ai.presets import model_card
 from storage import AuditEvent, Database, Instance, InstanceState, Job, JobState, Result
 from storage.lifecycle import INSTANCE_TRANSITIONS, IllegalTransition, change_state
 from storage.queue import claim_jobs, fail_exhausted, requeue_orphans
-from tests.conftest import node_in_process, small_chests, storescu
-from tests.servers import wait_until
+from tests.conftest import node_config, node_in_process, small_chests, storescu
+from tests.servers import XRAYAGE, NodeProcess, echo, free_port, wait_until
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 LEASE = dt.timedelta(minutes=5)
@@ -163,3 +163,29 @@ def test_an_instance_inferred_before_its_worker_died_is_reported_without_the_mod
         sr = pydicom.dcmread(result.sr_path)
         ages = [float(e.value) for e in sr.iterall() if e.keyword == "NumericValue"]
         assert 42.0 in ages
+
+
+def test_a_second_serve_on_the_same_data_folder_exits_2_naming_folder_and_pid(
+    tmp_path: Path,
+) -> None:
+    port = free_port()
+    config = node_config(tmp_path, port, None, None)
+    first = NodeProcess(config, port, tmp_path / "first.log")
+    first.start()
+    try:
+        assert first.proc is not None
+        second = subprocess.run(
+            [str(XRAYAGE), "serve", "--config", str(config)],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert second.returncode == 2
+        assert second.stderr.splitlines() == [
+            f"xrayage: error: data folder {tmp_path / 'data'} is in use by another xrayage serve "
+            f"(PID {first.proc.pid}); stop it first, or give this one its own [storage] path"
+        ]
+        assert echo(port)  # the first one is untouched
+    finally:
+        first.stop()
+    with Database.sqlite_in(tmp_path / "data").session() as s:  # one start, one stop audited
+        nodes = s.scalars(select(AuditEvent.detail).where(AuditEvent.event == "node")).all()
+    assert len(nodes) == 2
