@@ -16,6 +16,7 @@ import threading
 from typing import TYPE_CHECKING, Literal, get_args
 
 from apscheduler.triggers.cron import CronTrigger
+from sqlalchemy import Connection
 from sqlalchemy.exc import SQLAlchemyError
 
 from ai.card import ModelCard
@@ -31,6 +32,12 @@ from node.schedule import ScheduledJob, Scheduler
 from node.scp_server import GuardedServer
 from storage import Database, record_event
 from storage.audit import purge_events
+from storage.locks import (
+    cancel_wait,
+    release_scheduler_lock,
+    try_scheduler_lock,
+    wait_scheduler_lock,
+)
 from storage.schema import SchemaError, check
 from storage.tables import utcnow
 
@@ -105,6 +112,9 @@ class NodeService:
             else None
         )
         self._server: GuardedServer | None = None
+        self._lock: Connection | None = None  # holds the scheduler's lock on PostgreSQL
+        self._stopping = threading.Event()
+        self._scheduling = False
 
     def not_ready(self) -> list[str]:
         """What keeps this process from doing its role's work now (``/readyz``)."""
@@ -151,8 +161,6 @@ class NodeService:
         if removed:
             log.info("removed %d partial files left by an earlier stop", removed)
         node = self.settings.node
-        if self.scheduler is not None:  # once per deployment, not once per process
-            record_changes(self.db, self.settings, self.card)
         where = f" on port {node.port}" if self.listens else ""
         with self.db.session() as s:
             record_event(s, "node", detail=f"started as {node.ae_title} ({self.role}){where}")
@@ -180,16 +188,53 @@ class NodeService:
             if thread is not None:
                 thread.start()
         if self.scheduler is not None:
-            if self.settings.retro.peer is not None and self.scanner is None:
-                log.warning("[retro] peer configured, but retro-scans need [model] weights")
-            self.scheduler.start()
+            self._start_scheduling()
         if self.http is not None:
             self.http.start()
             log.info("HTTP on %s:%d", self.settings.http.host, self.settings.http.port)
             if not self.settings.http.tokens:
                 log.warning("[http] has no tokens: only /healthz, /readyz and /metrics answer")
 
+    def _start_scheduling(self) -> None:
+        """Scheduling runs once per deployment: on PostgreSQL the process that holds the
+        scheduler's advisory lock; another says so and waits for it (SQLite has one ``serve``
+        per data folder anyway)."""
+        if self.db.engine.dialect.name == "postgresql":
+            self._lock = self.db.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+            if not try_scheduler_lock(self._lock):
+                log.warning(
+                    "another process schedules for this database (retro-scans, audit purge, "
+                    "config changes): this one waits until it stops"
+                )
+                threading.Thread(
+                    target=self._schedule_when_locked, name="xrayage-schedule-lock", daemon=True
+                ).start()
+                return
+        self._schedule()
+
+    def _schedule_when_locked(self) -> None:
+        assert self._lock is not None
+        try:
+            wait_scheduler_lock(self._lock)
+        except SQLAlchemyError:
+            if not self._stopping.is_set():
+                raise
+        if self._stopping.is_set():  # stop() cancelled the wait, or came just after it
+            self._lock.close()
+            return
+        log.info("scheduler lock taken: this process schedules now")
+        self._schedule()
+
+    def _schedule(self) -> None:
+        assert self.scheduler is not None
+        self._scheduling = True
+        record_changes(self.db, self.settings, self.card)
+        if self.settings.retro.peer is not None and self.scanner is None:
+            log.warning("[retro] peer configured, but retro-scans need [model] weights")
+        self.scheduler.start()
+
     def stop(self) -> None:
+        self._stopping.set()
         if self.http is not None:
             self.http.stop()
         if self.scanner is not None:
@@ -204,6 +249,11 @@ class NodeService:
                 thread.join(timeout=60)
         with self.db.session() as s:
             record_event(s, "node", detail=f"stopped ({self.role})")
+        if self._lock is not None:
+            if self._scheduling:
+                release_scheduler_lock(self._lock)
+            else:
+                cancel_wait(self._lock)  # the waiting thread closes it
         self.db.dispose()
 
     def serve_forever(self) -> None:

@@ -49,3 +49,15 @@ def try_scheduler_lock(conn: Connection) -> bool:
 
 def wait_scheduler_lock(conn: Connection) -> None:
     conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": SCHEDULER_LOCK_KEY})
+
+
+def release_scheduler_lock(conn: Connection) -> None:
+    """Unlock and close: a pooled connection would otherwise keep the lock while it idles."""
+    conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": SCHEDULER_LOCK_KEY})
+    conn.close()
+
+
+def cancel_wait(conn: Connection) -> None:
+    """Cancel a :func:`wait_scheduler_lock` running on ``conn`` in another thread (psycopg's
+    ``cancel()`` is safe to call from any thread)."""
+    conn.connection.driver_connection.cancel()  # type: ignore[union-attr]

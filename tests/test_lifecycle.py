@@ -4,6 +4,7 @@ the poison ceiling on jobs whose worker dies."""
 from __future__ import annotations
 
 import datetime as dt
+import os
 import re
 import socket
 import subprocess
@@ -18,7 +19,7 @@ from storage import AuditEvent, Database, Instance, InstanceState, Job, JobState
 from storage.lifecycle import INSTANCE_TRANSITIONS, IllegalTransition, change_state
 from storage.queue import claim_jobs, fail_exhausted, requeue_orphans
 from tests.conftest import node_config, node_in_process, small_chests, storescu
-from tests.servers import XRAYAGE, NodeProcess, echo, free_port, wait_until
+from tests.servers import XRAYAGE, NodeProcess, PostgreSQL, echo, free_port, wait_until
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 LEASE = dt.timedelta(minutes=5)
@@ -189,3 +190,34 @@ def test_a_second_serve_on_the_same_data_folder_exits_2_naming_folder_and_pid(
     with Database.sqlite_in(tmp_path / "data").session() as s:  # one start, one stop audited
         nodes = s.scalars(select(AuditEvent.detail).where(AuditEvent.event == "node")).all()
     assert len(nodes) == 2
+
+
+def test_a_second_scheduler_on_postgresql_says_so_and_waits_for_the_first(
+    tmp_path: Path, postgresql: PostgreSQL, caplog: pytest.LogCaptureFixture
+) -> None:
+    url = postgresql.create_database("schedulers")
+    upgraded = subprocess.run(
+        [str(XRAYAGE), "db", "upgrade"],
+        capture_output=True, text=True, timeout=120,
+        env={**os.environ, "XRAYAGE_STORAGE__DATABASE_URL": url},
+    )  # fmt: skip
+    assert upgraded.returncode == 0, upgraded.stderr
+    storage = {"database_url": url}
+    with node_in_process(tmp_path / "a", role="schedule", storage=storage) as first:
+        assert first.scheduler is not None and first.scheduler.scheduler.running
+        second_cm = node_in_process(tmp_path / "b", role="schedule", storage=storage)
+        second = second_cm.__enter__()
+        try:
+            assert second.scheduler is not None
+            assert not second.scheduler.scheduler.running
+            assert "another process schedules for this database" in caplog.text
+            receiving = node_in_process(tmp_path / "c", role="receive", storage=storage)
+            with receiving as receiver:  # the roles that may be many are unaffected
+                assert echo(receiver.settings.node.port)
+        except BaseException:
+            second_cm.__exit__(None, None, None)
+            raise
+    try:  # the first stopped: the second takes over
+        wait_until(lambda: second.scheduler.scheduler.running, 30, "the second scheduler")
+    finally:
+        second_cm.__exit__(None, None, None)
