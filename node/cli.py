@@ -134,7 +134,7 @@ def demo(
                 inst = s.query(Instance).filter_by(sop_instance_uid=uid).one()
                 result = s.query(Result).filter_by(instance_id=inst.id).one_or_none()
                 state, reason = inst.state.value, inst.reason
-            if result is not None or state in ("skipped", "failed"):
+            if state in ("reported", "delivered", "skipped", "failed"):
                 break
             if time.monotonic() > deadline:
                 raise ConfigError(f"no report after {timeout:g} s (state {state})")
