@@ -4,7 +4,7 @@ The node (``xrayage serve``, every role in one process, SQLite, local storage, m
 delivers to a real Orthanc. For each of ``--images`` copies of the 7 MB chest CR
 ``RG1_UNCR.dcm`` (fresh UIDs): DCMTK ``/usr/bin/storescu`` sends it (``TCP_NODELAY=1``,
 ``-pdu 131072``), then Orthanc's REST API is asked every 10 ms for the SR, whose UID is known in
-advance (derived from the source UID and the model's SHA-256, :class:`node.uids.ReportUIDs`).
+advance (derived from the source UID and the model's SHA-256, :class:`node.report.uids.ReportUIDs`).
 The next image goes only when the previous one's delivery is recorded, so each image has the
 node to itself and the differences of the node's ``xrayage_stage_seconds`` sums between two
 images are that image's steps:
@@ -46,7 +46,7 @@ sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from ai.untrained import build_untrained_timm  # noqa: E402
 from bench.ingest import CALLING, STORESCU, make_copies  # noqa: E402
-from node.uids import ReportUIDs  # noqa: E402
+from node.report.uids import ReportUIDs  # noqa: E402
 from tests.conftest import node_config  # noqa: E402
 from tests.servers import NodeProcess, Orthanc, free_port  # noqa: E402
 

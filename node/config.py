@@ -28,6 +28,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from storage.db import Database
 from storage.filestore import FileStore
 
 
@@ -105,6 +106,17 @@ class StorageSection(_Section):
     # the file system refuses it); false: ordinary buffered writes, both fsynced before Success.
     direct_io: bool = True
 
+    @property
+    def url(self) -> str:
+        return self.database_url or f"sqlite:///{self.path / 'xrayage.db'}"
+
+    # The one place where the node's processes and commands open the database and the store.
+    def open_database(self) -> Database:
+        return Database(self.url, self.database_timeout_seconds)
+
+    def open_file_store(self) -> FileStore:
+        return FileStore(self.path / "dicom", self.min_free_mb * 1024 * 1024, self.direct_io)
+
 
 class ModelSection(_Section):
     # A preset name (``riken-senet154``, pulled into ``cache_dir``) or a path to TorchScript or
@@ -124,6 +136,9 @@ class ModelSection(_Section):
     # Claims of one image whose worker died each time (a decoder that aborts, memory exhausted)
     # before the image is `failed` with that reason, and the queue goes on without it.
     max_attempts: int = Field(3, ge=1)
+    # Where decoding and the model run: "process", a child of `serve` that the receiver outlives
+    # (restarted when an image kills it); "thread", inside the serving process (tests, debugging).
+    isolation: Literal["process", "thread"] = "process"
 
 
 class GateSection(_Section):
@@ -311,12 +326,7 @@ class Settings(BaseSettings):
 
     @property
     def database_url(self) -> str:
-        return self.storage.database_url or f"sqlite:///{self.storage.path / 'xrayage.db'}"
-
-    def file_store(self) -> FileStore:
-        """The DICOM file store under ``storage.path``, as every role opens it."""
-        cfg = self.storage
-        return FileStore(cfg.path / "dicom", cfg.min_free_mb * 1024 * 1024, cfg.direct_io)
+        return self.storage.url
 
 
 def load_settings(path: Path | None = None, **overrides: object) -> Settings:

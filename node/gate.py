@@ -19,7 +19,7 @@ from pydicom.uid import (
 )
 
 from node.config import GateSection
-from node.patient_age import chronological_age
+from node.report.patient_age import chronological_age
 
 MANUFACTURER = "xrayage"
 RADIOGRAPHS = {ComputedRadiographyImageStorage, DigitalXRayImageStorageForPresentation}

@@ -10,9 +10,11 @@ No metric carries a patient identifier.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 from sqlalchemy import desc, func, select
 
@@ -119,10 +121,41 @@ def _by(name: str, doc: str, label: str, rows: list[tuple[object, int]]) -> Gaug
     return family
 
 
-def registry_for(db: Database) -> CollectorRegistry:
-    """This process's counters with the database's gauges, for one HTTP app."""
+class ProcessCollector(Collector):
+    """This process's counters and histograms, with those of its inference process summed in.
+
+    The inference process (node/infer/process.py) counts into prometheus-client's multiprocess
+    files in ``child_dir``; they outlive it, so what a restarted one counted before stays. A
+    scrape gets one family per name, as the exposition format requires.
+    """
+
+    def __init__(self, child_dir: Path | None) -> None:
+        self.child_dir = child_dir
+
+    def collect(self) -> Iterator[Metric]:
+        families = {
+            family.name: family for metric in PROCESS_METRICS for family in metric.collect()
+        }
+        files = sorted(str(f) for f in self.child_dir.glob("*.db")) if self.child_dir else []
+        for theirs in MultiProcessCollector.merge(files, accumulate=True) if files else []:
+            ours = families.setdefault(theirs.name, theirs)
+            if ours is theirs:
+                continue
+            values = {(x.name, tuple(sorted(x.labels.items()))): x for x in ours.samples}
+            for sample in theirs.samples:
+                key = (sample.name, tuple(sorted(sample.labels.items())))
+                mine = values.get(key)
+                values[key] = (
+                    sample if mine is None else mine._replace(value=mine.value + sample.value)
+                )
+            ours.samples = list(values.values())
+        yield from families.values()
+
+
+def registry_for(db: Database, child_dir: Path | None = None) -> CollectorRegistry:
+    """This process's counters (and its inference process's, in ``child_dir``) with the
+    database's gauges, for one HTTP app."""
     registry = CollectorRegistry()
-    for metric in PROCESS_METRICS:
-        registry.register(metric)
+    registry.register(ProcessCollector(child_dir))
     registry.register(DatabaseCollector(db))
     return registry

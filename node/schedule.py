@@ -7,20 +7,33 @@ time: for the retro-scan, the length of its window, so a node back after ``windo
 for the next night. A run that started is not started again: APScheduler stores the next run
 time before it runs the job, and an interrupted scan resumes from its cursor the next night.
 A changed schedule replaces the stored one, and the change is audited.
+
+Scheduling runs once per deployment: on PostgreSQL in the process that holds the scheduler's
+advisory lock (storage/locks.py); another says so and waits for it. SQLite has one ``serve``
+per data folder anyway.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import logging
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.cron import CronTrigger
+from sqlalchemy import Connection
+from sqlalchemy.exc import SQLAlchemyError
 
 from storage import Database, record_event
+from storage.locks import (
+    cancel_wait,
+    release_scheduler_lock,
+    try_scheduler_lock,
+    wait_scheduler_lock,
+)
 
 log = logging.getLogger("xrayage.schedule")
 
@@ -42,18 +55,57 @@ class ScheduledJob:
     crontab: str
     grace_seconds: int
     work: Callable[[], None]
+    interrupt: Callable[[], None] = lambda: None  # ends a running ``work`` early, resumably
 
 
 class Scheduler:
-    def __init__(self, db: Database, jobs: list[ScheduledJob]) -> None:
+    """The component of the ``schedule`` role; ``on_lead`` runs when this process starts
+    scheduling (it records config changes once per deployment)."""
+
+    def __init__(
+        self, db: Database, jobs: list[ScheduledJob], on_lead: Callable[[], None] = lambda: None
+    ) -> None:
         self.db = db
         self.jobs = jobs
+        self.on_lead = on_lead
         self.scheduler = BackgroundScheduler(
             jobstores={"default": SQLAlchemyJobStore(engine=db.engine)},
             job_defaults={"coalesce": True, "max_instances": 1},
         )
+        self._lock: Connection | None = None  # holds the scheduler's lock on PostgreSQL
+        self._stopping = threading.Event()
+        self._leading = False
 
     def start(self) -> None:
+        if self.db.engine.dialect.name == "postgresql":
+            self._lock = self.db.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+            if not try_scheduler_lock(self._lock):
+                log.warning(
+                    "another process schedules for this database (retro-scans, audit purge, "
+                    "config changes): this one waits until it stops"
+                )
+                threading.Thread(
+                    target=self._lead_when_locked, name="xrayage-schedule-lock", daemon=True
+                ).start()
+                return
+        self._lead()
+
+    def _lead_when_locked(self) -> None:
+        assert self._lock is not None
+        try:
+            wait_scheduler_lock(self._lock)
+        except SQLAlchemyError:
+            if not self._stopping.is_set():
+                raise
+        if self._stopping.is_set():  # stop() cancelled the wait, or came just after it
+            self._lock.close()
+            return
+        log.info("scheduler lock taken: this process schedules now")
+        self._lead()
+
+    def _lead(self) -> None:
+        self._leading = True
+        self.on_lead()
         self.scheduler.start(paused=True)  # reconcile stored jobs before any of them fires
         wanted = {job.job_id for job in self.jobs}
         for stored in self.scheduler.get_jobs():
@@ -79,10 +131,22 @@ class Scheduler:
         return job.next_run_time if job else None
 
     def stop(self) -> None:
-        """Waits for a running job: stop its work first (a scan stops after its study)."""
+        """Interrupts running work (a scan stops after its study), waits for it, and gives the
+        lock back or stops waiting for it."""
+        self._stopping.set()
+        for job in self.jobs:
+            job.interrupt()
         if self.scheduler.running:
             detach(self.scheduler)
             self.scheduler.shutdown(wait=True)
+        if self._lock is not None:
+            if self._leading:
+                release_scheduler_lock(self._lock)
+            else:
+                cancel_wait(self._lock)  # the waiting thread closes it
+
+    def problems(self) -> list[str]:
+        return []
 
     def _audit(self, detail: str) -> None:
         with self.db.session() as s:

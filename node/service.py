@@ -1,10 +1,14 @@
-"""The running node: receiver, inference worker, deliverer and scheduler around one database
-and file store, in one process (role ``all``) or spread over processes and hosts that share a
-PostgreSQL database and a volume (roles ``receive``, ``infer``, ``deliver``, ``schedule``).
+"""The running node: receiver, inference, deliverer and scheduler around one database and file
+store, in one process (role ``all``) or spread over processes and hosts that share a PostgreSQL
+database and a volume (roles ``receive``, ``infer``, ``deliver``, ``schedule``).
 
 Everything the roles tell each other goes through the database (jobs, deliveries, scans), so
 any mix of processes behaves like one node. ``schedule`` (retro-scans, audit purge, ATNA export,
 recording config changes) runs once per deployment; the others scale out.
+
+The service is composed from :data:`COMPONENTS`, one table of which part runs in which role;
+every part has the interface of :class:`node.components.Component` and receives its own config
+sections, not the settings.
 """
 
 from __future__ import annotations
@@ -13,36 +17,29 @@ import datetime as dt
 import logging
 import signal
 import threading
-from typing import TYPE_CHECKING, Literal, get_args
+from collections.abc import Callable
+from typing import Literal, get_args
 
 from apscheduler.triggers.cron import CronTrigger
-from sqlalchemy import Connection
 from sqlalchemy.exc import SQLAlchemyError
 
 from ai.card import ModelCard
 from ai.presets import model_card, resolve_weights
-from node.atna import SyslogExporter
-from node.changes import record_changes
+from node.audit.atna import SyslogExporter
+from node.audit.changes import record_changes
+from node.components import Component
 from node.config import Settings
-from node.deliver import Deliverer
-from node.http_api import HttpServer, create_app
-from node.receive import Receiver
-from node.retro import RetroScanner, next_at
+from node.delivery.deliverer import Deliverer
+from node.dicom.scp import Receiver
+from node.http.api import HttpServer, create_app
+from node.infer.process import InferenceProcess, event
+from node.report.build import ReportConfig
+from node.retro.scanner import RetroScanner, next_at
 from node.schedule import ScheduledJob, Scheduler
-from node.scp_server import GuardedServer
-from storage import Database, record_event
+from storage import record_event
 from storage.audit import purge_events
-from storage.locks import (
-    cancel_wait,
-    release_scheduler_lock,
-    try_scheduler_lock,
-    wait_scheduler_lock,
-)
 from storage.schema import SchemaError, check
 from storage.tables import utcnow
-
-if TYPE_CHECKING:
-    from node.pipeline import InferenceWorker
 
 log = logging.getLogger("xrayage")
 
@@ -54,100 +51,107 @@ class NodeService:
     def __init__(self, settings: Settings, role: Role = "all") -> None:
         self.settings = settings
         self.role = role
-        roles = set(ROLES) if role == "all" else {role}
+        self.roles = set(ROLES) if role == "all" else {role}
         settings.storage.path.mkdir(parents=True, exist_ok=True)
-        self.db = Database(settings.database_url, settings.storage.database_timeout_seconds)
+        self.db = settings.storage.open_database()
         self.db.prepare_schema()
-        self.store = settings.file_store()
+        self.store = settings.storage.open_file_store()
         cfg = settings.model
-        weights = resolve_weights(cfg.weights, cfg.cache_dir) if cfg.weights else None
-        self.deliverer = (
-            Deliverer(settings, self.db) if settings.destinations and "deliver" in roles else None
-        )
-        # Only the inference role loads the network (and imports torch); the others need its
+        self.weights = resolve_weights(cfg.weights, cfg.cache_dir) if cfg.weights else None
+        # Only the inference part loads the network (and imports torch); the others need its
         # card (the gate's age range, the model identity that retro-scans compare against).
-        self.card: ModelCard | None = None
-        self.worker: InferenceWorker | None = None
-        if weights and "infer" in roles:
-            from ai.model import AgeModel
-            from node.pipeline import InferenceWorker
+        self.card: ModelCard | None = model_card(self.weights) if self.weights else None
+        # Reports wake the deliverer, queued images the inference part: events that work
+        # across processes, since inference runs in one of its own by default.
+        self.reported = event()
+        self.queued = event()
+        self.scheduler: Scheduler | None = None
+        self.components: list[Component] = []
+        # In start order (the model first: weights that cannot be loaded end `serve` before it
+        # accepts images); stopped in reverse.
+        for roles, build in COMPONENTS:
+            if roles is None or roles & self.roles:
+                part = build(self)
+                if part is not None:
+                    self.components.append(part)
 
-            model = AgeModel.load(weights, cfg.device, warm_up=True)
-            self.card = model.card
-            self.worker = InferenceWorker(
-                settings,
-                self.db,
-                self.store,
-                model,
-                on_reported=self.deliverer.wake.set if self.deliverer else None,
+    # -- the parts -------------------------------------------------------------------------
+    def inference(self) -> Component | None:
+        if self.weights is None:
+            return None
+        s = self.settings
+        reports = ReportConfig(s.report, s.node.ae_title, tuple(d.name for d in s.destinations))
+        if s.model.isolation == "process":
+            return InferenceProcess(
+                s.model, reports, s.storage, s.logging, self.db, self.weights, self.reported
             )
-        elif weights:
-            self.card = model_card(weights)
-        # The receiver stores what the SCP receives and what a C-GET retro-scan fetches.
-        self.receiver = Receiver(
-            settings,
-            self.db,
-            self.store,
-            self.card.age_range if self.card else (0.0, 200.0),
-            on_queued=self.worker.wake.set if self.worker else lambda: None,
-        )
-        self.listens = "receive" in roles
-        scheduling = "schedule" in roles
-        self.scanner = (
-            RetroScanner(settings, self.db, self.card.sha256, self.receiver.handle_store)
-            if settings.retro.peer is not None and self.card is not None and scheduling
-            else None
-        )
-        self.scheduler = Scheduler(self.db, self._scheduled_jobs()) if scheduling else None
-        syslog = settings.audit.syslog
-        self.exporter = (
-            SyslogExporter(syslog, self.db, settings.node.ae_title)
-            if syslog and scheduling
-            else None
-        )
-        http = settings.http
-        self.http = (
-            HttpServer(create_app(self.db, http.tokens, self.not_ready), http.host, http.port)
-            if http.port
-            else None
-        )
-        self._server: GuardedServer | None = None
-        self._lock: Connection | None = None  # holds the scheduler's lock on PostgreSQL
-        self._stopping = threading.Event()
-        self._scheduling = False
+        from ai.model import AgeModel
+        from node.infer.worker import InferenceWorker
 
-    def not_ready(self) -> list[str]:
-        """What keeps this process from doing its role's work now (``/readyz``)."""
-        problems = []
-        try:
-            check(self.db.engine)
-        except (SchemaError, SQLAlchemyError) as e:
-            problems.append(f"database: {str(e).splitlines()[0]}")
-        if self.listens and self._server is None:
-            problems.append("DICOM SCP not listening")
-        for name, thread in (("inference worker", self.worker), ("deliverer", self.deliverer)):
-            if thread is not None and not thread.is_alive():
-                problems.append(f"{name} not running")
-        if self.role in ("infer", "all") and self.worker is None:
-            problems.append("no [model] weights configured")
-        return problems
+        model = AgeModel.load(self.weights, s.model.device, warm_up=True)
+        return InferenceWorker(
+            s.model, reports, self.db, self.store, model, self.reported.set, self.queued
+        )
+
+    def receiver(self) -> Receiver:
+        s = self.settings
+        age_range = self.card.age_range if self.card else (0.0, 200.0)
+        return Receiver(s.node, s.gate, self.db, self.store, age_range, self.queued.set)
+
+    def deliverer(self) -> Deliverer | None:
+        s = self.settings
+        if not s.destinations:
+            return None
+        return Deliverer(s.destinations, s.delivery, s.node.ae_title, self.db, self.reported)
+
+    def exporter(self) -> SyslogExporter | None:
+        syslog = self.settings.audit.syslog
+        return SyslogExporter(syslog, self.db, self.settings.node.ae_title) if syslog else None
+
+    def schedule(self) -> Scheduler:
+        self.scheduler = Scheduler(self.db, self._scheduled_jobs(), self._lead)
+        return self.scheduler
+
+    def http(self) -> HttpServer | None:
+        http = self.settings.http
+        if not http.port:
+            return None
+        metrics = next(
+            (c.metrics_dir for c in self.components if isinstance(c, InferenceProcess)), None
+        )
+        app = create_app(self.db, http.tokens, self.not_ready, metrics)
+        return HttpServer(app, http.host, http.port)
 
     def _scheduled_jobs(self) -> list[ScheduledJob]:
         jobs = []
-        retro = self.settings.retro
-        if self.scanner is not None:
+        s = self.settings
+        retro = s.retro
+        if retro.peer is not None and self.card is not None:
+            # The C-STORE path this process's receiver would use, for C-GET retrievals.
+            receiver = self.receiver()
+            scanner = RetroScanner(
+                retro, s.gate, s.node.ae_title, self.db, self.card.sha256, receiver.handle_store
+            )
             # Grace: the window's length, so a run missed while the node was down still runs
             # when the node is back before the window ends, and not after.
             fire = CronTrigger.from_crontab(retro.schedule).get_next_fire_time(
                 None, dt.datetime.now().astimezone()
             )
             grace = int((next_at(fire, retro.window_end) - fire).total_seconds())
-            jobs.append(ScheduledJob("retro-scan", retro.schedule, grace, self.scanner.nightly))
-        if self.settings.audit.retention_days is not None:
             jobs.append(
-                ScheduledJob("audit-purge", self.settings.audit.purge_schedule, 86400, self.purge)
+                ScheduledJob(
+                    "retro-scan", retro.schedule, grace, scanner.nightly, scanner.stopping.set
+                )
             )
+        if s.audit.retention_days is not None:
+            jobs.append(ScheduledJob("audit-purge", s.audit.purge_schedule, 86400, self.purge))
         return jobs
+
+    def _lead(self) -> None:
+        """This process schedules now: record what changed in the config and the model."""
+        record_changes(self.db, self.settings, self.card)
+        if self.settings.retro.peer is not None and self.card is None:
+            log.warning("[retro] peer configured, but retro-scans need [model] weights")
 
     def purge(self) -> int:
         """The audit log's retention purge (``[audit] retention_days``)."""
@@ -156,104 +160,43 @@ class NodeService:
         with self.db.session() as s:
             return purge_events(s, utcnow() - dt.timedelta(days=days), "schedule")
 
+    # -- life ------------------------------------------------------------------------------
+    def not_ready(self) -> list[str]:
+        """What keeps this process from doing its role's work now (``/readyz``)."""
+        problems = []
+        try:
+            check(self.db.engine)
+        except (SchemaError, SQLAlchemyError) as e:
+            problems.append(f"database: {str(e).splitlines()[0]}")
+        for part in self.components:
+            problems += part.problems()
+        if "infer" in self.roles and self.weights is None:
+            problems.append("no [model] weights configured")
+        return problems
+
     def start(self) -> None:
         removed = self.store.clean_tmp()
         if removed:
             log.info("removed %d partial files left by an earlier stop", removed)
-        node = self.settings.node
-        where = f" on port {node.port}" if self.listens else ""
-        with self.db.session() as s:
-            record_event(s, "node", detail=f"started as {node.ae_title} ({self.role}){where}")
-        if self.listens:
-            self._server = self.receiver.start()
-            log.info("listening as %s on %s:%d", node.ae_title, node.host, node.port)
-        if self.worker is not None:
-            model = self.worker.model
-            card = model.card
-            log.info(
-                "model %s %s (sha256 %s) on %s%s",
-                card.name,
-                card.version,
-                card.sha256,
-                model.device,
-                " - UNTRAINED weights" if card.untrained else "",
-            )
-            self.worker.start()
-        elif self.role in ("infer", "all"):
+        for part in self.components:
+            part.start()
+        if "infer" in self.roles and self.weights is None:
             log.warning(
                 "no [model] weights configured: images are received and queued, "
                 "and inference waits until a model is configured"
             )
-        for thread in (self.deliverer, self.exporter):
-            if thread is not None:
-                thread.start()
-        if self.scheduler is not None:
-            self._start_scheduling()
-        if self.http is not None:
-            self.http.start()
-            log.info("HTTP on %s:%d", self.settings.http.host, self.settings.http.port)
-            if not self.settings.http.tokens:
-                log.warning("[http] has no tokens: only /healthz, /readyz and /metrics answer")
-
-    def _start_scheduling(self) -> None:
-        """Scheduling runs once per deployment: on PostgreSQL the process that holds the
-        scheduler's advisory lock; another says so and waits for it (SQLite has one ``serve``
-        per data folder anyway)."""
-        if self.db.engine.dialect.name == "postgresql":
-            self._lock = self.db.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
-            if not try_scheduler_lock(self._lock):
-                log.warning(
-                    "another process schedules for this database (retro-scans, audit purge, "
-                    "config changes): this one waits until it stops"
-                )
-                threading.Thread(
-                    target=self._schedule_when_locked, name="xrayage-schedule-lock", daemon=True
-                ).start()
-                return
-        self._schedule()
-
-    def _schedule_when_locked(self) -> None:
-        assert self._lock is not None
-        try:
-            wait_scheduler_lock(self._lock)
-        except SQLAlchemyError:
-            if not self._stopping.is_set():
-                raise
-        if self._stopping.is_set():  # stop() cancelled the wait, or came just after it
-            self._lock.close()
-            return
-        log.info("scheduler lock taken: this process schedules now")
-        self._schedule()
-
-    def _schedule(self) -> None:
-        assert self.scheduler is not None
-        self._scheduling = True
-        record_changes(self.db, self.settings, self.card)
-        if self.settings.retro.peer is not None and self.scanner is None:
-            log.warning("[retro] peer configured, but retro-scans need [model] weights")
-        self.scheduler.start()
+        if self.settings.http.port and not self.settings.http.tokens:
+            log.warning("[http] has no tokens: only /healthz, /readyz and /metrics answer")
+        node = self.settings.node
+        where = f" on port {node.port}" if "receive" in self.roles else ""
+        with self.db.session() as s:
+            record_event(s, "node", detail=f"started as {node.ae_title} ({self.role}){where}")
 
     def stop(self) -> None:
-        self._stopping.set()
-        if self.http is not None:
-            self.http.stop()
-        if self.scanner is not None:
-            self.scanner.stopping.set()
-        if self.scheduler is not None:
-            self.scheduler.stop()
-        if self._server is not None:
-            self._server.shutdown()
-        for thread in (self.worker, self.deliverer, self.exporter):
-            if thread is not None and thread.is_alive():
-                thread.stop()
-                thread.join(timeout=60)
+        for part in reversed(self.components):
+            part.stop()
         with self.db.session() as s:
             record_event(s, "node", detail=f"stopped ({self.role})")
-        if self._lock is not None:
-            if self._scheduling:
-                release_scheduler_lock(self._lock)
-            else:
-                cancel_wait(self._lock)  # the waiting thread closes it
         self.db.dispose()
 
     def serve_forever(self) -> None:
@@ -264,3 +207,15 @@ class NodeService:
         stop.wait()
         log.info("stopping")
         self.stop()
+
+
+Build = Callable[[NodeService], Component | None]
+# Which part runs in which role (None: in every role), in start order.
+COMPONENTS: list[tuple[set[Role] | None, Build]] = [
+    ({"infer"}, NodeService.inference),
+    ({"deliver"}, NodeService.deliverer),
+    ({"schedule"}, NodeService.exporter),
+    ({"receive"}, NodeService.receiver),
+    ({"schedule"}, NodeService.schedule),
+    (None, NodeService.http),
+]

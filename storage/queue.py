@@ -20,7 +20,6 @@ from storage.tables import (
     InstanceState,
     Job,
     JobState,
-    Result,
     utcnow,
 )
 
@@ -88,16 +87,6 @@ def fail_exhausted(session: Session, max_attempts: int) -> list[tuple[int, str]]
     return ended
 
 
-def stored_age(session: Session, instance_id: int, model_sha256: str) -> float | None:
-    """The X-ray age this model already gave the instance (committed when it became
-    ``inferred``), or None."""
-    return session.scalar(
-        select(Result.xray_age).where(
-            Result.instance_id == instance_id, Result.model_sha256 == model_sha256
-        )
-    )
-
-
 def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -112,25 +101,27 @@ def requeue_orphans(session: Session, host: str, alive: Callable[[int], bool] = 
     """Give back at once the jobs that a dead process on this host held (owner ``host:pid``),
     so that a restart after ``kill -9`` does not wait for their leases to expire. Jobs of other
     hosts, and of PIDs reused by a live process, still come back when their lease expires."""
-    orphans = [
-        job.id
-        for job in session.scalars(
-            select(Job).where(Job.state == JobState.RUNNING, Job.owner.startswith(f"{host}:"))
+    owners = {
+        owner
+        for owner in session.scalars(
+            select(Job.owner).where(Job.state == JobState.RUNNING, Job.owner.startswith(f"{host}:"))
         )
-        if not alive(int(job.owner.rpartition(":")[2]))  # type: ignore[union-attr]
-    ]
-    if orphans:
-        session.execute(
+        if owner is not None and not alive(int(owner.rpartition(":")[2]))
+    }
+    return sum(requeue_owner(session, owner, f"worker process {owner} died") for owner in owners)
+
+
+def requeue_owner(session: Session, owner: str, cause: str) -> int:
+    """Give back the running jobs of ``owner`` (``host:pid``), a process known to be dead, with
+    ``cause`` as their error: what :func:`fail_exhausted` quotes if the image keeps killing it."""
+    return len(
+        session.scalars(
             update(Job)
-            .where(Job.id.in_(orphans))
-            .values(
-                state=JobState.QUEUED,
-                owner=None,
-                lease_until=None,
-                error="worker process " + Job.owner + " died",
-            )
-        )
-    return len(orphans)
+            .where(Job.state == JobState.RUNNING, Job.owner == owner)
+            .values(state=JobState.QUEUED, owner=None, lease_until=None, error=cause)
+            .returning(Job.id)
+        ).all()
+    )
 
 
 def claim_deliveries(session: Session, limit: int, lease: dt.timedelta) -> list[Delivery]:

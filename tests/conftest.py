@@ -45,11 +45,13 @@ def chest_ds(chest_pa: Path) -> pydicom.Dataset:
 @contextmanager
 def node_in_process(tmp_path: Path, role: Role = "all", **sections: Any) -> Iterator[NodeService]:
     """A running node in the test's own process; ``sections`` as in the config file, with
-    ``node`` and ``storage`` merged into loopback, a free port and a folder under ``tmp_path``."""
+    ``node`` and ``storage`` merged into loopback, a free port and a folder under ``tmp_path``,
+    and the model in a thread (``serve`` in a subprocess tests the inference process)."""
     settings = load_settings(
         None,
         node={"host": "127.0.0.1", "port": free_port(), **sections.pop("node", {})},
         storage={"path": tmp_path / "data", **sections.pop("storage", {})},
+        model={"isolation": "thread", **sections.pop("model", {})},
         **sections,
     )
     service = NodeService(settings, role)
@@ -100,10 +102,14 @@ def dciodvfy_errors(path: Path) -> list[str]:
     return [line for line in (out.stdout + out.stderr).splitlines() if line.startswith("Error")]
 
 
-def storescu(port: int, *files: Path, called: str = "XRAYAGE") -> subprocess.CompletedProcess[str]:
+def storescu(
+    port: int, *files: Path, called: str = "XRAYAGE", options: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess[str]:
+    """DCMTK's storescu; ``options`` e.g. ``("-xt",)`` to propose JPEG-LS as well."""
     require(STORESCU)
     return subprocess.run(
-        [STORESCU, "-aet", "STORESCU", "-aec", called, "127.0.0.1", str(port), *map(str, files)],
+        [STORESCU, *options, "-aet", "STORESCU", "-aec", called, "127.0.0.1", str(port)]
+        + [str(f) for f in files],
         capture_output=True,
         text=True,
         timeout=120,

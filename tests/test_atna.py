@@ -102,6 +102,10 @@ def test_events_reach_a_tcp_collector_and_a_backlog_follows_an_outage(
         assert objects == {"1": patient, "2": str(chest_ds.StudyInstanceUID)}
         users = [p.get("UserID") for p in received.iter("ActiveParticipant")]
         assert users == ["STORESCU", "XRAYAGE"]
+        (described,) = received.iter("SOPClass")  # PS3.15 A.5.3: UID is required
+        assert described.get("UID") == chest_ds.SOPClassUID
+        first = pydicom.dcmread(chest[0], stop_before_pixels=True).SOPInstanceUID
+        assert [i.get("UID") for i in described.iter("Instance")] == [first]
         assert "110100" in collector.event_ids()  # application activity: the node started
 
         collector.close()  # the collector goes away; events keep happening

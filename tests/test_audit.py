@@ -14,7 +14,7 @@ from sqlalchemy import select, text, update
 from sqlalchemy.exc import DatabaseError
 
 from ai import ModelCard
-from node.changes import record_changes
+from node.audit.changes import record_changes
 from node.config import load_settings
 from storage import AuditEvent, Database, Instance, InstanceState, record_event
 from storage.audit import AuditQuery, query_events

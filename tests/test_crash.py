@@ -18,7 +18,7 @@ import pydicom
 from sqlalchemy import select
 
 from ai.card import file_sha256
-from node.uids import ReportUIDs
+from node.report.uids import ReportUIDs
 from storage import Database, Job, JobState
 from storage.queue import requeue_orphans
 from storage.tables import Instance, InstanceState, utcnow

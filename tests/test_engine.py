@@ -20,7 +20,8 @@ from pydicom.uid import generate_uid
 from ai import AgeModel, Engine, display_values
 from ai.evaluate import agreement, read_labels
 from node.config import load_settings
-from node.pipeline import InferenceWorker
+from node.infer.worker import InferenceWorker
+from node.report.build import ReportConfig
 from storage import Database, FileStore, Instance, InstanceState, Job, JobState, Result
 from tests.test_cli import run
 
@@ -71,7 +72,8 @@ def test_the_worker_waits_for_a_full_batch(
     )
     db = Database(f"sqlite:///{tmp_path / 'x.db'}")
     db.create_schema()
-    worker = InferenceWorker(settings, db, FileStore(tmp_path / "dicom"), model)
+    reports = ReportConfig(settings.report, "XRAYAGE", ())
+    worker = InferenceWorker(settings.model, reports, db, FileStore(tmp_path / "dicom"), model)
     files = _variants(chest_ds, tmp_path / "in", 4)
 
     def enqueue(path: Path) -> None:

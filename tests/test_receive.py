@@ -15,7 +15,8 @@ from pynetdicom.dimse_primitives import C_ECHO
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from sqlalchemy import func, select
 
-from node.scu import on_connect, send_files
+from node.dicom.scp import Receiver
+from node.dicom.scu import on_connect, send_files
 from node.service import NodeService
 from storage import AuditEvent, Delivery, DeliveryState, Instance, InstanceState, Job
 from storage.tables import utcnow
@@ -103,8 +104,9 @@ def test_both_ends_of_an_association_send_each_pdu_at_once(receiver: NodeService
     )  # fmt: skip
     assert assoc.is_established
     try:
-        assert receiver._server is not None
-        (accepted,) = receiver._server.active_associations
+        (scp,) = [c for c in receiver.components if isinstance(c, Receiver)]
+        assert scp.server is not None
+        (accepted,) = scp.server.active_associations
         ends = [a.dul.socket.socket for a in (assoc, accepted)]  # type: ignore[union-attr]
         assert all(s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) for s in ends)
     finally:

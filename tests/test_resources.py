@@ -11,7 +11,7 @@ from pathlib import Path
 import pydicom
 from sqlalchemy import select
 
-from node.scu import send_files
+from node.dicom.scu import send_files
 from storage import AuditEvent, Instance, Job
 from tests.conftest import node_config, node_in_process, small_chests
 from tests.servers import NodeProcess, free_port

@@ -18,7 +18,7 @@ from pydicom.uid import generate_uid
 from sqlalchemy import select
 
 from node.config import load_settings
-from node.retro import Budget, RetroScanner
+from node.retro.scanner import Budget, RetroScanner
 from node.schedule import detach
 from node.service import NodeService
 from storage import Database, Instance, InstanceState
@@ -274,7 +274,7 @@ def test_a_move_the_archive_cannot_complete_pauses_the_scan_with_its_status(
     )  # fmt: skip
     db = Database.sqlite_in(tmp_path)
     db.create_schema()
-    scanner = RetroScanner(settings, db, "0" * 64)
+    scanner = RetroScanner(settings.retro, settings.gate, "XRAYAGE", db, "0" * 64)
     scan_id = scanner.start("test", dt.date(2026, 11, 10), dt.date(2026, 11, 10))
     scan = scanner.run(scan_id, "test", Budget(10), None)
     assert scan.state == ScanState.PAUSED and scan.fetched == 0

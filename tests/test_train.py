@@ -23,9 +23,9 @@ from ai.train import (
     nih_examples,
     split_by_patient,
 )
-from node.findings import Findings
-from node.report import CORRECTED_DIFFERENCE, build_sr
-from node.uids import ReportUIDs
+from node.report.findings import Findings
+from node.report.sr import CORRECTED_DIFFERENCE, build_sr
+from node.report.uids import ReportUIDs
 from tests.conftest import dciodvfy_errors
 from tests.servers import XRAYAGE
 

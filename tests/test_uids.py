@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pydicom.uid import UID
 
-from node.uids import ReportUIDs, device_uid
+from node.report.uids import ReportUIDs, device_uid
 
 SOURCE = "1.2.826.0.1.3680043.8.498.1"
 

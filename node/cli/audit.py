@@ -1,0 +1,101 @@
+"""``xrayage audit``: query the audit log; ``xrayage audit-purge``: the retention purge."""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import getpass
+import json
+import sys
+from enum import StrEnum
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from node.cli.support import ConfigOption, open_database, user_errors
+from node.config import ConfigError, load_settings
+from storage import utcnow
+from storage.audit import FIELDS, AuditQuery, as_dict, purge_events, run_query
+
+
+class Format(StrEnum):
+    table = "table"
+    csv = "csv"
+    json = "json"
+
+
+def parse_time(value: str | None, name: str) -> dt.datetime | None:
+    """A date or an ISO 8601 date and time; without a zone it is UTC, like the log."""
+    if value is None:
+        return None
+    try:
+        parsed = dt.datetime.fromisoformat(value)
+    except ValueError:
+        raise ConfigError(f"{name}: {value!r} is not a date (YYYY-MM-DD[THH:MM[:SS]][Z])") from None
+    return parsed.replace(tzinfo=dt.UTC) if parsed.tzinfo is None else parsed
+
+
+Text = Annotated[str | None, typer.Option()]
+
+
+@user_errors
+def audit(
+    since: Annotated[str | None, typer.Option(help="from this UTC date or time")] = None,
+    until: Annotated[str | None, typer.Option(help="before this UTC date or time")] = None,
+    patient_id: Text = None,
+    study: Annotated[str | None, typer.Option(help="Study Instance UID")] = None,
+    accession: Text = None,
+    event: Annotated[str | None, typer.Option(help="received, skipped, reported, ...")] = None,
+    outcome: Annotated[str | None, typer.Option(help="success or failure")] = None,
+    limit: Annotated[int, typer.Option(min=1, max=100000)] = 100,
+    format: Annotated[Format, typer.Option("--format", "-f")] = Format.table,
+    config: ConfigOption = None,
+) -> None:
+    """Events of the audit log, newest first. The query itself is logged too."""
+    query = AuditQuery(
+        since=parse_time(since, "--since"),
+        until=parse_time(until, "--until"),
+        patient_id=patient_id,
+        study=study,
+        accession=accession,
+        event=event,
+        outcome=outcome,
+        limit=limit,
+    )
+    db = open_database(load_settings(config))
+    try:
+        with db.session() as s:
+            rows = [as_dict(r) for r in run_query(s, query, f"cli:{getpass.getuser()}")]
+    finally:
+        db.dispose()
+    if format == Format.json:
+        json.dump(rows, sys.stdout, indent=1)
+        sys.stdout.write("\n")
+    elif format == Format.csv:
+        writer = csv.DictWriter(sys.stdout, fieldnames=FIELDS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+    else:
+        table = Table(*FIELDS, box=None)
+        for row in rows:
+            table.add_row(*("" if row[f] is None else str(row[f]) for f in FIELDS))
+        Console(width=240).print(table)
+        typer.echo(f"{len(rows)} events" + (" (--limit reached)" if len(rows) == limit else ""))
+
+
+@user_errors
+def audit_purge(
+    older_than_days: Annotated[int, typer.Option(min=1, help="delete events older than this")],
+    config: ConfigOption = None,
+) -> None:
+    """Delete old audit events (retention); the purge itself is logged."""
+    db = open_database(load_settings(config))
+    try:
+        with db.session() as s:
+            before = utcnow() - dt.timedelta(days=older_than_days)
+            count = purge_events(s, before, f"cli:{getpass.getuser()}")
+    finally:
+        db.dispose()
+    typer.echo(f"deleted {count} audit events older than {before:%Y-%m-%d %H:%M} UTC")

@@ -1,0 +1,166 @@
+"""The ``xrayage`` command. A user mistake ends in one line on stderr and exit status 2."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Annotated
+
+import pydicom
+import typer
+
+from node.cli.audit import audit, audit_purge
+from node.cli.db import db_app
+from node.cli.infer import evaluate, infer
+from node.cli.model import model_app
+from node.cli.rescan import rescan
+from node.cli.retry import retry
+from node.cli.support import ConfigOption, user_errors
+from node.cli.train import train
+from node.config import ConfigError, load_settings
+from node.logs import configure_logging
+from storage.locks import lock_folder
+
+app = typer.Typer(
+    help="xrayage: X-ray age from frontal chest radiographs, as a DICOM node.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+app.command()(infer)
+app.command()(evaluate)
+app.command()(retry)
+app.command()(rescan)
+app.command()(train)
+app.command()(audit)
+app.command("audit-purge")(audit_purge)
+app.add_typer(model_app, name="model")
+app.add_typer(db_app, name="db")
+
+
+@app.command()
+@user_errors
+def serve(
+    config: ConfigOption = None,
+    role: Annotated[
+        str,
+        typer.Option(
+            help="what this process does: receive, infer, deliver, schedule, or all of them"
+        ),
+    ] = "all",
+) -> None:
+    """Run the node: receive, infer, report, deliver (or one of these, to scale out)."""
+    from node.service import ROLES, NodeService
+
+    if role not in (*ROLES, "all"):
+        raise ConfigError(f"--role must be one of {', '.join(ROLES)} or all, not {role!r}")
+    settings = load_settings(config)
+    configure_logging(settings.logging)
+    # SQLite has one writer: a second serve on the folder would run a second scheduler and
+    # record config changes that never happened. Roles sharing PostgreSQL need no such lock.
+    held = lock_folder(settings.storage.path) if settings.storage.database_url is None else None
+    try:
+        NodeService(settings, role).serve_forever()  # type: ignore[arg-type]
+    finally:
+        if held is not None:
+            held.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _default_demo_file() -> Path:
+    try:
+        import data_store  # the pydicom-data package, installed by the [demo] extra
+    except ImportError:
+        raise ConfigError(
+            "no FILE given and pydicom-data is not installed: pass a DICOM file "
+            "or `pip install 'xrayage[demo]'`"
+        ) from None
+    return Path(data_store.__file__).parent / "data" / "RG1_UNCR.dcm"
+
+
+@app.command()
+@user_errors
+def demo(
+    file: Annotated[
+        Path | None, typer.Argument(help="a chest radiograph (default: pydicom-data's)")
+    ] = None,
+    data: Annotated[
+        Path | None, typer.Option(help="folder for the demo's data (default: temp)")
+    ] = None,
+    timeout: Annotated[float, typer.Option(help="seconds to wait for the report")] = 300,
+) -> None:
+    """First look, no PACS and no trained weights: send FILE to a node running here, show the SR."""
+    from ai import build_untrained_model
+    from node.dicom.scu import send_files
+    from node.service import NodeService
+    from storage import Instance, Result
+
+    source = file or _default_demo_file()
+    if not source.is_file():
+        raise ConfigError(f"not a file: {source}")
+    folder = data or Path(tempfile.mkdtemp(prefix="xrayage-demo-"))
+    weights = folder / "models" / "untrained-seresnet.pt"
+    build_untrained_model(weights)
+    port = _free_port()
+    settings = load_settings(
+        None,
+        node={"ae_title": "XRAYAGE", "host": "127.0.0.1", "port": port},
+        storage={"path": folder},
+        model={"weights": str(weights)},
+    )
+    configure_logging(settings.logging)
+    node = NodeService(settings)
+    node.start()
+    try:
+        uid = str(pydicom.dcmread(source, stop_before_pixels=True).SOPInstanceUID)
+        error = send_files("DEMO", "XRAYAGE", "127.0.0.1", port, [source])[0]
+        if error:
+            raise ConfigError(f"{source}: not stored by the node: {error}")
+        deadline = time.monotonic() + timeout
+        while True:
+            with node.db.session() as s:
+                inst = s.query(Instance).filter_by(sop_instance_uid=uid).one()
+                result = s.query(Result).filter_by(instance_id=inst.id).one_or_none()
+                state, reason = inst.state.value, inst.reason
+            if state in ("reported", "delivered", "skipped", "failed"):
+                break
+            if time.monotonic() > deadline:
+                raise ConfigError(f"no report after {timeout:g} s (state {state})")
+            time.sleep(0.2)
+    finally:
+        node.stop()
+    if result is None:
+        typer.echo(f"{source}: {state}: {reason}")
+        raise typer.Exit(1)
+    typer.echo(
+        f"\nX-ray age {result.xray_age:.2f} years  (UNTRAINED demo weights: "
+        "not an age estimate; configure real weights for that)"
+    )
+    typer.echo(f"SR:               {result.sr_path}")
+    if result.sc_path:
+        typer.echo(f"Secondary Capture: {result.sc_path}")
+    typer.echo(f"data folder:      {folder}\n")
+    dsrdump = shutil.which("dsrdump") or (
+        "/usr/bin/dsrdump" if Path("/usr/bin/dsrdump").exists() else None
+    )
+    if dsrdump:
+        sys.stdout.flush()
+        subprocess.run([dsrdump, str(result.sr_path)], check=False)
+    else:
+        typer.echo("(install DCMTK for dsrdump to print the SR's content tree)")
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,101 @@
+"""What every ``xrayage`` command shares: one-line user errors, the config option, weights."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
+
+import typer
+from pydantic import ValidationError
+from pydicom.errors import InvalidDicomError
+from sqlalchemy.exc import OperationalError
+
+from ai.card import ModelCardError
+from ai.errors import (
+    DownloadError,
+    LabelsError,
+    ModelLoadError,
+    PreprocessError,
+    UnknownArchitecture,
+)
+from ai.presets import WeightsNotFound, resolve_weights
+from node.config import ConfigError, Settings
+from storage import Database
+from storage.locks import FolderInUse
+from storage.schema import SchemaError
+
+if TYPE_CHECKING:
+    from ai.model import AgeModel
+
+F = TypeVar("F", bound=Callable[..., Any])
+USER_ERRORS = (
+    ConfigError,
+    DownloadError,
+    LabelsError,
+    ModelLoadError,
+    ModelCardError,
+    PreprocessError,
+    UnknownArchitecture,
+    ValidationError,
+    InvalidDicomError,
+    SchemaError,
+    WeightsNotFound,
+    FolderInUse,
+)
+
+ConfigOption = Annotated[
+    Path | None, typer.Option("--config", "-c", help="TOML config file", dir_okay=False)
+]
+WeightsOption = Annotated[
+    str | None,
+    typer.Option(help="preset name (see `xrayage model list`) or TorchScript/safetensors file"),
+]
+DeviceOption = Annotated[str | None, typer.Option(help="auto, cpu or cuda")]
+
+
+def user_errors(func: F) -> F:
+    """A user's mistake ends in ``xrayage: error: ...`` on stderr and exit status 2."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except USER_ERRORS as e:
+            typer.echo(f"xrayage: error: {e}", err=True)
+            raise typer.Exit(2) from None
+        except OperationalError as e:  # the database server refused or is unreachable
+            typer.echo(f"xrayage: error: database: {str(e.orig).strip().splitlines()[0]}", err=True)
+            raise typer.Exit(2) from None
+        except OSError as e:
+            typer.echo(
+                f"xrayage: error: {e.strerror or e}: {e.filename or ''}".rstrip(": "), err=True
+            )
+            raise typer.Exit(2) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def load_model(settings: Settings, weights: str | None, device: str | None) -> AgeModel:
+    chosen = weights or settings.model.weights
+    if not chosen:
+        raise ConfigError(
+            "no weights: pass --weights PATH|PRESET or set [model] weights in the config"
+        )
+    from ai.model import AgeModel  # torch loads here, not for every command
+
+    path = resolve_weights(chosen, settings.model.cache_dir)
+    return AgeModel.load(path, device or settings.model.device)
+
+
+def open_database(settings: Settings) -> Database:
+    """The node's database, which must exist: a command never creates an empty one by mistake."""
+    url = settings.storage.url
+    if url.startswith("sqlite:///"):
+        path = Path(url.removeprefix("sqlite:///"))
+        if not path.is_file():
+            raise ConfigError(
+                f"no database at {path}: check [storage] path (the node creates it on first start)"
+            )
+    return settings.storage.open_database()

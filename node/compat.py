@@ -1,0 +1,103 @@
+"""The private names of pynetdicom and highdicom that the node relies on, fenced in one place.
+
+Each was checked against the versions in :data:`CHECKED`; pyproject.toml allows the same
+ranges, and tests/test_compat.py fails when an installed version leaves them or a name is gone,
+so that an upgrade is a decision taken here and not a surprise on a hospital's node.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import highdicom as hd
+from pydicom.dataset import Dataset
+from pynetdicom import AE
+from pynetdicom.association import Association
+from pynetdicom.dimse import DIMSEServiceProvider
+from pynetdicom.dimse_primitives import DimseServiceType
+from pynetdicom.transport import AssociationServer, AssociationSocket, RequestHandler
+
+# library -> (lowest checked version, first version not checked)
+CHECKED = {"pynetdicom": ("3.0.4", "3.1"), "highdicom": ("0.28.2", "0.29")}
+
+
+def register_server(ae: AE, server: AssociationServer) -> None:
+    """What ``AE.start_server`` does after starting its server: remember it, so that
+    ``AE.shutdown`` stops it. The node builds its server with ``make_server`` (a server class of
+    its own, which ``start_server`` cannot take) and starts it as ``start_server`` does."""
+    ae._servers.append(server)
+
+
+class HookedRequestHandler(RequestHandler):
+    """pynetdicom's request handler with a public hook on the association it creates for each
+    connection, before the association starts (``_create_association`` is private)."""
+
+    def _create_association(self) -> Any:
+        assoc = super()._create_association()
+        self.association_created(assoc)
+        return assoc
+
+    def association_created(self, assoc: Association) -> None:
+        """Called with each new association, before its state machine runs."""
+
+
+def server_of(assoc: Association) -> AssociationServer:
+    """The server that accepted ``assoc`` (pynetdicom keeps it private): the guarded socket
+    reads its limits there."""
+    server: AssociationServer = assoc._server
+    return server
+
+
+def use_socket_class(assoc: Association, cls: type[AssociationSocket]) -> None:
+    """Give the socket pynetdicom made for ``assoc`` the behaviour of ``cls``, a subclass that
+    only overrides methods: constructing another would announce the connection to the state
+    machine a second time (Evt5)."""
+    assert assoc.dul.socket is not None
+    assoc.dul.socket.__class__ = cls
+
+
+def responses_to_caller(assoc: Association) -> None:
+    """Leave every DIMSE message to the ``send_*()`` call that waits for it.
+
+    pynetdicom 3.0.4's reactor thread polls the association's DIMSE queue between operations,
+    and ``send_*()`` pauses it by checking a flag the reactor may not have updated since the
+    previous operation resumed it. When a request follows another on the same association
+    before the reactor thread has run, the reactor can take the peer's first response and drop
+    it ("Received unexpected C-FIND service message", pynetdicom issue 875): a C-FIND match
+    lost without any error (measured: 1 to 4 of 150 to 500 studies of a retro-scan), a C-STORE
+    response lost until the DIMSE timeout. An association this node requests serves no requests
+    of its own (a C-GET's C-STOREs are handled inside ``send_c_get``), so the reactor's
+    non-blocking poll is answered empty."""
+    waiting = assoc.dimse.get_msg
+
+    def get_msg(block: bool = False) -> tuple[None, None] | tuple[int, DimseServiceType]:
+        return waiting(block=True) if block else (None, None)
+
+    assoc.dimse.get_msg = get_msg  # type: ignore[method-assign]
+
+
+class EntryDescriptors(hd.sr.ImageLibraryEntryDescriptors):
+    """highdicom's TID 1602 entry descriptors with the TID 1603 projection-radiography items
+    made by :meth:`projection_descriptors` (highdicom's own generator is private)."""
+
+    def _generate_projection_radiography_descriptors(self, dataset: Dataset) -> list[Any]:  # type: ignore[override]
+        return self.projection_descriptors(dataset)
+
+    def projection_descriptors(self, dataset: Dataset) -> list[Any]:
+        raise NotImplementedError
+
+
+PRIVATE_NAMES: dict[str, Callable[[], object]] = {
+    "pynetdicom AE._servers": lambda: AE()._servers,
+    "pynetdicom RequestHandler._create_association": lambda: RequestHandler._create_association,
+    "pynetdicom DIMSEServiceProvider.get_msg (replaced per association)": (
+        lambda: DIMSEServiceProvider.get_msg
+    ),
+    "pynetdicom Association._server": lambda: (
+        "_server" in vars(Association(AE(), "acceptor")) or None
+    ),
+    "highdicom ImageLibraryEntryDescriptors._generate_projection_radiography_descriptors": (
+        lambda: hd.sr.ImageLibraryEntryDescriptors._generate_projection_radiography_descriptors
+    ),
+}

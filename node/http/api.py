@@ -1,0 +1,196 @@
+"""The read-only HTTP API: audit-log queries, instance states, a status page; and, with no
+token, the probes ``/healthz`` (the process answers and its database is reachable) and
+``/readyz`` (this role can do its work: schema current, SCP listening, model loaded), and the
+Prometheus ``/metrics`` (:mod:`node.metrics`; no patient data in it).
+
+Every ``/api`` route needs ``Authorization: Bearer <token>`` with one of ``[http] tokens``;
+the token's name is the actor recorded in the audit log for the query. Lists are newest first
+and paged by keyset (``before_id``), which stays fast at millions of rows: each page's
+``next`` is the URL of the following one, or null.
+"""
+
+import datetime as dt
+import logging
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from importlib.resources import files
+from pathlib import Path
+from typing import Annotated, Any
+
+import uvicorn
+from fastapi import Depends, FastAPI, HTTPException, Query, Request, status
+from fastapi.responses import HTMLResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from sqlalchemy import desc, func, select, text
+
+from node.config import ConfigError
+from node.metrics import registry_for
+from storage import Database, Instance, InstanceState, record_event
+from storage.audit import AuditQuery, as_dict, run_query
+
+MAX_PAGE = 1000
+log = logging.getLogger("xrayage.http")
+PAGE = (files("node.http") / "web" / "index.html").read_text()
+
+
+def create_app(
+    db: Database,
+    tokens: dict[str, str],
+    readiness: Callable[[], list[str]] = list,
+    child_metrics: Path | None = None,
+) -> FastAPI:
+    """``readiness`` lists what keeps this process from being ready (empty: ready);
+    ``child_metrics``: the inference process's metric files, summed into ``/metrics``."""
+    app = FastAPI(title="xrayage", docs_url=None, redoc_url=None, openapi_url="/api/openapi.json")
+    bearer = HTTPBearer(auto_error=False)
+
+    def caller(creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> str:
+        given = creds.credentials.encode() if creds else b""
+        for name, token in tokens.items():
+            if creds and secrets.compare_digest(given, token.encode()):
+                return f"api:{name}"
+        raise HTTPException(
+            status.HTTP_401_UNAUTHORIZED,
+            "a valid bearer token is required",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+
+    Caller = Annotated[str, Depends(caller)]
+    Limit = Annotated[int, Query(ge=1, le=MAX_PAGE)]
+
+    def next_url(request: Request, rows: list[Any], limit: int) -> str | None:
+        if len(rows) < limit:
+            return None
+        return str(request.url.include_query_params(before_id=rows[-1].id))
+
+    @app.get("/healthz")
+    def healthz() -> dict[str, str]:
+        try:
+            with db.session() as s:
+                s.execute(text("SELECT 1"))
+        except Exception as e:
+            raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, f"database: {e}") from None
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    def readyz() -> dict[str, str]:
+        problems = readiness()
+        if problems:
+            raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "; ".join(problems))
+        return {"status": "ready"}
+
+    metrics = registry_for(db, child_metrics)
+
+    @app.get("/metrics")
+    def prometheus() -> Response:
+        return Response(generate_latest(metrics), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/", response_class=HTMLResponse)
+    def page() -> str:
+        return PAGE
+
+    @app.get("/api/audit")
+    def audit(
+        request: Request,
+        actor: Caller,
+        since: dt.datetime | None = None,
+        until: dt.datetime | None = None,
+        patient_id: str | None = None,
+        study: str | None = None,
+        accession: str | None = None,
+        event: str | None = None,
+        outcome: str | None = None,
+        limit: Limit = 100,
+        before_id: int | None = None,
+    ) -> dict[str, Any]:
+        query = AuditQuery(
+            since=_utc(since), until=_utc(until), patient_id=patient_id, study=study,
+            accession=accession, event=event, outcome=outcome, limit=limit, before_id=before_id,
+        )  # fmt: skip
+        with db.session() as s:
+            rows = run_query(s, query, actor)
+            return {"events": [as_dict(r) for r in rows], "next": next_url(request, rows, limit)}
+
+    @app.get("/api/instances")
+    def instances(
+        request: Request,
+        actor: Caller,
+        state: InstanceState | None = None,
+        limit: Limit = 100,
+        before_id: int | None = None,
+    ) -> dict[str, Any]:
+        stmt = select(Instance)
+        if state is not None:
+            stmt = stmt.where(Instance.state == state)
+        if before_id is not None:
+            stmt = stmt.where(Instance.id < before_id)
+        with db.session() as s:
+            rows = list(s.scalars(stmt.order_by(desc(Instance.id)).limit(limit)))
+            counts = dict(
+                s.execute(select(Instance.state, func.count()).group_by(Instance.state)).all()
+            )
+            which = state.value if state else "any"
+            record_event(
+                s,
+                "audit-query",
+                actor=actor,
+                detail=f"instance states: state={which}; {len(rows)} rows",
+            )
+            return {
+                "counts": {k.value: v for k, v in counts.items()},
+                "instances": [_instance(i) for i in rows],
+                "next": next_url(request, rows, limit),
+            }
+
+    return app
+
+
+def _utc(value: dt.datetime | None) -> dt.datetime | None:
+    """Query times without a zone are UTC, like the log."""
+    return value.replace(tzinfo=dt.UTC) if value is not None and value.tzinfo is None else value
+
+
+def _instance(inst: Instance) -> dict[str, Any]:
+    return {
+        "id": inst.id,
+        "sop_instance_uid": inst.sop_instance_uid,
+        "study_instance_uid": inst.study_instance_uid,
+        "patient_id": inst.patient_id,
+        "accession_number": inst.accession_number,
+        "modality": inst.modality,
+        "origin": inst.origin,
+        "state": inst.state.value,
+        "reason": inst.reason,
+        "received_at": inst.received_at.isoformat().replace("+00:00", "Z"),
+        "updated_at": inst.updated_at.isoformat().replace("+00:00", "Z"),
+    }
+
+
+class HttpServer:
+    """uvicorn on its own thread, inside the node's process."""
+
+    def __init__(self, app: FastAPI, host: str, port: int) -> None:
+        self.server = uvicorn.Server(
+            uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False)
+        )
+        self.thread = threading.Thread(target=self.server.run, name="xrayage-http", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+        while not self.server.started:  # a port already in use ends the thread at once
+            if not self.thread.is_alive():
+                config = self.server.config
+                raise ConfigError(f"[http] cannot listen on {config.host}:{config.port}")
+            time.sleep(0.05)
+        log.info("HTTP on %s:%d", self.server.config.host, self.server.config.port)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        if self.thread.is_alive():
+            self.thread.join(timeout=10)
+
+    def problems(self) -> list[str]:
+        return []

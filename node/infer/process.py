@@ -1,0 +1,271 @@
+"""The inference worker in a process of its own, supervised by the one that answers C-STORE.
+
+Decoders and the model are the parts of the node that a single image can break: GDCM throws a
+C++ exception that aborts the process (SIGABRT) on a JPEG-LS stream that disagrees with its
+header, and a header can claim more memory than the host has. Here that ends the inference
+process, not the receiver: associations, C-ECHO and C-STORE go on. The supervisor gives the
+dead process's jobs back to the queue with the cause (``killed by SIGABRT``), audits the death,
+and starts a new process after a backoff (1, 2, 4 ... 60 s). A job of a dead process is then
+claimed alone, and after ``[model] max_attempts`` deaths it is ``failed`` with that cause
+(storage/queue.py), so one bad image costs its own attempts and no other image's.
+
+The child is started with ``spawn`` (a fresh interpreter: no threads or sockets of the parent
+inherited), receives its config sections (pickled), opens its own database connection and file
+store, and loads the model itself. Parent and child talk through the database (jobs) and four
+events: ``wake`` (a job was queued), ``reported`` (wakes the deliverer), ``ready``, ``stop``.
+Its counters go to prometheus-client's multiprocess files, which ``/metrics`` sums in.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import multiprocessing
+import os
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import threading
+import time
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.exc import SQLAlchemyError
+
+from ai.errors import ModelLoadError
+from node.components import STOP_SECONDS
+from node.config import LoggingSection, ModelSection, StorageSection
+from node.report.build import ReportConfig
+from storage import Database, record_event
+from storage.queue import requeue_owner
+
+log = logging.getLogger("xrayage.infer")
+
+_SPAWN = multiprocessing.get_context("spawn")
+# The child counts into files here; read when prometheus-client is imported, so it is set in
+# the environment the child starts with (the parent imported it long before, in memory mode).
+METRICS_ENV = "PROMETHEUS_MULTIPROC_DIR"
+_ENVIRONMENT = threading.Lock()
+BACKOFF_MAX_SECONDS = 60.0
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def event() -> Any:
+    """An event that the inference process can set and this one wait on (and the reverse)."""
+    return _SPAWN.Event()
+
+
+def cause_of(exitcode: int | None) -> str:
+    """``killed by SIGABRT`` or ``exited with status 1``, from ``Process.exitcode``."""
+    if exitcode is not None and exitcode < 0:
+        try:
+            return f"killed by {signal.Signals(-exitcode).name}"
+        except ValueError:
+            return f"killed by signal {-exitcode}"
+    return f"exited with status {exitcode}"
+
+
+class InferenceProcess:
+    """Starts, watches, restarts and stops the inference process: the service's component for
+    inference when ``[model] isolation = "process"``."""
+
+    def __init__(
+        self,
+        cfg: ModelSection,
+        reports: ReportConfig,
+        storage: StorageSection,
+        logging_cfg: LoggingSection,
+        db: Database,
+        weights: Path,
+        reported: Any,
+    ) -> None:
+        self.config = (cfg, reports, storage, logging_cfg)
+        self.db = db
+        self.weights = weights
+        self.wake = event()
+        self.reported = reported
+        self.ready = event()
+        self.child_stop = event()
+        self.metrics_dir = Path(tempfile.mkdtemp(prefix="xrayage-metrics-"))
+        self.host = socket.gethostname()
+        self.deaths = 0
+        self.last_death: str | None = None
+        self._stopping = threading.Event()
+        self._lock = threading.Lock()  # a stop and a restart never cross
+        self._errors: Connection | None = None
+        self._proc: multiprocessing.process.BaseProcess | None = None
+        self._supervisor = threading.Thread(
+            target=self._supervise, name="xrayage-infer-supervisor", daemon=True
+        )
+
+    def _spawn(self) -> multiprocessing.process.BaseProcess:
+        """A new process; ``self._errors`` receives its reason if it cannot load the model."""
+        self.ready.clear()
+        self.child_stop.clear()
+        errors, child_errors = _SPAWN.Pipe(duplex=False)
+        proc = _SPAWN.Process(
+            target=run_child,
+            args=(
+                *self.config,
+                str(self.weights),
+                self.wake,
+                self.reported,
+                self.ready,
+                self.child_stop,
+                child_errors,
+            ),
+            name="xrayage-infer",
+            daemon=True,
+        )
+        with _ENVIRONMENT:  # for the child only: a later subprocess of ours must not count there
+            before = os.environ.get(METRICS_ENV)
+            os.environ[METRICS_ENV] = str(self.metrics_dir)
+            try:
+                proc.start()  # returns once the child has exec'd, with this environment
+            finally:
+                if before is None:
+                    del os.environ[METRICS_ENV]
+                else:
+                    os.environ[METRICS_ENV] = before
+        child_errors.close()
+        if self._errors is not None:
+            self._errors.close()
+        self._errors = errors
+        return proc
+
+    def start(self) -> None:
+        """Start the first process and wait until its model is loaded; a model that cannot be
+        loaded is the user's error (ModelLoadError), not a process to restart for ever."""
+        proc = self._spawn()
+        while not self.ready.wait(0.2):
+            if not proc.is_alive():
+                raise ModelLoadError(f"inference process could not start: {self._reason(proc)}")
+        self._proc = proc
+        self._supervisor.start()
+
+    def _reason(self, proc: multiprocessing.process.BaseProcess) -> str:
+        assert self._errors is not None
+        try:
+            if self._errors.poll():
+                return str(self._errors.recv())
+        except EOFError:  # the child closed its end: its model had loaded
+            pass
+        return cause_of(proc.exitcode)
+
+    def _supervise(self) -> None:
+        delay = 1.0
+        while True:
+            proc = self._proc
+            assert proc is not None
+            started = time.monotonic()
+            proc.join()
+            if self._stopping.is_set():
+                return
+            self._died(proc)
+            if time.monotonic() - started > BACKOFF_MAX_SECONDS:  # it had run well for a while
+                delay = 1.0
+            if self._stopping.wait(delay):
+                return
+            delay = min(delay * 2, BACKOFF_MAX_SECONDS)
+            with self._lock:
+                if self._stopping.is_set():
+                    return
+                self._proc = self._spawn()
+
+    def _died(self, proc: multiprocessing.process.BaseProcess) -> None:
+        self.deaths += 1
+        cause = f"inference process {proc.pid} {self._reason(proc)}"
+        self.last_death = cause
+        try:
+            with self.db.session() as s:
+                requeued = requeue_owner(s, f"{self.host}:{proc.pid}", cause)
+                record_event(s, "node", detail=f"{cause}; {requeued} jobs requeued; restarting")
+        except SQLAlchemyError as e:  # its jobs come back when their lease expires
+            log.error("%s; its jobs could not be requeued now (%s); restarting it", cause, e)
+            return
+        log.error("%s; %d jobs requeued; restarting it", cause, requeued)
+
+    def problems(self) -> list[str]:
+        """What keeps inference from running now (``/readyz``)."""
+        if self._proc is not None and self.ready.is_set() and self._proc.is_alive():
+            return []
+        if self.last_death:
+            return [f"inference process restarting ({self.last_death})"]
+        return ["inference process not running"]
+
+    def stop(self) -> None:
+        """Ask the process to stop after its batch, and wait for it (terminated after
+        ``STOP_SECONDS``)."""
+        with self._lock:
+            self._stopping.set()
+            self.child_stop.set()
+            self.wake.set()
+        proc = self._proc
+        if proc is not None:
+            proc.join(STOP_SECONDS)
+            if proc.is_alive():
+                log.warning("inference process %d did not stop in time: terminated", proc.pid)
+                proc.terminate()
+                proc.join(5)
+        if self._supervisor.is_alive():
+            self._supervisor.join(5)
+        if self._errors is not None:
+            self._errors.close()
+        shutil.rmtree(self.metrics_dir, ignore_errors=True)
+
+
+def _die_with_parent() -> None:
+    """Be killed with the process that started this one (Linux ``PR_SET_PDEATHSIG``): after a
+    ``kill -9`` of ``serve`` its successor takes back the jobs of dead processes at once, and
+    would wait a whole lease for those of a child still finishing its batch. Elsewhere the loop
+    in :func:`run_child` notices within a second."""
+    parent = multiprocessing.parent_process()
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if parent is not None and os.getppid() != parent.pid:  # it died before the call
+        os._exit(1)
+
+
+def run_child(
+    cfg: ModelSection,
+    reports: ReportConfig,
+    storage: StorageSection,
+    logging_cfg: LoggingSection,
+    weights: str,
+    wake: Any,
+    reported: Any,
+    ready: Any,
+    stop: Any,
+    errors: Connection,
+) -> None:
+    """The inference process: the model and the worker loop, until ``stop`` or the parent's
+    death (a child of a killed ``serve`` must not go on claiming jobs)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())  # decides; a plain kill stops cleanly
+    _die_with_parent()
+    from ai.model import AgeModel  # torch loads here, in the child only
+    from node.infer.worker import InferenceWorker
+    from node.logs import configure_logging
+
+    configure_logging(logging_cfg)
+    db = storage.open_database()
+    try:
+        model = AgeModel.load(Path(weights), cfg.device, warm_up=True)
+    except Exception as e:  # the parent reports it as the user's error, once
+        errors.send(str(e) or type(e).__name__)
+        raise SystemExit(1) from None
+    errors.close()
+    worker = InferenceWorker(
+        cfg, reports, db, storage.open_file_store(), model, on_reported=reported.set, wake=wake
+    )
+    worker.start()
+    ready.set()
+    parent = multiprocessing.parent_process()
+    while not stop.wait(1.0):
+        if parent is not None and not parent.is_alive():
+            break
+    worker.stop()
+    db.dispose()

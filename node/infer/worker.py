@@ -1,0 +1,218 @@
+"""The inference worker: queued jobs -> model -> result -> SR (+ SC) -> deliveries.
+
+One thread per process holds the model, loaded once and warmed up. With fewer images queued than
+``[model] batch_size``, it waits up to ``max_wait_ms`` (from the oldest queued job) for more, then
+claims a batch under a lease (``lease_seconds``); decoding and preprocessing run on the engine's
+thread pool, never on the C-STORE threads. If the process dies, its jobs are claimed again: at
+once by a worker restarted on the same host, or by any worker once the lease expires.
+Every step is idempotent: results are unique per (instance, model SHA-256), report UIDs are
+derived from the same pair, and deliveries are unique per (object, destination), so redoing a
+job replaces, never doubles.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pydicom
+from pydicom.dataset import Dataset
+from sqlalchemy.orm import Session
+
+from ai import AgeModel, Engine
+from node.components import Signal, WorkerThread
+from node.config import ModelSection
+from node.metrics import BATCH_SIZE, INFERENCE_SECONDS, INFERRED, STAGE_SECONDS
+from node.report.build import ReportConfig, build_reports
+from node.report.findings import Findings
+from node.report.patient_age import chronological_age
+from storage import Database, FileStore, InstanceState, Job, JobState, utcnow
+from storage.lifecycle import change_state
+from storage.queue import backlog, claim_jobs, fail_exhausted, requeue_orphans
+from storage.results import (
+    ModelIdentity,
+    StoredObject,
+    record_inferred,
+    record_reports,
+    stored_age,
+)
+
+log = logging.getLogger("xrayage.pipeline")
+
+
+class InferenceWorker(WorkerThread):
+    idle_seconds = 2.0
+
+    def __init__(
+        self,
+        cfg: ModelSection,
+        reports: ReportConfig,
+        db: Database,
+        store: FileStore,
+        model: AgeModel,
+        on_reported: Callable[[], None] | None = None,
+        wake: Signal | None = None,
+    ) -> None:
+        super().__init__("xrayage-infer", wake)
+        self.on_reported = on_reported or (lambda: None)
+        self.cfg = cfg
+        self.reports = reports
+        self.db = db
+        self.store = store
+        self.model = model
+        card = model.card
+        self.identity = ModelIdentity(card.name, card.version, card.sha256)
+        self.engine = Engine(model, cfg.batch_size, cfg.preprocess_workers)
+        self.host = socket.gethostname()
+        self.owner = f"{self.host}:{os.getpid()}"
+        self.lease = dt.timedelta(seconds=cfg.lease_seconds)
+
+    def start(self) -> None:
+        card = self.model.card
+        log.info(
+            "model %s %s (sha256 %s) on %s%s",
+            card.name,
+            card.version,
+            card.sha256,
+            self.model.device,
+            " - UNTRAINED weights" if card.untrained else "",
+        )
+        with self.db.session() as s:
+            orphans = requeue_orphans(s, self.host)
+        if orphans:
+            log.info("requeued %d jobs held by a stopped process on this host", orphans)
+        super().start()
+
+    def _wait_for_batch(self) -> bool:
+        """True when there is work: a full batch, or the oldest job has waited max_wait_ms."""
+        cfg = self.cfg
+        while True:
+            with self.db.session() as s:
+                count, oldest = backlog(s)
+            if count == 0:
+                return False
+            waited = (utcnow() - oldest).total_seconds() if oldest else float("inf")
+            left = cfg.max_wait_ms / 1000.0 - waited
+            if count >= cfg.batch_size or left <= 0 or self.stopping.is_set():
+                return True
+            self.wake.wait(timeout=min(left, 0.05))
+            self.wake.clear()
+
+    def run_once(self) -> int:
+        """Claim and process one batch; returns how many jobs were claimed."""
+        if not self._wait_for_batch():
+            return 0
+        cfg = self.cfg
+        sha = self.identity.sha256
+        with self.db.session() as s:
+            for job_id, reason in fail_exhausted(s, cfg.max_attempts):
+                log.warning("job %d failed: %s", job_id, reason)
+            jobs = claim_jobs(s, self.owner, cfg.batch_size, self.lease, cfg.max_attempts)
+            # A job whose instance is `inferred` lost its worker after the model: the stored
+            # age is reused, the model does not run again.
+            known = {
+                job.id: age
+                for job in jobs
+                if job.instance.state == InstanceState.INFERRED
+                and (age := stored_age(s, job.instance_id, sha)) is not None
+            }
+            todo = [(job, Path(job.instance.path)) for job in jobs if job.id not in known]
+            done = [(job, Path(job.instance.path)) for job in jobs if job.id in known]
+        if not jobs:  # another worker claimed them first
+            return 0
+        claimed = utcnow()
+        for job in jobs:
+            STAGE_SECONDS.labels("queue").observe((claimed - job.created_at).total_seconds())
+        if todo:
+            started = time.perf_counter()
+            outcomes = list(self.engine.run(path for _, path in todo))
+            INFERENCE_SECONDS.observe(time.perf_counter() - started)
+            BATCH_SIZE.observe(len(todo))
+            for (job, _), outcome in zip(todo, outcomes, strict=True):
+                for stage, seconds in outcome.seconds.items():
+                    STAGE_SECONDS.labels(stage).observe(seconds)
+                if outcome.error is not None or outcome.header is None or outcome.xray_age is None:
+                    self._fail(job, outcome.error or "not a DICOM file")
+                elif self._inferred(job, outcome.header, outcome.xray_age):
+                    self._report_timed(job, outcome.header, outcome.xray_age)
+        for job, path in done:
+            self._report_timed(job, read_header(path), known[job.id])
+        return len(jobs)
+
+    def _report_timed(self, job: Job, header: Dataset, age: float) -> None:
+        started = time.perf_counter()
+        self._report(job, header, age)
+        STAGE_SECONDS.labels("report").observe(time.perf_counter() - started)
+
+    def _still_ours(self, s: Session, job_id: int) -> Job | None:
+        """The job, locked, if this worker still holds it: a worker that overran its lease has
+        lost the job to another and must not record a second outcome."""
+        job = s.get_one(Job, job_id, with_for_update=True)
+        if job.state == JobState.RUNNING and job.owner == self.owner:
+            return job
+        log.warning(
+            "job %d: lease lost to %s; its outcome is not recorded twice", job.id, job.owner
+        )
+        return None
+
+    def _fail(self, job: Job, reason: str, summary: str | None = None) -> None:
+        """Record ``reason`` (database and audit log); the application log gets ``summary``
+        instead where the reason may quote header values, which can identify the patient."""
+        log.warning("job %d failed: %s", job.id, summary or reason)
+        with self.db.session() as s:
+            held = self._still_ours(s, job.id)
+            if held is None:
+                return
+            INFERRED.labels("failed").inc()
+            held.state, held.error = JobState.FAILED, reason
+            change_state(s, held.instance, InstanceState.FAILED, reason=reason)
+
+    def _inferred(self, claimed: Job, header: Dataset, age: float) -> bool:
+        """Commit the model's output (``inferred``) before any report is built, so a crash
+        from here on does not run the model again; False if the job is no longer ours."""
+        with self.db.session() as s:
+            held = self._still_ours(s, claimed.id)
+            if held is None:
+                return False
+            record_inferred(s, held.instance, self.identity, age, chronological_age(header))
+        return True
+
+    def _report(self, claimed: Job, header: Dataset, age: float) -> None:
+        findings = Findings(age, chronological_age(header), self.model.card)
+        try:
+            built = build_reports(header, findings, self.reports.section, self.reports.ae_title)
+        except ValueError as e:  # highdicom's validation of what the source header gave it
+            self._fail(
+                claimed,
+                f"report cannot be built: {e}",
+                f"report cannot be built ({type(e).__name__}; the reason is in the database)",
+            )
+            return
+        try:
+            stored = []
+            for obj in built.objects:
+                path = self.store.store_report(obj.sop_instance_uid, obj.data)
+                stored.append(StoredObject(obj.sop_instance_uid, str(path)))
+        except OSError as e:
+            self._fail(claimed, f"report cannot be stored: {e}")
+            return
+        with self.db.session() as s:
+            held = self._still_ours(s, claimed.id)
+            if held is None:
+                return
+            INFERRED.labels("reported").inc()
+            sc = stored[1] if len(stored) > 1 else None
+            record_reports(
+                s, held.instance, self.identity.sha256, stored[0], sc, self.reports.destinations
+            )
+            held.state, held.lease_until = JobState.DONE, None
+        self.on_reported()
+
+
+def read_header(path: Path) -> Dataset:
+    return pydicom.dcmread(path, stop_before_pixels=True)

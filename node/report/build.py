@@ -1,0 +1,69 @@
+"""From an age to the report objects: the SR (TID 1500) and, when configured, the Secondary
+Capture summary, encoded as DICOM Part 10 files. Pure: nothing is stored or recorded here
+(storing is the file store's, recording storage/results.py's)."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from io import BytesIO
+from typing import NamedTuple
+
+import pydicom
+from pydicom.dataset import Dataset
+
+from node.config import ReportSection
+from node.report.findings import Findings
+from node.report.sc import build_sc
+from node.report.sr import build_sr
+from node.report.uids import ReportUIDs
+
+
+class ReportConfig(NamedTuple):
+    """What the inference worker needs to report: the ``[report]`` section, the node's AE title
+    (the SR's device observer) and the names of the destinations to deliver to."""
+
+    section: ReportSection
+    ae_title: str
+    destinations: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ReportObject:
+    """One encoded report object."""
+
+    sop_instance_uid: str
+    data: bytes
+
+
+@dataclass(frozen=True)
+class Reports:
+    sr: ReportObject
+    sc: ReportObject | None
+
+    @property
+    def objects(self) -> list[ReportObject]:
+        return [self.sr] if self.sc is None else [self.sr, self.sc]
+
+
+def build_reports(
+    header: Dataset, findings: Findings, cfg: ReportSection, ae_title: str
+) -> Reports:
+    """The reports of ``findings`` on the image ``header`` describes; ``ae_title`` names the
+    device observer. ValueError (highdicom's validation) when the header cannot make a valid
+    report: the reason names what was wrong."""
+    uids = ReportUIDs(header.SOPInstanceUID, findings.card.sha256)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # highdicom on odd source names
+        sr = build_sr(header, findings, uids, ae_title, cfg.sr_series_number, cfg.institution_name)
+        sc = None
+        if cfg.secondary_capture:
+            made = build_sc(header, findings, uids, cfg.sc_series_number)
+            sc = ReportObject(uids.sc_instance, _encode(made))
+    return Reports(ReportObject(uids.sr_instance, _encode(sr)), sc)
+
+
+def _encode(ds: Dataset) -> bytes:
+    buf = BytesIO()
+    pydicom.dcmwrite(buf, ds, enforce_file_format=True)
+    return buf.getvalue()

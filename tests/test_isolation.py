@@ -1,0 +1,120 @@
+"""Crash isolation with real parts: a JPEG-LS chest CR whose Rows disagree with its codestream
+makes GDCM abort the process that decodes it (SIGABRT, gdcmBitmap.cxx). Sent with normal images
+to a real ``xrayage serve``, it may kill only the inference process: the receiver answers C-ECHO
+and C-STORE throughout, the normal images are reported, and the bad one ends ``failed`` after
+``max_attempts`` deaths with the cause, audited: no crash loop.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import gdcm
+import pydicom
+from pydicom.uid import generate_uid
+from sqlalchemy import select
+
+from storage import Database, Instance, InstanceState
+from storage.tables import AuditEvent
+from tests.conftest import node_config, small_chests, storescu
+from tests.servers import NodeProcess, echo, free_port, wait_until
+
+
+def jpeg_ls_that_aborts(source: Path, out: Path) -> Path:
+    """``source`` as JPEG-LS Lossless (GDCM's encoder), then one row more in the header than
+    in the codestream."""
+    reader = gdcm.ImageReader()
+    reader.SetFileName(str(source))
+    assert reader.Read()
+    change = gdcm.ImageChangeTransferSyntax()
+    change.SetTransferSyntax(gdcm.TransferSyntax(gdcm.TransferSyntax.JPEGLSLossless))
+    change.SetInput(reader.GetImage())
+    assert change.Change()
+    writer = gdcm.ImageWriter()
+    writer.SetFileName(str(out))
+    writer.SetFile(reader.GetFile())
+    writer.SetImage(change.GetOutput())
+    assert writer.Write()
+    ds = pydicom.dcmread(out)
+    ds.Rows += 1
+    ds.SOPInstanceUID = generate_uid()
+    ds.save_as(out)
+    return out
+
+
+def _inference_children(pid: int) -> list[int]:
+    """The spawned children of ``pid`` (not multiprocessing's resource tracker)."""
+    tasks = Path(f"/proc/{pid}/task").iterdir()
+    children = [int(c) for t in tasks for c in (t / "children").read_text().split()]
+    return [c for c in children if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
+
+
+def _running(pid: int) -> bool:
+    try:  # a zombie has died; whoever inherited it may not have reaped it yet
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_the_crasher_aborts_a_process(tmp_path: Path, chest_ds: pydicom.Dataset) -> None:
+    """The premise: decoding the file ends a Python process with SIGABRT (not an exception)."""
+    (small,) = small_chests(chest_ds, tmp_path, 1)
+    bad = jpeg_ls_that_aborts(small, tmp_path / "bad.dcm")
+    code = f"import pydicom; pydicom.dcmread({str(bad)!r}).pixel_array"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == -6
+
+
+def test_an_image_that_kills_the_decoder_does_not_take_the_node_down(
+    tmp_path: Path, chest_ds: pydicom.Dataset, weights: Path
+) -> None:
+    small = small_chests(chest_ds, tmp_path / "images", 4)
+    bad = jpeg_ls_that_aborts(small[0], tmp_path / "bad.dcm")
+    port = free_port()
+    config = node_config(tmp_path, port, weights, None, model="max_attempts = 2")
+    node = NodeProcess(config, port, tmp_path / "node.log", http_port=free_port())
+    db = Database(f"sqlite:///{tmp_path / 'data' / 'xrayage.db'}")
+    node.start()
+    try:
+        assert node.proc is not None
+        serving = node.proc.pid
+        sent = storescu(port, bad, *small[1:3], options=("-xt",))
+        assert sent.returncode == 0, sent.stderr
+
+        def states() -> dict[str, InstanceState]:
+            with db.session() as s:
+                return {i.sop_instance_uid: i.state for i in s.scalars(select(Instance))}
+
+        bad_uid = pydicom.dcmread(bad, stop_before_pixels=True).SOPInstanceUID
+        wait_until(lambda: states().get(bad_uid) == InstanceState.FAILED, 180, "bad one failed")
+        # The receiver outlived every death of the inference process, and still works.
+        assert node.proc.poll() is None and node.proc.pid == serving
+        assert echo(port)
+        assert storescu(port, small[3]).returncode == 0
+        wait_until(
+            lambda: list(states().values()).count(InstanceState.REPORTED) == 3, 120, "reports"
+        )
+        wait_until(node.ready, 30, "ready again")
+        with db.session() as s:
+            failed = s.scalars(select(Instance).where(Instance.sop_instance_uid == bad_uid)).one()
+            deaths = s.scalars(
+                select(AuditEvent.detail).where(
+                    AuditEvent.event == "node", AuditEvent.detail.contains("SIGABRT")
+                )
+            ).all()
+        assert failed.reason is not None
+        assert failed.reason.startswith("worker process died 2 times on this image")
+        assert "killed by SIGABRT" in failed.reason
+        assert len(deaths) == 2, deaths
+        assert node.log.read_text().count("killed by SIGABRT; ") == 2
+
+        # A killed `serve` takes its inference process with it (its successor would otherwise
+        # wait a lease for the jobs that one holds).
+        (child,) = _inference_children(serving)
+        node.proc.kill()
+        node.proc.wait()
+        wait_until(lambda: not _running(child), 0.5, "the inference process to die")
+    finally:
+        node.stop()
+        db.dispose()

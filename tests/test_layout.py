@@ -1,0 +1,97 @@
+"""The shape of the node: each role composes only its parts from the one table, the parts get
+their own config sections, the folders import only what the architecture allows, and report
+building is pure (built objects, nothing stored or recorded)."""
+
+from __future__ import annotations
+
+import ast
+from io import BytesIO
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from ai.presets import model_card
+from node.audit.atna import SyslogExporter
+from node.config import ReportSection, load_settings
+from node.delivery.cstore import CStoreSender
+from node.delivery.deliverer import Deliverer
+from node.delivery.stow import StowSender
+from node.dicom.scp import Receiver
+from node.http.api import HttpServer
+from node.infer.process import InferenceProcess
+from node.report.build import build_reports
+from node.report.findings import Findings
+from node.report.uids import ReportUIDs
+from node.schedule import Scheduler
+from node.service import NodeService, Role
+
+ROOT = Path(__file__).parents[1]
+
+
+@pytest.mark.parametrize(
+    ("role", "parts"),
+    [
+        ("receive", {Receiver}),
+        ("infer", {InferenceProcess}),
+        ("deliver", {Deliverer}),
+        ("schedule", {SyslogExporter, Scheduler}),
+        ("all", {InferenceProcess, Deliverer, SyslogExporter, Receiver, Scheduler, HttpServer}),
+    ],
+)
+def test_each_role_composes_only_its_parts(
+    role: Role, parts: set[type], tmp_path: Path, weights: Path
+) -> None:
+    settings = load_settings(
+        None,
+        storage={"path": tmp_path},
+        model={"weights": str(weights)},
+        destinations=[
+            {"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": 104},
+            {"name": "web", "stow_url": "http://127.0.0.1:1/dicom-web"},
+        ],
+        audit={"syslog": {"host": "127.0.0.1", "port": 514, "transport": "udp"}},
+        http={"port": 1} if role == "all" else {},
+    )
+    service = NodeService(settings, role)
+    try:
+        assert {type(part) for part in service.components} == parts
+        for part in service.components:
+            if isinstance(part, Deliverer):  # one sender per destination, of its kind
+                assert {n: type(s) for n, s in part.senders.items()} == {
+                    "pacs": CStoreSender,
+                    "web": StowSender,
+                }
+    finally:
+        service.stop()  # never started: each part stops as it is
+
+
+def _imports(folder: str) -> set[str]:
+    found = set()
+    for path in (ROOT / folder).rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                found.add(node.module.split(".")[0])
+            elif isinstance(node, ast.Import):
+                found.update(alias.name.split(".")[0] for alias in node.names)
+    return found
+
+
+def test_folders_import_only_what_the_architecture_allows() -> None:
+    assert not _imports("ai") & {"node", "storage"}
+    assert not _imports("storage") & {"node", "ai"}
+
+
+def test_reports_are_built_as_objects_and_nothing_else(
+    chest_ds: pydicom.Dataset, weights: Path
+) -> None:
+    card = model_card(weights)
+    header = chest_ds
+    uids = ReportUIDs(header.SOPInstanceUID, card.sha256)
+    findings = Findings(61.5, 58.0, card)
+    both = build_reports(header, findings, ReportSection(), "XRAYAGE")
+    assert [o.sop_instance_uid for o in both.objects] == [uids.sr_instance, uids.sc_instance]
+    sr = pydicom.dcmread(BytesIO(both.sr.data))
+    assert sr.SOPInstanceUID == uids.sr_instance and sr.StudyInstanceUID == header.StudyInstanceUID
+    sr_only = build_reports(header, findings, ReportSection(secondary_capture=False), "XRAYAGE")
+    assert sr_only.sc is None and sr_only.sr.sop_instance_uid == uids.sr_instance
