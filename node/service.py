@@ -185,6 +185,11 @@ class NodeService:
                 "no [model] weights configured: images are received and queued, "
                 "and inference waits until a model is configured"
             )
+        if "infer" in self.roles and not self.settings.destinations:
+            log.warning(
+                "no [[destinations]]: reports are kept in %s and stay `reported`",
+                self.settings.storage.path / "dicom" / "reports",
+            )
         if self.settings.http.port and not self.settings.http.tokens:
             log.warning("[http] has no tokens: only /healthz, /readyz and /metrics answer")
         node = self.settings.node

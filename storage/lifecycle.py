@@ -12,12 +12,15 @@ The instance table is the state diagram of the README ("What happens to an image
 
 from __future__ import annotations
 
+import logging
+
 from prometheus_client import Counter
 from sqlalchemy.orm import Session
 
 from storage.audit import record_event
 from storage.tables import Delivery, DeliveryState, Instance, InstanceState
 
+log = logging.getLogger("xrayage.lifecycle")
 I = InstanceState  # noqa: E741 - the table reads as the diagram
 D = DeliveryState
 
@@ -66,11 +69,13 @@ def change_state(
     detail: str | None = None,
     actor: str = "xrayage",
     audit: bool = True,
+    summary: str | None = None,
 ) -> None:
     """Move ``row`` to ``to``, audited (``detail``, else ``reason``) unless ``audit`` is False,
     which only a change caused by another one, audited in the same transaction, may ask for (an
     instance becoming ``delivered`` with its last delivery). An instance's ``reason`` is set
-    with the state (None clears it)."""
+    with the state (None clears it). One line goes to the application log, UIDs only: with
+    ``summary`` instead of the reason where that may quote header values (a patient's name)."""
     if isinstance(row, Instance):
         table, allowed, events = "instances", INSTANCE_TRANSITIONS, _INSTANCE_EVENTS
         instance = row
@@ -86,6 +91,15 @@ def change_state(
     if isinstance(row, Instance):
         row.reason = reason
     STATE_CHANGES.labels(table, to.value).inc()
+    said = summary if summary is not None else detail if detail is not None else reason
+    what = (
+        instance.sop_instance_uid
+        if isinstance(row, Instance)
+        else f"{row.sop_instance_uid} to {row.destination}"
+    )
+    said = (said or "").removeprefix(what).strip()  # a delivery's detail starts with it
+    level = logging.WARNING if to in (I.FAILED, D.FAILED) else logging.INFO
+    log.log(level, "%s %s%s", what, to.value, f": {said}" if said else "")
     if audit:
         failed = to in (I.FAILED, D.FAILED)
         record_event(

@@ -7,14 +7,16 @@ again after a crash replaces its row and adds no second delivery.
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import desc, select
 from sqlalchemy.orm import Session
 
 from storage.lifecycle import change_state
-from storage.tables import Delivery, DeliveryState, Instance, InstanceState, Result
+from storage.tables import Delivery, DeliveryState, Instance, InstanceState, Result, utcnow
 
 
 @dataclass(frozen=True)
@@ -50,13 +52,18 @@ def stored_age(session: Session, instance_id: int, model_sha256: str) -> float |
     )
 
 
-def record_inferred(
-    session: Session,
-    instance: Instance,
-    model: ModelIdentity,
-    xray_age: float,
-    chronological_age: float | None,
-) -> None:
+@dataclass(frozen=True)
+class Ages:
+    """What the model said of one image, with the chronological age and the two gaps, as the
+    SR carries them (``node.report.findings``)."""
+
+    xray_age: float
+    chronological_age: float | None
+    age_gap: float | None
+    corrected_age_gap: float | None
+
+
+def record_inferred(session: Session, instance: Instance, model: ModelIdentity, ages: Ages) -> None:
     """Store the model's output and make the instance ``inferred`` (audited once per model):
     from here on a crash does not run the model again. Reports of an earlier run are dropped
     from the row; they are built again from this age."""
@@ -67,11 +74,13 @@ def record_inferred(
             model_sha256=model.sha256,
             model_name=model.name,
             model_version=model.version,
-            xray_age=xray_age,
+            xray_age=ages.xray_age,
         )
         session.add(result)
-    result.xray_age = xray_age
-    result.chronological_age = chronological_age
+    result.xray_age = ages.xray_age
+    result.chronological_age = ages.chronological_age
+    result.age_gap, result.corrected_age_gap = ages.age_gap, ages.corrected_age_gap
+    result.reported_at = None
     result.sr_sop_instance_uid = result.sr_path = None
     result.sc_sop_instance_uid = result.sc_path = None
     if instance.state != InstanceState.INFERRED:  # by an earlier model: already audited
@@ -79,7 +88,7 @@ def record_inferred(
             session,
             instance,
             InstanceState.INFERRED,
-            detail=f"x-ray age {xray_age} a, model {model.name} {model.version} "
+            detail=f"x-ray age {ages.xray_age} a, model {model.name} {model.version} "
             f"sha256 {model.sha256}",
         )
 
@@ -99,7 +108,13 @@ def record_reports(
     result.sr_sop_instance_uid, result.sr_path = sr.sop_instance_uid, sr.path
     if sc is not None:
         result.sc_sop_instance_uid, result.sc_path = sc.sop_instance_uid, sc.path
-    change_state(session, instance, InstanceState.REPORTED, detail=f"SR {sr.sop_instance_uid}")
+    result.reported_at = utcnow()
+    change_state(
+        session,
+        instance,
+        InstanceState.REPORTED,
+        detail=f"SR {sr.sop_instance_uid}; x-ray age {result.xray_age} a",
+    )
     objects = [sr] if sc is None else [sr, sc]
     for destination in destinations:
         for obj in objects:
@@ -119,3 +134,100 @@ def record_reports(
                         state=DeliveryState.PENDING,
                     )
                 )
+
+
+# The columns of a results export, in this order (README "Results"): scripts rely on it.
+RESULT_COLUMNS = (
+    "patient_id",
+    "patient_sex",
+    "study_date",
+    "study_instance_uid",
+    "sop_instance_uid",
+    "accession_number",
+    "manufacturer",
+    "manufacturer_model_name",
+    "view_position",
+    "xray_age",
+    "chronological_age",
+    "age_gap",
+    "corrected_age_gap",
+    "model_name",
+    "model_version",
+    "weights_sha256",
+    "state",
+    "reported_at",
+)
+
+
+@dataclass(frozen=True)
+class ResultsQuery:
+    """A filter on the results; every field narrows it. ``since`` and ``until`` bound when the
+    age was estimated; ``before_id`` pages backwards (the ``id`` of the last row seen)."""
+
+    since: dt.datetime | None = None
+    until: dt.datetime | None = None
+    state: InstanceState | None = None
+    patient_id: str | None = None
+    model: str | None = None
+    limit: int = 100
+    before_id: int | None = None
+
+
+@dataclass(frozen=True)
+class ResultRow:
+    id: int
+    values: dict[str, Any]  # RESULT_COLUMNS, as stored (dates and times as such)
+
+
+def latest_ages(session: Session, instance_ids: list[int]) -> dict[int, float]:
+    """The X-ray age of each instance, by its newest result (the current model's, usually)."""
+    ages: dict[int, float] = {}
+    for instance_id, age in session.execute(
+        select(Result.instance_id, Result.xray_age)
+        .where(Result.instance_id.in_(instance_ids))
+        .order_by(Result.id)
+    ):
+        ages[instance_id] = age
+    return ages
+
+
+def query_results(session: Session, q: ResultsQuery) -> list[ResultRow]:
+    """One row per (analysed instance, model), newest first."""
+    stmt = select(Result, Instance).join(Instance, Result.instance_id == Instance.id)
+    if q.since is not None:
+        stmt = stmt.where(Result.created_at >= q.since)
+    if q.until is not None:
+        stmt = stmt.where(Result.created_at < q.until)
+    if q.state is not None:
+        stmt = stmt.where(Instance.state == q.state)
+    if q.patient_id is not None:
+        stmt = stmt.where(Instance.patient_id == q.patient_id)
+    if q.model is not None:
+        stmt = stmt.where(Result.model_name == q.model)
+    if q.before_id is not None:
+        stmt = stmt.where(Result.id < q.before_id)
+    rows = session.execute(stmt.order_by(desc(Result.id)).limit(q.limit)).all()
+    return [ResultRow(result.id, _values(result, inst)) for result, inst in rows]
+
+
+def _values(result: Result, inst: Instance) -> dict[str, Any]:
+    return {
+        "patient_id": inst.patient_id,
+        "patient_sex": inst.patient_sex,
+        "study_date": inst.study_date,
+        "study_instance_uid": inst.study_instance_uid,
+        "sop_instance_uid": inst.sop_instance_uid,
+        "accession_number": inst.accession_number,
+        "manufacturer": inst.manufacturer,
+        "manufacturer_model_name": inst.manufacturer_model_name,
+        "view_position": inst.view_position,
+        "xray_age": result.xray_age,
+        "chronological_age": result.chronological_age,
+        "age_gap": result.age_gap,
+        "corrected_age_gap": result.corrected_age_gap,
+        "model_name": result.model_name,
+        "model_version": result.model_version,
+        "weights_sha256": result.model_sha256,
+        "state": inst.state.value,
+        "reported_at": result.reported_at,
+    }

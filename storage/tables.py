@@ -92,6 +92,12 @@ class Instance(Base):
     patient_id: Mapped[str | None] = mapped_column(String(64), index=True)
     accession_number: Mapped[str | None] = mapped_column(String(16))
     modality: Mapped[str | None] = mapped_column(String(16))
+    # What a results export describes an image by (read at receipt, as sent).
+    patient_sex: Mapped[str | None] = mapped_column(String(16))
+    study_date: Mapped[dt.date | None] = mapped_column(Date)
+    manufacturer: Mapped[str | None] = mapped_column(String(64))
+    manufacturer_model_name: Mapped[str | None] = mapped_column(String(64))
+    view_position: Mapped[str | None] = mapped_column(String(16))
     path: Mapped[str] = mapped_column(Text)
     sha256: Mapped[str] = mapped_column(String(64))
     size: Mapped[int] = mapped_column(Integer)
@@ -138,6 +144,11 @@ class Result(Base):
     model_sha256: Mapped[str] = mapped_column(String(64))
     xray_age: Mapped[float] = mapped_column(Float)
     chronological_age: Mapped[float | None] = mapped_column(Float)
+    # X-ray age minus chronological age, and less the card's expected gap at that age: the
+    # values the SR carries.
+    age_gap: Mapped[float | None] = mapped_column(Float)
+    corrected_age_gap: Mapped[float | None] = mapped_column(Float)
+    reported_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
     sr_sop_instance_uid: Mapped[str | None] = mapped_column(String(64))
     sr_path: Mapped[str | None] = mapped_column(Text)
     sc_sop_instance_uid: Mapped[str | None] = mapped_column(String(64))

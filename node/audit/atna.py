@@ -44,6 +44,7 @@ EVENT_IDS: dict[str, tuple[str, str, str]] = {
     "retro-scan": ("110112", "Query", "E"),
     "audit-query": ("110101", "Audit Log Used", "R"),
     "audit-purge": ("110101", "Audit Log Used", "D"),
+    "export": ("110106", "Export", "R"),
     "node": ("110100", "Application Activity", "E"),
     "config": ("110113", "Security Alert", "E"),
     "model": ("110113", "Security Alert", "E"),

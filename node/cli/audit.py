@@ -14,8 +14,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from node.cli.support import ConfigOption, open_database, user_errors
-from node.config import ConfigError, load_settings
+from node.cli.support import ConfigOption, open_database, parse_time, user_errors
+from node.config import load_settings
 from storage import utcnow
 from storage.audit import FIELDS, AuditQuery, as_dict, purge_events, run_query
 
@@ -24,17 +24,6 @@ class Format(StrEnum):
     table = "table"
     csv = "csv"
     json = "json"
-
-
-def parse_time(value: str | None, name: str) -> dt.datetime | None:
-    """A date or an ISO 8601 date and time; without a zone it is UTC, like the log."""
-    if value is None:
-        return None
-    try:
-        parsed = dt.datetime.fromisoformat(value)
-    except ValueError:
-        raise ConfigError(f"{name}: {value!r} is not a date (YYYY-MM-DD[THH:MM[:SS]][Z])") from None
-    return parsed.replace(tzinfo=dt.UTC) if parsed.tzinfo is None else parsed
 
 
 Text = Annotated[str | None, typer.Option()]

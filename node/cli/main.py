@@ -19,6 +19,7 @@ from node.cli.db import db_app
 from node.cli.infer import evaluate, infer
 from node.cli.model import model_app
 from node.cli.rescan import rescan
+from node.cli.results import results
 from node.cli.retry import retry
 from node.cli.support import ConfigOption, user_errors
 from node.cli.train import train
@@ -39,6 +40,7 @@ app.command()(evaluate)
 app.command()(retry)
 app.command()(rescan)
 app.command()(train)
+app.command()(results)
 app.command()(audit)
 app.command("audit-purge")(audit_purge)
 app.add_typer(model_app, name="model")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import functools
 from collections.abc import Callable
 from pathlib import Path
@@ -99,3 +100,14 @@ def open_database(settings: Settings) -> Database:
                 f"no database at {path}: check [storage] path (the node creates it on first start)"
             )
     return settings.storage.open_database()
+
+
+def parse_time(value: str | None, name: str) -> dt.datetime | None:
+    """A date or an ISO 8601 date and time; without a zone it is UTC, like the log."""
+    if value is None:
+        return None
+    try:
+        parsed = dt.datetime.fromisoformat(value)
+    except ValueError:
+        raise ConfigError(f"{name}: {value!r} is not a date (YYYY-MM-DD[THH:MM[:SS]][Z])") from None
+    return parsed.replace(tzinfo=dt.UTC) if parsed.tzinfo is None else parsed

@@ -48,6 +48,7 @@ from node.dicom.statuses import (
 from node.dicom.tls import server_context
 from node.gate import Decision, decide
 from node.metrics import RECEIVED, SKIPPED, STAGE_SECONDS
+from node.report.patient_age import parse_da
 from storage import (
     Database,
     FileStore,
@@ -221,7 +222,9 @@ class Receiver:
             existing = s.scalar(
                 select(Instance).where(Instance.sop_instance_uid == ds.SOPInstanceUID)
             )
+            uid = str(ds.SOPInstanceUID)
             if existing is not None:  # same bytes again (the file store checked): no new job
+                log.info("%s received again from %s: a duplicate, no new job", uid, calling)
                 record_event(
                     s,
                     "received",
@@ -231,13 +234,18 @@ class Receiver:
                 )
                 return None
             inst = Instance(
-                sop_instance_uid=str(ds.SOPInstanceUID),
+                sop_instance_uid=uid,
                 sop_class_uid=str(ds.SOPClassUID),
                 study_instance_uid=_text(ds, "StudyInstanceUID"),
                 series_instance_uid=_text(ds, "SeriesInstanceUID"),
                 patient_id=_text(ds, "PatientID"),
                 accession_number=_text(ds, "AccessionNumber", 16),
                 modality=_text(ds, "Modality", 16),
+                patient_sex=_text(ds, "PatientSex", 16),
+                study_date=parse_da(ds.get("StudyDate")),
+                manufacturer=_text(ds, "Manufacturer"),
+                manufacturer_model_name=_text(ds, "ManufacturerModelName"),
+                view_position=_text(ds, "ViewPosition", 16),
                 path=path,
                 sha256=digest,
                 size=size,
@@ -247,6 +255,7 @@ class Receiver:
             )
             s.add(inst)
             s.flush()
+            log.info("%s received from %s (%s)", uid, calling, origin)
             record_event(
                 s, "received", actor=calling, instance=inst,
                 detail="retro-scan" if origin == "retro" else None,

@@ -1,4 +1,4 @@
-"""The read-only HTTP API: audit-log queries, instance states, a status page; and, with no
+"""The read-only HTTP API: audit-log queries, instance states, results, a status page; and, with no
 token, the probes ``/healthz`` (the process answers and its database is reachable) and
 ``/readyz`` (this role can do its work: schema current, SCP listening, model loaded), and the
 Prometheus ``/metrics`` (:mod:`node.metrics`; no patient data in it).
@@ -28,8 +28,10 @@ from sqlalchemy import desc, func, select, text
 
 from node.config import ConfigError
 from node.metrics import registry_for
+from node.results.export import export, plain
 from storage import Database, Instance, InstanceState, record_event
 from storage.audit import AuditQuery, as_dict, run_query
+from storage.results import RESULT_COLUMNS, ResultsQuery, latest_ages
 
 MAX_PAGE = 1000
 log = logging.getLogger("xrayage.http")
@@ -114,6 +116,32 @@ def create_app(
             rows = run_query(s, query, actor)
             return {"events": [as_dict(r) for r in rows], "next": next_url(request, rows, limit)}
 
+    @app.get("/api/results")
+    def results(
+        request: Request,
+        actor: Caller,
+        since: dt.datetime | None = None,
+        until: dt.datetime | None = None,
+        state: InstanceState | None = None,
+        patient_id: str | None = None,
+        model: str | None = None,
+        limit: Limit = 100,
+        before_id: int | None = None,
+    ) -> dict[str, Any]:
+        """The rows of ``xrayage results`` (the same columns), newest first; each page is
+        audited as a disclosure of patient data."""
+        query = ResultsQuery(
+            since=_utc(since), until=_utc(until), state=state, patient_id=patient_id,
+            model=model, limit=limit, before_id=before_id,
+        )  # fmt: skip
+        with db.session() as s:
+            rows = export(s, query, actor, None)
+            return {
+                "columns": list(RESULT_COLUMNS),
+                "results": [{k: plain(v) for k, v in r.values.items()} for r in rows],
+                "next": next_url(request, rows, limit),
+            }
+
     @app.get("/api/instances")
     def instances(
         request: Request,
@@ -129,6 +157,7 @@ def create_app(
             stmt = stmt.where(Instance.id < before_id)
         with db.session() as s:
             rows = list(s.scalars(stmt.order_by(desc(Instance.id)).limit(limit)))
+            ages = latest_ages(s, [i.id for i in rows])
             counts = dict(
                 s.execute(select(Instance.state, func.count()).group_by(Instance.state)).all()
             )
@@ -141,7 +170,7 @@ def create_app(
             )
             return {
                 "counts": {k.value: v for k, v in counts.items()},
-                "instances": [_instance(i) for i in rows],
+                "instances": [_instance(i, ages.get(i.id)) for i in rows],
                 "next": next_url(request, rows, limit),
             }
 
@@ -153,7 +182,7 @@ def _utc(value: dt.datetime | None) -> dt.datetime | None:
     return value.replace(tzinfo=dt.UTC) if value is not None and value.tzinfo is None else value
 
 
-def _instance(inst: Instance) -> dict[str, Any]:
+def _instance(inst: Instance, xray_age: float | None) -> dict[str, Any]:
     return {
         "id": inst.id,
         "sop_instance_uid": inst.sop_instance_uid,
@@ -163,6 +192,7 @@ def _instance(inst: Instance) -> dict[str, Any]:
         "modality": inst.modality,
         "origin": inst.origin,
         "state": inst.state.value,
+        "xray_age": xray_age,
         "reason": inst.reason,
         "received_at": inst.received_at.isoformat().replace("+00:00", "Z"),
         "updated_at": inst.updated_at.isoformat().replace("+00:00", "Z"),

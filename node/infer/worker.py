@@ -35,6 +35,7 @@ from storage import Database, FileStore, InstanceState, Job, JobState, utcnow
 from storage.lifecycle import change_state
 from storage.queue import backlog, claim_jobs, fail_exhausted, requeue_orphans
 from storage.results import (
+    Ages,
     ModelIdentity,
     StoredObject,
     record_inferred,
@@ -110,8 +111,7 @@ class InferenceWorker(WorkerThread):
         cfg = self.cfg
         sha = self.identity.sha256
         with self.db.session() as s:
-            for job_id, reason in fail_exhausted(s, cfg.max_attempts):
-                log.warning("job %d failed: %s", job_id, reason)
+            fail_exhausted(s, cfg.max_attempts)  # logged and audited as they fail
             jobs = claim_jobs(s, self.owner, cfg.batch_size, self.lease, cfg.max_attempts)
             # A job whose instance is `inferred` lost its worker after the model: the stored
             # age is reused, the model does not run again.
@@ -163,14 +163,13 @@ class InferenceWorker(WorkerThread):
     def _fail(self, job: Job, reason: str, summary: str | None = None) -> None:
         """Record ``reason`` (database and audit log); the application log gets ``summary``
         instead where the reason may quote header values, which can identify the patient."""
-        log.warning("job %d failed: %s", job.id, summary or reason)
         with self.db.session() as s:
             held = self._still_ours(s, job.id)
             if held is None:
                 return
             INFERRED.labels("failed").inc()
             held.state, held.error = JobState.FAILED, reason
-            change_state(s, held.instance, InstanceState.FAILED, reason=reason)
+            change_state(s, held.instance, InstanceState.FAILED, reason=reason, summary=summary)
 
     def _inferred(self, claimed: Job, header: Dataset, age: float) -> bool:
         """Commit the model's output (``inferred``) before any report is built, so a crash
@@ -179,11 +178,16 @@ class InferenceWorker(WorkerThread):
             held = self._still_ours(s, claimed.id)
             if held is None:
                 return False
-            record_inferred(s, held.instance, self.identity, age, chronological_age(header))
+            f = self._findings(header, age)
+            ages = Ages(age, f.chronological_age, f.difference, f.corrected_difference)
+            record_inferred(s, held.instance, self.identity, ages)
         return True
 
+    def _findings(self, header: Dataset, age: float) -> Findings:
+        return Findings(age, chronological_age(header), self.model.card)
+
     def _report(self, claimed: Job, header: Dataset, age: float) -> None:
-        findings = Findings(age, chronological_age(header), self.model.card)
+        findings = self._findings(header, age)
         try:
             built = build_reports(header, findings, self.reports.section, self.reports.ae_title)
         except ValueError as e:  # highdicom's validation of what the source header gave it

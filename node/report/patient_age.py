@@ -13,7 +13,8 @@ _AS = re.compile(r"^(\d{3})([DWMY])$")
 _DAYS = {"D": 1.0, "W": 7.0, "M": 365.25 / 12, "Y": 365.25}
 
 
-def _date(value: object) -> dt.date | None:
+def parse_da(value: object) -> dt.date | None:
+    """A DA value (PS3.5 6.2) as a date; None when absent or not a date."""
     try:
         return dt.datetime.strptime(str(value).strip()[:8], "%Y%m%d").date()
     except ValueError:
@@ -30,9 +31,13 @@ def chronological_age(ds: Dataset) -> float | None:
     m = _AS.match(str(ds.get("PatientAge", "") or "").strip())
     if m:
         return round(int(m.group(1)) * _DAYS[m.group(2)] / 365.25, 2)
-    birth = _date(ds.get("PatientBirthDate", ""))
+    birth = parse_da(ds.get("PatientBirthDate", ""))
     when = next(
-        (d for k in ("StudyDate", "AcquisitionDate", "ContentDate") if (d := _date(ds.get(k, "")))),
+        (
+            d
+            for k in ("StudyDate", "AcquisitionDate", "ContentDate")
+            if (d := parse_da(ds.get(k, "")))
+        ),
         None,
     )
     if birth is None or when is None or when < birth:

@@ -1,0 +1,81 @@
+"""``xrayage results``: what the node found, one row per analysed instance, as data."""
+
+from __future__ import annotations
+
+import getpass
+import sys
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from node.cli.support import ConfigOption, open_database, parse_time, user_errors
+from node.config import ConfigError, load_settings
+from node.results.export import as_csv, as_json, as_parquet, export, plain, read_key
+from storage import InstanceState
+from storage.results import RESULT_COLUMNS, ResultsQuery
+
+
+class Format(StrEnum):
+    table = "table"
+    csv = "csv"
+    json = "json"
+    parquet = "parquet"
+
+
+def parse_state(value: str | None) -> InstanceState | None:
+    if value is None:
+        return None
+    try:
+        return InstanceState(value)
+    except ValueError:
+        known = ", ".join(s.value for s in InstanceState)
+        raise ConfigError(f"--state: {value!r} is not a state (one of {known})") from None
+
+
+@user_errors
+def results(
+    since: Annotated[str | None, typer.Option(help="aged from this UTC date or time")] = None,
+    until: Annotated[str | None, typer.Option(help="aged before this UTC date or time")] = None,
+    state: Annotated[str | None, typer.Option(help="inferred, reported, delivered, failed")] = None,
+    patient_id: Annotated[str | None, typer.Option()] = None,
+    model: Annotated[str | None, typer.Option(help="model name, as in its card")] = None,
+    limit: Annotated[int, typer.Option(min=1, max=10_000_000)] = 1000,
+    format: Annotated[Format, typer.Option("--format", "-f")] = Format.table,
+    pseudonymise_key_file: Annotated[
+        Path | None,
+        typer.Option(help="replace patient IDs, accession numbers and UIDs by a keyed HMAC"),
+    ] = None,
+    config: ConfigOption = None,
+) -> None:
+    """The node's results, newest first, in fixed columns; every export is audited."""
+    query = ResultsQuery(
+        since=parse_time(since, "--since"),
+        until=parse_time(until, "--until"),
+        state=parse_state(state),
+        patient_id=patient_id,
+        model=model,
+        limit=limit,
+    )
+    key = read_key(pseudonymise_key_file) if pseudonymise_key_file is not None else None
+    db = open_database(load_settings(config))
+    try:
+        with db.session() as s:
+            rows = [r.values for r in export(s, query, f"cli:{getpass.getuser()}", key)]
+    finally:
+        db.dispose()
+    if format == Format.parquet:
+        sys.stdout.buffer.write(as_parquet(rows))
+    elif format == Format.json:
+        sys.stdout.write(as_json(rows))
+    elif format == Format.csv:
+        sys.stdout.write(as_csv(rows))
+    else:
+        table = Table(*RESULT_COLUMNS, box=None)
+        for row in rows:
+            table.add_row(*("" if v is None else str(plain(v)) for v in row.values()))
+        Console(width=400).print(table)
+        typer.echo(f"{len(rows)} results" + (" (--limit reached)" if len(rows) == limit else ""))
