@@ -42,6 +42,11 @@ class ModelCard:
     # (slope, intercept) of the age gap's linear trend with chronological age on a reference set
     # (ai.train.fit_gap_correction); the SR then also reports the gap with that trend removed.
     gap_correction: tuple[float, float] | None = None
+    # The model's stated agreement with chronological age, on ``reference_set``: what a site's
+    # own figures are compared against (node.results.validation).
+    reference_mae: float | None = None
+    reference_r: float | None = None
+    reference_set: str = ""
 
     def __post_init__(self) -> None:
         # A card the preprocessing cannot honour is refused rather than silently misread.

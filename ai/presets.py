@@ -51,6 +51,9 @@ PRESETS: dict[str, Preset] = {
                     "torchxrayvision (github.com/mlmed/torchxrayvision, release v1)"
                 ),
                 license="Apache-2.0",
+                reference_mae=4.95,
+                reference_r=0.916,
+                reference_set="JSRT, external test set (Ieki et al. 2022)",
                 notes=[
                     "The authors' fastai pickle of the same model (github.com/pirocv/xray_age) "
                     "has SHA-256 9773fc0b83821c0ffc90cdce7cdc41bed45d841d64a6a83c5c37b309453e365d "

@@ -468,6 +468,9 @@ class Trainer:
             provenance=self.provenance,
             sha256=file_sha256(weights),
             gap_correction=(slope, intercept),
+            reference_mae=round(self.best_mae, 3),
+            reference_r=round(_pearson(predicted, actual), 4),
+            reference_set=f"validation set of training, {len(self.val_items)} images",
             notes=[
                 f"trained on {len(self.train_items)} images, validated on "
                 f"{len(self.val_items)} (patients disjoint)",

@@ -8,9 +8,9 @@ so that an upgrade is a decision taken here and not a surprise on a hospital's n
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import cache
 from typing import Any
 
-import highdicom as hd
 from pydicom.dataset import Dataset
 from pynetdicom import AE
 from pynetdicom.association import Association
@@ -18,6 +18,7 @@ from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dimse_primitives import DimseServiceType
 from pynetdicom.transport import AssociationServer, AssociationSocket, RequestHandler
 
+Projection = Callable[[Dataset], list[Any]]
 # library -> (lowest checked version, first version not checked)
 CHECKED = {"pynetdicom": ("3.0.4", "3.1"), "highdicom": ("0.28.2", "0.29")}
 
@@ -77,15 +78,31 @@ def responses_to_caller(assoc: Association) -> None:
     assoc.dimse.get_msg = get_msg  # type: ignore[method-assign]
 
 
-class EntryDescriptors(hd.sr.ImageLibraryEntryDescriptors):
-    """highdicom's TID 1602 entry descriptors with the TID 1603 projection-radiography items
-    made by :meth:`projection_descriptors` (highdicom's own generator is private)."""
+@cache
+def _entry_descriptors_class() -> type[Any]:
+    import highdicom as hd  # only where reports are built: a receiver need not load it
 
-    def _generate_projection_radiography_descriptors(self, dataset: Dataset) -> list[Any]:  # type: ignore[override]
-        return self.projection_descriptors(dataset)
+    class EntryDescriptors(hd.sr.ImageLibraryEntryDescriptors):  # type: ignore[misc]
+        def __init__(self, dataset: Dataset, projection: Projection) -> None:
+            self.projection = projection  # the base's constructor calls the generator below
+            super().__init__(dataset)
 
-    def projection_descriptors(self, dataset: Dataset) -> list[Any]:
-        raise NotImplementedError
+        def _generate_projection_radiography_descriptors(self, dataset: Dataset) -> list[Any]:
+            return self.projection(dataset)
+
+    return EntryDescriptors
+
+
+def entry_descriptors(dataset: Dataset, projection: Projection) -> list[Any]:
+    """highdicom's TID 1602 entry descriptors of ``dataset``, with the TID 1603
+    projection-radiography items made by ``projection`` (highdicom's own generator is private)."""
+    return _entry_descriptors_class()(dataset, projection)  # type: ignore[no-any-return]
+
+
+def _highdicom_generator() -> object:
+    import highdicom as hd
+
+    return hd.sr.ImageLibraryEntryDescriptors._generate_projection_radiography_descriptors
 
 
 PRIVATE_NAMES: dict[str, Callable[[], object]] = {
@@ -98,6 +115,6 @@ PRIVATE_NAMES: dict[str, Callable[[], object]] = {
         "_server" in vars(Association(AE(), "acceptor")) or None
     ),
     "highdicom ImageLibraryEntryDescriptors._generate_projection_radiography_descriptors": (
-        lambda: hd.sr.ImageLibraryEntryDescriptors._generate_projection_radiography_descriptors
+        _highdicom_generator
     ),
 }

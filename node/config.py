@@ -10,7 +10,7 @@ from __future__ import annotations
 import datetime as dt
 from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from apscheduler.triggers.cron import CronTrigger
 from pydantic import (
@@ -162,6 +162,15 @@ class ReportSection(_Section):
     institution_name: str | None = None
 
 
+class ReportConfig(NamedTuple):
+    """What the inference worker needs to report: the ``[report]`` section, the node's AE title
+    (the SR's device observer) and the names of the destinations to deliver to."""
+
+    section: ReportSection
+    ae_title: str
+    destinations: tuple[str, ...]
+
+
 class DeliverySection(_Section):
     max_attempts: int = Field(10, ge=1)
     retry_initial_seconds: float = Field(30.0, gt=0)
@@ -272,6 +281,16 @@ class AuditSection(_Section):
     _check_schedule = field_validator("purge_schedule")(_crontab)
 
 
+class ValidationSection(_Section):
+    """``[validation]``: the model's agreement with the chronological ages of this site's own
+    patients, watched continuously (README "Validation")."""
+
+    window_days: int = Field(30, ge=1)  # the rolling window of the figures and the alert
+    # Alert when the rolling MAE exceeds the model card's stated MAE by more than this ...
+    alert_margin_years: float = Field(2.0, ge=0)
+    min_count: int = Field(100, ge=1)  # ... over at least this many cases
+
+
 class HttpSection(_Section):
     """``[http]``: the read-only audit API and status page; off without a port."""
 
@@ -310,6 +329,7 @@ class Settings(BaseSettings):
     destinations: list[Destination] = []
     retro: RetroSection = RetroSection()
     audit: AuditSection = AuditSection()
+    validation: ValidationSection = ValidationSection()
     http: HttpSection = HttpSection()
     logging: LoggingSection = LoggingSection()
 

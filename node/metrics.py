@@ -9,7 +9,7 @@ No metric carries a patient identifier.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -152,10 +152,14 @@ class ProcessCollector(Collector):
         yield from families.values()
 
 
-def registry_for(db: Database, child_dir: Path | None = None) -> CollectorRegistry:
+def registry_for(
+    db: Database, child_dir: Path | None = None, more: Iterable[Collector] = ()
+) -> CollectorRegistry:
     """This process's counters (and its inference process's, in ``child_dir``) with the
-    database's gauges, for one HTTP app."""
+    database's gauges and ``more`` collectors, for one HTTP app."""
     registry = CollectorRegistry()
     registry.register(ProcessCollector(child_dir))
     registry.register(DatabaseCollector(db))
+    for collector in more:
+        registry.register(collector)
     return registry

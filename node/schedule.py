@@ -39,7 +39,7 @@ log = logging.getLogger("xrayage.schedule")
 
 # Stored jobs name their function as text, so they call this module's runner, which finds the
 # work registered under the job's ID by the (single) scheduler of this process.
-_work: dict[str, Callable[[], None]] = {}
+_work: dict[str, Callable[[], object]] = {}
 
 
 def _run(job_id: str) -> None:
@@ -54,7 +54,7 @@ class ScheduledJob:
     job_id: str
     crontab: str
     grace_seconds: int
-    work: Callable[[], None]
+    work: Callable[[], object]
     interrupt: Callable[[], None] = lambda: None  # ends a running ``work`` early, resumably
 
 

@@ -27,13 +27,13 @@ from ai.card import ModelCard
 from ai.presets import model_card, resolve_weights
 from node.audit.atna import SyslogExporter
 from node.audit.changes import record_changes
-from node.components import Component
-from node.config import Settings
+from node.components import Component, Signal
+from node.config import ReportConfig, Settings
 from node.delivery.deliverer import Deliverer
 from node.dicom.scp import Receiver
 from node.http.api import HttpServer, create_app
 from node.infer.process import InferenceProcess, event
-from node.report.build import ReportConfig
+from node.results.validation import Validation
 from node.retro.scanner import RetroScanner, next_at
 from node.schedule import ScheduledJob, Scheduler
 from storage import record_event
@@ -43,6 +43,7 @@ from storage.tables import utcnow
 
 log = logging.getLogger("xrayage")
 
+VALIDATION_CHECK = "7 * * * *"  # hourly: a drift is said within the hour, once a day
 Role = Literal["receive", "infer", "deliver", "schedule", "all"]
 ROLES: tuple[Role, ...] = get_args(Role)[:-1]
 
@@ -61,10 +62,16 @@ class NodeService:
         # Only the inference part loads the network (and imports torch); the others need its
         # card (the gate's age range, the model identity that retro-scans compare against).
         self.card: ModelCard | None = model_card(self.weights) if self.weights else None
-        # Reports wake the deliverer, queued images the inference part: events that work
-        # across processes, since inference runs in one of its own by default.
-        self.reported = event()
-        self.queued = event()
+        self.validation = (
+            Validation(self.db, self.card, settings.validation) if self.card is not None else None
+        )
+        # Reports wake the deliverer, queued images the inference part: events that work across
+        # processes where inference runs in one of its own (the default).
+        self.isolated = (
+            self.weights is not None and "infer" in self.roles and cfg.isolation == "process"
+        )
+        make: Callable[[], Signal] = event if self.isolated else threading.Event
+        self.reported, self.queued = make(), make()
         self.scheduler: Scheduler | None = None
         self.components: list[Component] = []
         # In start order (the model first: weights that cannot be loaded end `serve` before it
@@ -81,10 +88,11 @@ class NodeService:
             return None
         s = self.settings
         reports = ReportConfig(s.report, s.node.ae_title, tuple(d.name for d in s.destinations))
-        if s.model.isolation == "process":
+        if self.isolated:
             return InferenceProcess(
-                s.model, reports, s.storage, s.logging, self.db, self.weights, self.reported
-            )
+                s.model, reports, s.storage, s.logging, self.db, self.weights,
+                wake=self.queued, reported=self.reported,
+            )  # fmt: skip
         from ai.model import AgeModel
         from node.infer.worker import InferenceWorker
 
@@ -119,7 +127,7 @@ class NodeService:
         metrics = next(
             (c.metrics_dir for c in self.components if isinstance(c, InferenceProcess)), None
         )
-        app = create_app(self.db, http.tokens, self.not_ready, metrics)
+        app = create_app(self.db, http.tokens, self.not_ready, metrics, self.validation)
         return HttpServer(app, http.host, http.port)
 
     def _scheduled_jobs(self) -> list[ScheduledJob]:
@@ -143,6 +151,9 @@ class NodeService:
                     "retro-scan", retro.schedule, grace, scanner.nightly, scanner.stopping.set
                 )
             )
+        if self.validation is not None:
+            check = self.validation.check
+            jobs.append(ScheduledJob("validation-check", VALIDATION_CHECK, 3600, check))
         if s.audit.retention_days is not None:
             jobs.append(ScheduledJob("audit-purge", s.audit.purge_schedule, 86400, self.purge))
         return jobs

@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import desc, select
+from sqlalchemy import desc, func, select
 from sqlalchemy.orm import Session
 
 from storage.lifecycle import change_state
@@ -231,3 +231,64 @@ def _values(result: Result, inst: Instance) -> dict[str, Any]:
         "state": inst.state.value,
         "reported_at": result.reported_at,
     }
+
+
+@dataclass(frozen=True)
+class AgePair:
+    """One analysed image with a known chronological age, for agreement figures."""
+
+    xray_age: float
+    chronological_age: float
+    manufacturer: str | None
+    manufacturer_model_name: str | None
+    view_position: str | None
+    at: dt.datetime  # when the age was estimated
+
+
+def age_pairs(
+    session: Session,
+    model_sha256: str,
+    age_range: tuple[float, float],
+    since: dt.datetime | None = None,
+) -> list[AgePair]:
+    """The reported images of this model whose chronological age is known and within
+    ``age_range`` (the model's validated range), oldest first."""
+    low, high = age_range
+    stmt = (
+        select(Result, Instance)
+        .join(Instance, Result.instance_id == Instance.id)
+        .where(
+            Result.model_sha256 == model_sha256,
+            Result.chronological_age >= low,
+            Result.chronological_age <= high,
+            Instance.state.in_((InstanceState.REPORTED, InstanceState.DELIVERED)),
+        )
+        .order_by(Result.id)
+    )
+    if since is not None:
+        stmt = stmt.where(Result.created_at >= since)
+    return [
+        AgePair(
+            r.xray_age,
+            r.chronological_age,  # type: ignore[arg-type]
+            i.manufacturer,
+            i.manufacturer_model_name,
+            i.view_position,
+            r.created_at,
+        )
+        for r, i in session.execute(stmt)
+    ]
+
+
+def instances_per_day(
+    session: Session, since: dt.datetime
+) -> list[tuple[dt.date, InstanceState, int]]:
+    """How many instances were received each UTC day since ``since``, by their state now."""
+    day = func.date(Instance.received_at)
+    rows = session.execute(
+        select(day, Instance.state, func.count())
+        .where(Instance.received_at >= since)
+        .group_by(day, Instance.state)
+        .order_by(day)
+    ).all()
+    return [(d if isinstance(d, dt.date) else dt.date.fromisoformat(d), st, n) for d, st, n in rows]

@@ -19,9 +19,8 @@ from pydicom.uid import generate_uid
 
 from ai import AgeModel, Engine, display_values
 from ai.evaluate import agreement, read_labels
-from node.config import load_settings
+from node.config import ReportConfig, load_settings
 from node.infer.worker import InferenceWorker
-from node.report.build import ReportConfig
 from storage import Database, FileStore, Instance, InstanceState, Job, JobState, Result
 from tests.test_cli import run
 

@@ -56,6 +56,13 @@ def test_each_role_composes_only_its_parts(
     service = NodeService(settings, role)
     try:
         assert {type(part) for part in service.components} == parts
+        if role == "all":  # queued images wake the inference process, reports the deliverer
+            (receiver,) = [p for p in service.components if isinstance(p, Receiver)]
+            (inference,) = [p for p in service.components if isinstance(p, InferenceProcess)]
+            (deliverer,) = [p for p in service.components if isinstance(p, Deliverer)]
+            receiver.on_queued()
+            assert inference.wake.is_set()
+            assert deliverer.wake is inference.reported
         for part in service.components:
             if isinstance(part, Deliverer):  # one sender per destination, of its kind
                 assert {n: type(s) for n, s in part.senders.items()} == {

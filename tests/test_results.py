@@ -8,20 +8,27 @@ import csv
 import io
 import json
 import logging
+import statistics
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pydicom
 import pytest
 import requests
+from PIL import Image
+from selenium import webdriver
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import WebDriverWait
 from sqlalchemy import select
 
 from node.service import NodeService
 from storage import AuditEvent, InstanceState, Result
 from storage.results import RESULT_COLUMNS
-from tests.conftest import node_in_process, small_chests, storescu
+from tests.conftest import node_in_process, require, small_chests, storescu
 from tests.servers import XRAYAGE, free_port, wait_until
 from tests.test_cli import run
 from tests.test_end_to_end import _nums
@@ -49,6 +56,9 @@ def reported(
             chest_ds, tmp_path / "b", 1, "b", PatientID="PAT-B", PatientAge="045Y",
             PatientSex="M", Manufacturer="OTHER", ManufacturerModelName="DX-9", **common,
         )  # fmt: skip
+        brighter = pydicom.dcmread(images[-1])  # another image, another X-ray age
+        brighter.PixelData = (brighter.pixel_array // 2 + 100).astype("uint16").tobytes()
+        brighter.save_as(images[-1])
         assert storescu(node.settings.node.port, *images).returncode == 0
 
         def states() -> list[InstanceState]:
@@ -57,7 +67,9 @@ def reported(
 
         wait_until(lambda: states() == [InstanceState.REPORTED] * 3, 120, "three reports")
         config = tmp_path / "node.toml"
-        config.write_text(f'[storage]\npath = "{tmp_path / "data"}"\n')
+        config.write_text(
+            f'[storage]\npath = "{tmp_path / "data"}"\n[model]\nweights = "{weights}"\n'
+        )
         yield node, config, f"http://127.0.0.1:{http}"
 
 
@@ -189,3 +201,64 @@ def test_each_step_of_each_image_is_one_log_line(
         assert not any("PAT-" in line for line in mine)
     warned = [line for line in lines if line.startswith("no [[destinations]]")]
     assert warned and "stay `reported`" in warned[0]
+
+
+def test_validation_figures_are_those_of_the_rows(reported: Reported) -> None:
+    _, config, base = reported
+    rows = _csv(config)[1]
+    out = run("validation", "-f", "json", "-c", str(config))
+    assert out.returncode == 0, out.stderr
+    (overall,) = json.loads(out.stdout)
+    diffs = [float(r["xray_age"]) - float(r["chronological_age"]) for r in rows]
+    assert overall["group"] == "all" and overall["count"] == 3
+    assert overall["mae"] == pytest.approx(statistics.fmean(abs(d) for d in diffs))
+    assert overall["bias"] == pytest.approx(statistics.fmean(diffs))
+    spread = 1.96 * statistics.stdev(diffs)
+    assert overall["loa_high"] == pytest.approx(statistics.fmean(diffs) + spread)
+    xs, ys = [float(r["xray_age"]) for r in rows], [float(r["chronological_age"]) for r in rows]
+    assert overall["r"] == pytest.approx(statistics.correlation(xs, ys))
+    by_device = json.loads(
+        run("validation", "--by", "device", "-f", "json", "-c", str(config)).stdout
+    )
+    assert {(a["group"], a["count"]) for a in by_device} == {
+        ("device=ACME CR-1", 2),
+        ("device=OTHER DX-9", 1),
+    }
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    api = requests.get(f"{base}/api/validation", headers=headers, timeout=10).json()
+    assert api["rolling"][0] == overall and api["months"][0]["count"] == 3
+    metrics = requests.get(f"{base}/metrics", timeout=10).text
+    assert 'xrayage_validation_count{group="view=PA"} 3.0' in metrics
+    assert f'xrayage_validation_mae_years{{group="all"}} {overall["mae"]}' in metrics
+
+
+def test_the_dashboard_draws_its_plots_in_chromium(reported: Reported, tmp_path: Path) -> None:
+    _, _, base = reported
+    assert requests.get(f"{base}/dashboard/scatter.svg", timeout=10).status_code == 401
+    options = webdriver.ChromeOptions()
+    options.binary_location = require("chromium")
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage"):
+        options.add_argument(arg)
+    options.add_argument("--window-size=1400,3000")
+    browser = webdriver.Chrome(options=options, service=Service(require("chromedriver")))
+    try:
+        browser.get(base + "/dashboard")
+        browser.find_element(By.ID, "token").send_keys(TOKEN)
+        browser.find_element(By.CSS_SELECTOR, "#login button").click()
+        WebDriverWait(browser, 30).until(lambda b: b.find_element(By.ID, "content").is_displayed())
+        plots = browser.find_elements(By.CSS_SELECTOR, "#plots img")
+        assert [p.get_attribute("id") for p in plots] == [
+            "plot-scatter", "plot-bland-altman", "plot-gaps", "plot-per-day", "plot-agreement",
+        ]  # fmt: skip
+        for plot in plots:
+            WebDriverWait(browser, 10).until(
+                lambda b, p=plot: b.execute_script("return arguments[0].complete", p)
+            )
+            shot = Image.open(io.BytesIO(plot.screenshot_as_png)).convert("L")
+            shot.save(tmp_path / f"{plot.get_attribute('id')}.png")
+            ink = float((np.asarray(shot) < 200).mean())
+            assert shot.width > 200 and 0.01 < ink < 0.6, (plot.get_attribute("id"), ink)
+        summary = browser.find_element(By.ID, "validation").text
+        assert "last 30 days: 3 patients" in summary and "MAE" in summary
+    finally:
+        browser.quit()

@@ -23,6 +23,7 @@ from node.cli.results import results
 from node.cli.retry import retry
 from node.cli.support import ConfigOption, user_errors
 from node.cli.train import train
+from node.cli.validation import validation
 from node.config import ConfigError, load_settings
 from node.logs import configure_logging
 from storage.locks import lock_folder
@@ -41,6 +42,7 @@ app.command()(retry)
 app.command()(rescan)
 app.command()(train)
 app.command()(results)
+app.command()(validation)
 app.command()(audit)
 app.command("audit-purge")(audit_purge)
 app.add_typer(model_app, name="model")

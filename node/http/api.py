@@ -29,13 +29,17 @@ from sqlalchemy import desc, func, select, text
 from node.config import ConfigError
 from node.metrics import registry_for
 from node.results.export import export, plain
+from node.results.validation import Validation, ValidationCollector
 from storage import Database, Instance, InstanceState, record_event
 from storage.audit import AuditQuery, as_dict, run_query
 from storage.results import RESULT_COLUMNS, ResultsQuery, latest_ages
 
 MAX_PAGE = 1000
 log = logging.getLogger("xrayage.http")
-PAGE = (files("node.http") / "web" / "index.html").read_text()
+WEB = files("node.http") / "web"
+PAGE = (WEB / "index.html").read_text()
+DASHBOARD = (WEB / "dashboard.html").read_text()
+COMMON_JS = (WEB / "common.js").read_text()
 
 
 def create_app(
@@ -43,9 +47,11 @@ def create_app(
     tokens: dict[str, str],
     readiness: Callable[[], list[str]] = list,
     child_metrics: Path | None = None,
+    validation: Validation | None = None,
 ) -> FastAPI:
     """``readiness`` lists what keeps this process from being ready (empty: ready);
-    ``child_metrics``: the inference process's metric files, summed into ``/metrics``."""
+    ``child_metrics``: the inference process's metric files, summed into ``/metrics``;
+    ``validation``: the current model's agreement figures (none without a model)."""
     app = FastAPI(title="xrayage", docs_url=None, redoc_url=None, openapi_url="/api/openapi.json")
     bearer = HTTPBearer(auto_error=False)
 
@@ -84,7 +90,8 @@ def create_app(
             raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "; ".join(problems))
         return {"status": "ready"}
 
-    metrics = registry_for(db, child_metrics)
+    more = [ValidationCollector(validation)] if validation is not None else []
+    metrics = registry_for(db, child_metrics, more)
 
     @app.get("/metrics")
     def prometheus() -> Response:
@@ -93,6 +100,27 @@ def create_app(
     @app.get("/", response_class=HTMLResponse)
     def page() -> str:
         return PAGE
+
+    @app.get("/dashboard", response_class=HTMLResponse)
+    def dashboard() -> str:
+        return DASHBOARD
+
+    @app.get("/web/common.js")
+    def common_js() -> Response:
+        return Response(COMMON_JS, media_type="text/javascript")
+
+    @app.get("/dashboard/{name}.svg")
+    def plot(name: str, actor: Caller) -> Response:
+        """One of the dashboard's plots (no patient identifiers in any of them)."""
+        from node.http.plots import PLOTS, per_day  # matplotlib, only once a plot is asked for
+
+        if name == "per-day":
+            return Response(per_day(db), media_type="image/svg+xml")
+        if name not in PLOTS:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, f"no plot {name!r}")
+        if validation is None:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, "no [model] weights configured")
+        return Response(PLOTS[name](validation), media_type="image/svg+xml")
 
     @app.get("/api/audit")
     def audit(
@@ -141,6 +169,21 @@ def create_app(
                 "results": [{k: plain(v) for k, v in r.values.items()} for r in rows],
                 "next": next_url(request, rows, limit),
             }
+
+    @app.get("/api/validation")
+    def validation_figures(actor: Caller) -> dict[str, Any]:
+        """The model's agreement with this site's chronological ages (``xrayage validation``)."""
+        if validation is None:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, "no [model] weights configured")
+        with db.session() as s:
+            record_event(s, "audit-query", actor=actor, detail="validation figures")
+        return {
+            "model": {"name": validation.card.name, "sha256": validation.card.sha256},
+            "reference": validation.reference(),
+            "window_days": validation.cfg.window_days,
+            "rolling": [a.as_dict() for a in validation.rolling()],
+            "months": [a.as_dict() for a in validation.monthly()],
+        }
 
     @app.get("/api/instances")
     def instances(

@@ -37,8 +37,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from ai.errors import ModelLoadError
 from node.components import STOP_SECONDS
-from node.config import LoggingSection, ModelSection, StorageSection
-from node.report.build import ReportConfig
+from node.config import LoggingSection, ModelSection, ReportConfig, StorageSection
 from storage import Database, record_event
 from storage.queue import requeue_owner
 
@@ -80,12 +79,15 @@ class InferenceProcess:
         logging_cfg: LoggingSection,
         db: Database,
         weights: Path,
+        wake: Any,
         reported: Any,
     ) -> None:
+        """``wake`` (a job was queued) and ``reported`` (wakes the deliverer): events from
+        :func:`event`, shared with the process."""
         self.config = (cfg, reports, storage, logging_cfg)
         self.db = db
         self.weights = weights
-        self.wake = event()
+        self.wake = wake
         self.reported = reported
         self.ready = event()
         self.child_stop = event()

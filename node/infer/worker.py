@@ -26,9 +26,9 @@ from sqlalchemy.orm import Session
 
 from ai import AgeModel, Engine
 from node.components import Signal, WorkerThread
-from node.config import ModelSection
+from node.config import ModelSection, ReportConfig
 from node.metrics import BATCH_SIZE, INFERENCE_SECONDS, INFERRED, STAGE_SECONDS
-from node.report.build import ReportConfig, build_reports
+from node.report.build import build_reports
 from node.report.findings import Findings
 from node.report.patient_age import chronological_age
 from storage import Database, FileStore, InstanceState, Job, JobState, utcnow

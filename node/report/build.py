@@ -7,7 +7,6 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 from io import BytesIO
-from typing import NamedTuple
 
 import pydicom
 from pydicom.dataset import Dataset
@@ -17,15 +16,6 @@ from node.report.findings import Findings
 from node.report.sc import build_sc
 from node.report.sr import build_sr
 from node.report.uids import ReportUIDs
-
-
-class ReportConfig(NamedTuple):
-    """What the inference worker needs to report: the ``[report]`` section, the node's AE title
-    (the SR's device observer) and the names of the destinations to deliver to."""
-
-    section: ReportSection
-    ae_title: str
-    destinations: tuple[str, ...]
 
 
 @dataclass(frozen=True)

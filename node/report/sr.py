@@ -20,7 +20,7 @@ from highdicom.sr import CodedConcept, RelationshipTypeValues
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
-from node.compat import EntryDescriptors
+from node.compat import entry_descriptors
 from node.gate import MANUFACTURER
 from node.report.findings import Findings
 from node.report.header import character_set, keep_character_set, usable_header
@@ -35,45 +35,43 @@ YEARS = CodedConcept("a", "UCUM", "year")
 PLAIN_CHEST_XRAY = CodedConcept("399208008", "SCT", "Plain X-ray of chest")
 
 
-class _EntryDescriptors(EntryDescriptors):
-    """TID 1602 entry descriptors; the TID 1603 projection-radiography items only if present.
+def _projection_descriptors(dataset: Dataset) -> list:
+    """The TID 1603 projection-radiography items, only those present.
 
     Patient Orientation and Imager Pixel Spacing are Type 3 in the CR IOD (many chest CRs lack
     them, the pydicom-data one included), and TID 1603 makes their items conditional on them.
     highdicom requires both, so the projection descriptors are generated here.
     """
-
-    def projection_descriptors(self, dataset: Dataset) -> list:
-        items: list = []
-        orientation = dataset.get("PatientOrientation")
-        if orientation is not None and len(orientation) == 2:
-            for code, value in zip(
-                (codes.DCM.PatientOrientationRow, codes.DCM.PatientOrientationColumn),
-                orientation,
-                strict=True,
-            ):
-                items.append(
-                    hd.sr.TextContentItem(
-                        name=code,
-                        value=value,
-                        relationship_type=RelationshipTypeValues.HAS_ACQ_CONTEXT,
-                    )
+    items: list = []
+    orientation = dataset.get("PatientOrientation")
+    if orientation is not None and len(orientation) == 2:
+        for code, value in zip(
+            (codes.DCM.PatientOrientationRow, codes.DCM.PatientOrientationColumn),
+            orientation,
+            strict=True,
+        ):
+            items.append(
+                hd.sr.TextContentItem(
+                    name=code,
+                    value=value,
+                    relationship_type=RelationshipTypeValues.HAS_ACQ_CONTEXT,
                 )
-        spacing = dataset.get("ImagerPixelSpacing") or dataset.get("PixelSpacing")
-        if spacing is not None and len(spacing) == 2 and all(float(v) > 0 for v in spacing):
-            for code, value in (
-                (codes.DCM.HorizontalPixelSpacing, spacing[1]),
-                (codes.DCM.VerticalPixelSpacing, spacing[0]),
-            ):
-                items.append(
-                    hd.sr.NumContentItem(
-                        name=code,
-                        value=float(value),
-                        unit=codes.UCUM.Millimeter,
-                        relationship_type=RelationshipTypeValues.HAS_ACQ_CONTEXT,
-                    )
+            )
+    spacing = dataset.get("ImagerPixelSpacing") or dataset.get("PixelSpacing")
+    if spacing is not None and len(spacing) == 2 and all(float(v) > 0 for v in spacing):
+        for code, value in (
+            (codes.DCM.HorizontalPixelSpacing, spacing[1]),
+            (codes.DCM.VerticalPixelSpacing, spacing[0]),
+        ):
+            items.append(
+                hd.sr.NumContentItem(
+                    name=code,
+                    value=float(value),
+                    unit=codes.UCUM.Millimeter,
+                    relationship_type=RelationshipTypeValues.HAS_ACQ_CONTEXT,
                 )
-        return items
+            )
+    return items
 
 
 def image_library(source: Dataset) -> hd.sr.ContainerContentItem:
@@ -84,7 +82,9 @@ def image_library(source: Dataset) -> hd.sr.ContainerContentItem:
         referenced_sop_instance_uid=source.SOPInstanceUID,
         relationship_type=RelationshipTypeValues.CONTAINS,
     )
-    entry.ContentSequence = hd.sr.ContentSequence(_EntryDescriptors(source))
+    entry.ContentSequence = hd.sr.ContentSequence(
+        entry_descriptors(source, _projection_descriptors)
+    )
     group = hd.sr.ContainerContentItem(
         name=codes.DCM.ImageLibraryGroup, relationship_type=RelationshipTypeValues.CONTAINS
     )

@@ -1,0 +1,77 @@
+"""``xrayage validation``: the model's agreement with this site's chronological ages."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from enum import StrEnum
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from ai.presets import model_card, resolve_weights
+from node.cli.support import ConfigOption, open_database, user_errors
+from node.config import ConfigError, load_settings
+from node.results.validation import Validation
+
+
+class By(StrEnum):
+    all = "all"
+    month = "month"
+    device = "device"
+    view = "view"
+
+
+class Format(StrEnum):
+    table = "table"
+    csv = "csv"
+    json = "json"
+
+
+COLUMNS = ("period", "group", "count", "mae", "bias", "r", "loa_low", "loa_high")
+
+
+@user_errors
+def validation(
+    by: Annotated[By, typer.Option(help="all, month, device or view")] = By.all,
+    format: Annotated[Format, typer.Option("--format", "-f")] = Format.table,
+    config: ConfigOption = None,
+) -> None:
+    """MAE, bias, Pearson r and limits of agreement of the current model on this site's
+    patients: over the rolling window, or per calendar month (--by month)."""
+    settings = load_settings(config)
+    if not settings.model.weights:
+        raise ConfigError("no [model] weights: validation figures are those of a model")
+    card = model_card(resolve_weights(settings.model.weights, settings.model.cache_dir))
+    db = open_database(settings)
+    try:
+        figures = Validation(db, card, settings.validation).figures(by.value)  # type: ignore[arg-type]
+    finally:
+        db.dispose()
+    rows = [a.as_dict() for a in figures]
+    if format == Format.json:
+        json.dump(rows, sys.stdout, indent=1)
+        sys.stdout.write("\n")
+    elif format == Format.csv:
+        writer = csv.DictWriter(sys.stdout, fieldnames=COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+    else:
+        table = Table(*COLUMNS, box=None)
+        for row in rows:
+            table.add_row(*(_show(row[c]) for c in COLUMNS))
+        Console(width=200).print(table)
+        stated = f"MAE {card.reference_mae} years on {card.reference_set}"
+        typer.echo(
+            f"model {card.name} {card.version}: "
+            + (stated if card.reference_mae else "no stated MAE")
+        )
+
+
+def _show(value: object) -> str:
+    if value is None:
+        return ""
+    return f"{value:.2f}" if isinstance(value, float) else str(value)
