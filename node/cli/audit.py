@@ -2,29 +2,23 @@
 
 from __future__ import annotations
 
-import csv
 import datetime as dt
 import getpass
-import json
-import sys
-from enum import StrEnum
 from typing import Annotated
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
-from node.cli.support import ConfigOption, open_database, parse_time, user_errors
+from node.cli.support import (
+    ConfigOption,
+    Format,
+    open_database,
+    parse_time,
+    print_rows,
+    user_errors,
+)
 from node.config import load_settings
 from storage import utcnow
 from storage.audit import FIELDS, AuditQuery, as_dict, purge_events, run_query
-
-
-class Format(StrEnum):
-    table = "table"
-    csv = "csv"
-    json = "json"
-
 
 Text = Annotated[str | None, typer.Option()]
 
@@ -59,19 +53,7 @@ def audit(
             rows = [as_dict(r) for r in run_query(s, query, f"cli:{getpass.getuser()}")]
     finally:
         db.dispose()
-    if format == Format.json:
-        json.dump(rows, sys.stdout, indent=1)
-        sys.stdout.write("\n")
-    elif format == Format.csv:
-        writer = csv.DictWriter(sys.stdout, fieldnames=FIELDS, lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
-    else:
-        table = Table(*FIELDS, box=None)
-        for row in rows:
-            table.add_row(*("" if row[f] is None else str(row[f]) for f in FIELDS))
-        Console(width=240).print(table)
-        typer.echo(f"{len(rows)} events" + (" (--limit reached)" if len(rows) == limit else ""))
+    print_rows(rows, FIELDS, format, "events", limit)
 
 
 @user_errors

@@ -9,12 +9,10 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
-from node.cli.support import ConfigOption, open_database, parse_time, user_errors
+from node.cli.support import ConfigOption, open_database, parse_time, print_rows, user_errors
 from node.config import ConfigError, load_settings
-from node.results.export import as_csv, as_json, as_parquet, export, plain, read_key
+from node.results.export import as_parquet, export, plain, read_key
 from storage import InstanceState
 from storage.results import RESULT_COLUMNS, ResultsQuery
 
@@ -69,13 +67,6 @@ def results(
         db.dispose()
     if format == Format.parquet:
         sys.stdout.buffer.write(as_parquet(rows))
-    elif format == Format.json:
-        sys.stdout.write(as_json(rows))
-    elif format == Format.csv:
-        sys.stdout.write(as_csv(rows))
     else:
-        table = Table(*RESULT_COLUMNS, box=None)
-        for row in rows:
-            table.add_row(*("" if v is None else str(plain(v)) for v in row.values()))
-        Console(width=400).print(table)
-        typer.echo(f"{len(rows)} results" + (" (--limit reached)" if len(rows) == limit else ""))
+        shown = [{k: plain(v) for k, v in row.items()} for row in rows]
+        print_rows(shown, RESULT_COLUMNS, format, "results", limit)

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import csv
 import datetime as dt
 import functools
-from collections.abc import Callable
+import json
+import sys
+from collections.abc import Callable, Sequence
+from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 from pydantic import ValidationError
 from pydicom.errors import InvalidDicomError
+from rich.console import Console
+from rich.table import Table
 from sqlalchemy.exc import OperationalError
 
 from ai.card import ModelCardError
@@ -111,3 +117,36 @@ def parse_time(value: str | None, name: str) -> dt.datetime | None:
     except ValueError:
         raise ConfigError(f"{name}: {value!r} is not a date (YYYY-MM-DD[THH:MM[:SS]][Z])") from None
     return parsed.replace(tzinfo=dt.UTC) if parsed.tzinfo is None else parsed
+
+
+class Format(StrEnum):
+    table = "table"
+    csv = "csv"
+    json = "json"
+
+
+def print_rows(
+    rows: list[dict[str, Any]], columns: Sequence[str], format: str, noun: str, limit: int = 0
+) -> None:
+    """``rows`` (values of ``columns``) on stdout as JSON, CSV or a table with a count line;
+    ``limit``: the query's, to say when it was reached."""
+    if format == Format.json:
+        json.dump(rows, sys.stdout, indent=1)
+        sys.stdout.write("\n")
+    elif format == Format.csv:
+        writer = csv.DictWriter(sys.stdout, fieldnames=columns, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+    else:
+        table = Table(*columns, box=None)
+        for row in rows:
+            table.add_row(*(_cell(row[c]) for c in columns))
+        Console(width=max(240, 18 * len(columns))).print(table)
+        reached = " (--limit reached)" if limit and len(rows) == limit else ""
+        typer.echo(f"{len(rows)} {noun}{reached}")
+
+
+def _cell(value: object) -> str:
+    if value is None:
+        return ""
+    return f"{value:.2f}" if isinstance(value, float) else str(value)

@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-import csv
-import json
-import sys
 from enum import StrEnum
 from typing import Annotated
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
 from ai.presets import model_card, resolve_weights
-from node.cli.support import ConfigOption, open_database, user_errors
+from node.cli.support import ConfigOption, Format, open_database, print_rows, user_errors
 from node.config import ConfigError, load_settings
 from node.results.validation import Validation
 
@@ -23,12 +18,6 @@ class By(StrEnum):
     month = "month"
     device = "device"
     view = "view"
-
-
-class Format(StrEnum):
-    table = "table"
-    csv = "csv"
-    json = "json"
 
 
 COLUMNS = ("period", "group", "count", "mae", "bias", "r", "loa_low", "loa_high")
@@ -52,26 +41,10 @@ def validation(
     finally:
         db.dispose()
     rows = [a.as_dict() for a in figures]
-    if format == Format.json:
-        json.dump(rows, sys.stdout, indent=1)
-        sys.stdout.write("\n")
-    elif format == Format.csv:
-        writer = csv.DictWriter(sys.stdout, fieldnames=COLUMNS, lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
-    else:
-        table = Table(*COLUMNS, box=None)
-        for row in rows:
-            table.add_row(*(_show(row[c]) for c in COLUMNS))
-        Console(width=200).print(table)
-        stated = f"MAE {card.reference_mae} years on {card.reference_set}"
+    print_rows(rows, COLUMNS, format, "groups")
+    stated = f"stated MAE {card.reference_mae} years on {card.reference_set}"
+    if format == Format.table:
         typer.echo(
             f"model {card.name} {card.version}: "
             + (stated if card.reference_mae else "no stated MAE")
         )
-
-
-def _show(value: object) -> str:
-    if value is None:
-        return ""
-    return f"{value:.2f}" if isinstance(value, float) else str(value)

@@ -1,5 +1,5 @@
 """The node's results as data: rows of :data:`storage.results.RESULT_COLUMNS`, pseudonymised on
-request, in the formats a researcher opens (CSV, JSON, Parquet), every export audited.
+request, every export audited; Parquet (CSV, JSON and tables are the CLI's).
 
 Pseudonyms are HMAC-SHA256 of the value under a site's secret key (at least 32 bytes, read from
 a file and never written anywhere): the same key gives the same pseudonym, so exports of
@@ -10,12 +10,10 @@ characters, UIDs stay UIDs (``2.25.`` and the first 128 bits of the HMAC, PS3.5 
 
 from __future__ import annotations
 
-import csv
 import datetime as dt
 import hashlib
 import hmac
 import io
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -63,9 +61,7 @@ class Pseudonymiser:
         return out
 
 
-def export(
-    session: Session, query: ResultsQuery, actor: str, key: bytes | None
-) -> list[ResultRow]:
+def export(session: Session, query: ResultsQuery, actor: str, key: bytes | None) -> list[ResultRow]:
     """The rows of ``query``, pseudonymised with ``key`` if given, and the export audited: who,
     how many rows, and whether they carried patient identifiers (a disclosure) or not."""
     rows = query_results(session, query)
@@ -84,18 +80,6 @@ def plain(value: Any) -> Any:
     if isinstance(value, dt.date):
         return value.isoformat()
     return value
-
-
-def as_csv(rows: Sequence[dict[str, Any]]) -> str:
-    out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=RESULT_COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows({k: plain(v) for k, v in r.items()} for r in rows)
-    return out.getvalue()
-
-
-def as_json(rows: Sequence[dict[str, Any]]) -> str:
-    return json.dumps([{k: plain(v) for k, v in r.items()} for r in rows], indent=1) + "\n"
 
 
 def as_parquet(rows: Sequence[dict[str, Any]]) -> bytes:
