@@ -4,6 +4,8 @@ Only frontal chest radiographs: CR or DX For Presentation, chest, PA or AP, a pr
 within the model's validated age range, and never the node's own output. Everything else is
 accepted on the wire (so the PACS does not retry) and recorded as skipped with the first reason
 found. The gate reads header attributes only; pixels are decoded later by the inference worker.
+A value that cannot be read as its VR says (``NumberOfFrames`` = ``abc``) is itself the reason:
+the instance is skipped naming the attribute, never a failed C-STORE.
 """
 
 from __future__ import annotations
@@ -36,14 +38,37 @@ def _skip(code: str, reason: str) -> Decision:
     return Decision(False, reason, code)
 
 
+class Unreadable(ValueError):
+    """A header value the gate needs cannot be read."""
+
+    def __init__(self, keyword: str, value: object) -> None:
+        super().__init__(f"{keyword} cannot be read ({str(value)[:32]!r})")
+
+
+def _get(ds: Dataset, keyword: str, default: object = "") -> object:
+    """``ds.get``, with a value pydicom cannot convert raised as :class:`Unreadable`."""
+    try:
+        return ds.get(keyword, default)
+    except Exception as e:  # pydicom's conversions raise many kinds
+        raise Unreadable(keyword, getattr(ds.get_item(keyword), "value", "?")) from e
+
+
+def _int(ds: Dataset, keyword: str) -> int:
+    value = _get(ds, keyword, 1) or 1
+    try:
+        return int(value)  # type: ignore[call-overload]
+    except (TypeError, ValueError):
+        raise Unreadable(keyword, value) from None
+
+
 def _descriptions(ds: Dataset) -> str:
     return " | ".join(
-        str(ds.get(k, "") or "") for k in ("SeriesDescription", "ProtocolName", "StudyDescription")
+        str(_get(ds, k) or "") for k in ("SeriesDescription", "ProtocolName", "StudyDescription")
     )
 
 
 def _body_part(ds: Dataset, gate: GateSection) -> str | None:
-    part = str(ds.get("BodyPartExamined", "") or "").strip().upper()
+    part = str(_get(ds, "BodyPartExamined") or "").strip().upper()
     if part:
         allowed = {p.upper() for p in gate.body_parts}
         return None if part in allowed else f"body part {part} is not {'/'.join(sorted(allowed))}"
@@ -53,7 +78,7 @@ def _body_part(ds: Dataset, gate: GateSection) -> str | None:
 
 
 def _view(ds: Dataset, gate: GateSection) -> str | None:
-    view = str(ds.get("ViewPosition", "") or "").strip().upper()
+    view = str(_get(ds, "ViewPosition") or "").strip().upper()
     allowed = [v.upper() for v in gate.views]
     if view:
         return None if view in allowed else f"view {view} is not frontal ({'/'.join(allowed)})"
@@ -64,8 +89,15 @@ def _view(ds: Dataset, gate: GateSection) -> str | None:
 
 
 def decide(ds: Dataset, gate: GateSection, age_range: tuple[float, float]) -> Decision:
-    sop_class = str(ds.get("SOPClassUID", ""))
-    if str(ds.get("Manufacturer", "")) == MANUFACTURER:
+    try:
+        return _decide(ds, gate, age_range)
+    except Unreadable as e:
+        return _skip("unreadable", str(e))
+
+
+def _decide(ds: Dataset, gate: GateSection, age_range: tuple[float, float]) -> Decision:
+    sop_class = str(_get(ds, "SOPClassUID"))
+    if str(_get(ds, "Manufacturer")) == MANUFACTURER:
         return _skip("own-output", "the node's own output")
     if sop_class == DigitalXRayImageStorageForProcessing:
         return _skip(
@@ -74,18 +106,18 @@ def decide(ds: Dataset, gate: GateSection, age_range: tuple[float, float]) -> De
     if sop_class not in RADIOGRAPHS:
         name = getattr(ds.SOPClassUID, "name", sop_class) if "SOPClassUID" in ds else "missing"
         return _skip("sop-class", f"SOP class {name} is not CR or DX For Presentation")
-    if str(ds.get("PresentationIntentType", "")).upper() == "FOR PROCESSING":
+    if str(_get(ds, "PresentationIntentType")).upper() == "FOR PROCESSING":
         return _skip("for-processing", "PresentationIntentType FOR PROCESSING")
-    image_type = [str(v).upper() for v in (ds.get("ImageType") or [])]
+    image_type = [str(v).upper() for v in (_get(ds, "ImageType", None) or [])]  # type: ignore[attr-defined]
     if len(image_type) >= 2 and image_type[1] == "SECONDARY":
         return _skip("secondary", "ImageType SECONDARY (derived or captured image)")
     if image_type[:1] == ["DERIVED"] and not gate.accept_derived_primary:
         return _skip("derived", "ImageType DERIVED")
     if "PixelData" not in ds:
         return _skip("no-pixels", "no Pixel Data")
-    if int(ds.get("SamplesPerPixel", 1) or 1) != 1:
-        return _skip("colour", f"colour image ({ds.get('PhotometricInterpretation', '?')})")
-    if int(ds.get("NumberOfFrames", 1) or 1) != 1:
+    if _int(ds, "SamplesPerPixel") != 1:
+        return _skip("colour", f"colour image ({_get(ds, 'PhotometricInterpretation', '?')})")
+    if _int(ds, "NumberOfFrames") != 1:
         return _skip("multi-frame", "multi-frame image")
     for code, check in (("body-part", _body_part), ("view", _view)):
         reason = check(ds, gate)

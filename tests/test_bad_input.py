@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from pydicom.dataelem import RawDataElement
+from pydicom.tag import BaseTag
 from pydicom.uid import (
     DigitalXRayImageStorageForProcessing,
     ExplicitVRLittleEndian,
@@ -119,6 +121,18 @@ def _rgb(ds: pydicom.Dataset) -> None:
     ds.BitsAllocated, ds.BitsStored, ds.HighBit = 8, 8, 7
 
 
+def _unreadable(keyword: str, vr: str, value: bytes) -> Callable[[pydicom.Dataset], None]:
+    """A value that is not of its VR, as a careless modality writes it (pydicom would refuse
+    to set it, so its bytes go in raw)."""
+
+    def edit(ds: pydicom.Dataset) -> None:
+        tag = pydicom.datadict.tag_for_keyword(keyword)
+        assert tag is not None
+        ds[tag] = RawDataElement(BaseTag(tag), vr, len(value), value, 0, False, True)
+
+    return edit
+
+
 def _two_frames(ds: pydicom.Dataset) -> None:
     ds.NumberOfFrames = 2
     ds.PixelData = ds.PixelData * 2
@@ -154,6 +168,11 @@ CASES = {
     ),
     "RGB": (_rgb, InstanceState.SKIPPED, "colour image (RGB)"),
     "multi-frame": (_two_frames, InstanceState.SKIPPED, "multi-frame image"),
+    "NumberOfFrames abc": (
+        _unreadable("NumberOfFrames", "IS", b"abc "),
+        InstanceState.SKIPPED,
+        "NumberOfFrames cannot be read ('abc')",
+    ),
 }
 
 

@@ -78,7 +78,11 @@ def _header(event: evt.Event) -> Dataset:
 
 
 def _text(ds: Dataset, keyword: str, limit: int = 64) -> str | None:
-    value = ds.get(keyword)
+    """The value as text, None when absent or unreadable (the gate names what it needs)."""
+    try:
+        value = ds.get(keyword)
+    except Exception:  # a value pydicom cannot convert to its VR
+        return None
     return str(value)[:limit] if value not in (None, "") else None
 
 
@@ -242,7 +246,7 @@ class Receiver:
                 accession_number=_text(ds, "AccessionNumber", 16),
                 modality=_text(ds, "Modality", 16),
                 patient_sex=_text(ds, "PatientSex", 16),
-                study_date=parse_da(ds.get("StudyDate")),
+                study_date=parse_da(_text(ds, "StudyDate")),
                 manufacturer=_text(ds, "Manufacturer"),
                 manufacturer_model_name=_text(ds, "ManufacturerModelName"),
                 view_position=_text(ds, "ViewPosition", 16),
