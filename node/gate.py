@@ -15,9 +15,11 @@ from dataclasses import dataclass
 
 from pydicom.dataset import Dataset
 from pydicom.uid import (
+    Comprehensive3DSRStorage,
     ComputedRadiographyImageStorage,
     DigitalXRayImageStorageForPresentation,
     DigitalXRayImageStorageForProcessing,
+    SecondaryCaptureImageStorage,
 )
 
 from node.config import GateSection
@@ -25,6 +27,9 @@ from node.report.patient_age import chronological_age
 
 MANUFACTURER = "xrayage"
 RADIOGRAPHS = {ComputedRadiographyImageStorage, DigitalXRayImageStorageForPresentation}
+# What the node writes (node/report): its SR and SC, with its Manufacturer. A radiograph that a
+# modality happens to label "xrayage" is still a radiograph.
+OWN_CLASSES = {Comprehensive3DSRStorage, SecondaryCaptureImageStorage}
 
 
 @dataclass(frozen=True)
@@ -97,7 +102,7 @@ def decide(ds: Dataset, gate: GateSection, age_range: tuple[float, float]) -> De
 
 def _decide(ds: Dataset, gate: GateSection, age_range: tuple[float, float]) -> Decision:
     sop_class = str(_get(ds, "SOPClassUID"))
-    if str(_get(ds, "Manufacturer")) == MANUFACTURER:
+    if sop_class in OWN_CLASSES and str(_get(ds, "Manufacturer")) == MANUFACTURER:
         return _skip("own-output", "the node's own output")
     if sop_class == DigitalXRayImageStorageForProcessing:
         return _skip(

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from sqlalchemy import ColumnElement, Select, func, or_, select, update
 from sqlalchemy.orm import Session
@@ -97,18 +97,42 @@ def pid_alive(pid: int) -> bool:
     return pid != os.getpid()  # our own PID before we claimed anything: a previous life's
 
 
+def _dead(owners: Iterable[str | None], host: str, alive: Callable[[int], bool]) -> set[str]:
+    """The ``host:pid`` owners among ``owners`` that are dead processes of this host."""
+    return {
+        owner
+        for owner in owners
+        if owner is not None
+        and owner.startswith(f"{host}:")
+        and not alive(int(owner.rpartition(":")[2]))
+    }
+
+
 def requeue_orphans(session: Session, host: str, alive: Callable[[int], bool] = pid_alive) -> int:
     """Give back at once the jobs that a dead process on this host held (owner ``host:pid``),
     so that a restart after ``kill -9`` does not wait for their leases to expire. Jobs of other
     hosts, and of PIDs reused by a live process, still come back when their lease expires."""
-    owners = {
-        owner
-        for owner in session.scalars(
-            select(Job.owner).where(Job.state == JobState.RUNNING, Job.owner.startswith(f"{host}:"))
-        )
-        if owner is not None and not alive(int(owner.rpartition(":")[2]))
-    }
+    running = select(Job.owner).where(Job.state == JobState.RUNNING)
+    owners = _dead(session.scalars(running), host, alive)
     return sum(requeue_owner(session, owner, f"worker process {owner} died") for owner in owners)
+
+
+def requeue_orphan_deliveries(
+    session: Session, host: str, alive: Callable[[int], bool] = pid_alive
+) -> int:
+    """The same for deliveries: those a dead process of this host had claimed are due now."""
+    pending = select(Delivery.owner).where(Delivery.state == DeliveryState.PENDING)
+    owners = _dead(session.scalars(pending), host, alive)
+    if not owners:
+        return 0
+    return len(
+        session.scalars(
+            update(Delivery)
+            .where(Delivery.state == DeliveryState.PENDING, Delivery.owner.in_(owners))
+            .values(next_attempt_at=utcnow(), owner=None)
+            .returning(Delivery.id)
+        ).all()
+    )
 
 
 def requeue_owner(session: Session, owner: str, cause: str) -> int:
@@ -124,10 +148,14 @@ def requeue_owner(session: Session, owner: str, cause: str) -> int:
     )
 
 
-def claim_deliveries(session: Session, limit: int, lease: dt.timedelta) -> list[Delivery]:
-    """Pending deliveries that are due, claimed by moving their next attempt past ``lease``: a
-    deliverer that dies mid-send leaves them due again once the lease is over. On PostgreSQL
-    ``SKIP LOCKED`` keeps concurrent deliverers off each other's rows."""
+def claim_deliveries(
+    session: Session, limit: int, lease: dt.timedelta, owner: str
+) -> list[Delivery]:
+    """Pending deliveries that are due, claimed for ``owner`` (``host:pid``) by moving their
+    next attempt past ``lease``: a deliverer that dies mid-send leaves them due again once the
+    lease is over, or at once when its host's next deliverer starts
+    (:func:`requeue_orphan_deliveries`). On PostgreSQL ``SKIP LOCKED`` keeps concurrent
+    deliverers off each other's rows."""
     now = utcnow()
     pick = (
         select(Delivery)
@@ -139,7 +167,7 @@ def claim_deliveries(session: Session, limit: int, lease: dt.timedelta) -> list[
         pick = pick.with_for_update(skip_locked=True)
     due = list(session.scalars(pick))
     for d in due:
-        d.next_attempt_at = now + lease
+        d.next_attempt_at, d.owner = now + lease, owner
     return due
 
 

@@ -172,6 +172,7 @@ class Delivery(Base):
     state: Mapped[DeliveryState] = mapped_column(_enum(DeliveryState), index=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     next_attempt_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    owner: Mapped[str | None] = mapped_column(String(128))  # host:pid of the claiming process
     last_error: Mapped[str | None] = mapped_column(Text)
     delivered_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
 

@@ -121,7 +121,7 @@ def _rgb(ds: pydicom.Dataset) -> None:
     ds.BitsAllocated, ds.BitsStored, ds.HighBit = 8, 8, 7
 
 
-def _unreadable(keyword: str, vr: str, value: bytes) -> Callable[[pydicom.Dataset], None]:
+def _raw(keyword: str, vr: str, value: bytes) -> Callable[[pydicom.Dataset], None]:
     """A value that is not of its VR, as a careless modality writes it (pydicom would refuse
     to set it, so its bytes go in raw)."""
 
@@ -168,8 +168,13 @@ CASES = {
     ),
     "RGB": (_rgb, InstanceState.SKIPPED, "colour image (RGB)"),
     "multi-frame": (_two_frames, InstanceState.SKIPPED, "multi-frame image"),
+    "a study UID that is a path": (
+        _raw("StudyInstanceUID", "UI", b"../../../etc/passwd\x00"),
+        InstanceState.FAILED,
+        "report cannot be built: source StudyInstanceUID '../../../etc/passwd' is not a valid UID",
+    ),
     "NumberOfFrames abc": (
-        _unreadable("NumberOfFrames", "IS", b"abc "),
+        _raw("NumberOfFrames", "IS", b"abc "),
         InstanceState.SKIPPED,
         "NumberOfFrames cannot be read ('abc')",
     ),

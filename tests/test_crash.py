@@ -19,8 +19,8 @@ from sqlalchemy import select
 
 from ai.card import file_sha256
 from node.report.uids import ReportUIDs
-from storage import Database, Job, JobState
-from storage.queue import requeue_orphans
+from storage import Database, Delivery, DeliveryState, Job, JobState
+from storage.queue import requeue_orphan_deliveries, requeue_orphans
 from storage.tables import Instance, InstanceState, utcnow
 from tests.conftest import STORESCU, node_config, require, small_chests
 from tests.servers import NodeProcess, Orthanc, free_port, wait_until
@@ -142,4 +142,30 @@ def test_a_restart_takes_back_at_once_the_jobs_of_a_dead_process_on_its_host(
         assert requeue_orphans(s, "ward") == 1
     with db.session() as s:
         assert {j.owner or f"ward:{gone.pid}": j.state for j in s.scalars(select(Job))} == owners
+    db.dispose()
+
+
+def test_a_restart_makes_the_deliveries_of_a_dead_process_on_its_host_due_at_once(
+    tmp_path: Path,
+) -> None:
+    db = Database.sqlite_in(tmp_path)
+    db.create_schema()
+    far = utcnow().replace(year=utcnow().year + 1)
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    owners = [f"ward:{gone.pid}", "ward:1", f"elsewhere:{gone.pid}"]  # as for jobs above
+    with db.session() as s:
+        inst = Instance(sop_instance_uid="1.2.9", sop_class_uid="1.2", path="x",
+                        sha256="0", size=0, state=InstanceState.REPORTED)  # fmt: skip
+        s.add(inst)
+        s.flush()
+        for n, owner in enumerate(owners):
+            s.add(Delivery(instance_id=inst.id, destination="pacs", sop_instance_uid=f"2.{n}",
+                           path="x", state=DeliveryState.PENDING, owner=owner,
+                           next_attempt_at=far))  # fmt: skip
+    with db.session() as s:
+        assert requeue_orphan_deliveries(s, "ward") == 1
+    with db.session() as s:
+        due = {d.sop_instance_uid: d.next_attempt_at < far for d in s.scalars(select(Delivery))}
+    assert due == {"2.0": True, "2.1": False, "2.2": False}
     db.dispose()

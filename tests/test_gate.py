@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import pydicom
 import pytest
-from pydicom.uid import DigitalXRayImageStorageForProcessing, SecondaryCaptureImageStorage
+from pydicom.uid import (
+    Comprehensive3DSRStorage,
+    DigitalXRayImageStorageForProcessing,
+    SecondaryCaptureImageStorage,
+)
 
 from node.config import GateSection
 from node.gate import decide
@@ -37,13 +41,23 @@ def test_the_chest_pa_from_pydicom_data_is_analysed(chest_ds: pydicom.Dataset) -
             {"ImageType": ["DERIVED", "SECONDARY"]},
             "ImageType SECONDARY (derived or captured image)",
         ),
-        ({"Manufacturer": "xrayage"}, "the node's own output"),
+        ({"Manufacturer": "xrayage"}, None),  # a radiograph, whatever its label
+        (
+            {"Manufacturer": "xrayage", "SOPClassUID": SecondaryCaptureImageStorage},
+            "the node's own output",
+        ),
+        (
+            {"Manufacturer": "xrayage", "SOPClassUID": Comprehensive3DSRStorage},
+            "the node's own output",
+        ),
         ({"PatientAge": "007Y"}, "patient age 7 outside the model's validated range 18-100"),
         ({"SamplesPerPixel": 3, "PhotometricInterpretation": "RGB"}, "colour image (RGB)"),
         ({"NumberOfFrames": 4}, "multi-frame image"),
     ],
 )
-def test_skip_reasons(chest_ds: pydicom.Dataset, edit: dict[str, object], expected: str) -> None:
+def test_skip_reasons(
+    chest_ds: pydicom.Dataset, edit: dict[str, object], expected: str | None
+) -> None:
     for keyword, value in edit.items():
         setattr(chest_ds, keyword, value)
     assert reason(chest_ds) == expected

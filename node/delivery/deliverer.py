@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import os
 import random
+import socket
 import time
 from itertools import groupby
 from pathlib import Path
@@ -27,7 +29,7 @@ from node.delivery.sender import Sender, sender_for
 from node.metrics import DELIVERED, DELIVERY_FAILURES, STAGE_SECONDS
 from storage import Database, Delivery, DeliveryState, Instance, InstanceState, record_event
 from storage.lifecycle import change_state
-from storage.queue import claim_deliveries
+from storage.queue import claim_deliveries, requeue_orphan_deliveries
 from storage.tables import utcnow
 
 log = logging.getLogger("xrayage.deliver")
@@ -61,10 +63,22 @@ class Deliverer(WorkerThread):
         }
         # A claim holds a delivery this long: past it, another deliverer may send it again.
         self.lease = dt.timedelta(seconds=4 * policy.timeout_seconds + 60)
+        self.host = socket.gethostname()
+        self.owner = f"{self.host}:{os.getpid()}"
+
+    def start(self) -> None:
+        with self.db.session() as s:
+            orphans = requeue_orphan_deliveries(s, self.host)
+        if orphans:
+            log.info("%d deliveries held by a stopped process on this host are due now", orphans)
+        super().start()
 
     def run_once(self) -> int:
         with self.db.session() as s:
-            due = [(d.id, d.destination, d.path) for d in claim_deliveries(s, 64, self.lease)]
+            due = [
+                (d.id, d.destination, d.path)
+                for d in claim_deliveries(s, 64, self.lease, self.owner)
+            ]
         for name, batch in groupby(sorted(due, key=lambda d: d[1]), key=lambda d: d[1]):
             items = list(batch)
             started = time.perf_counter()
@@ -88,6 +102,7 @@ class Deliverer(WorkerThread):
                 d = s.get_one(Delivery, delivery_id)
                 inst = s.get_one(Instance, d.instance_id)
                 d.attempts += 1
+                d.owner = None
                 if error is None:
                     DELIVERED.labels(d.destination).inc()
                     d.delivered_at, d.last_error = utcnow(), None

@@ -16,6 +16,7 @@ from node.report.findings import Findings
 from node.report.sc import build_sc
 from node.report.sr import build_sr
 from node.report.uids import ReportUIDs
+from storage import InvalidUID, validate_uid
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,7 @@ def build_reports(
     """The reports of ``findings`` on the image ``header`` describes; ``ae_title`` names the
     device observer. ValueError (highdicom's validation) when the header cannot make a valid
     report: the reason names what was wrong."""
+    _check_uids(header)
     uids = ReportUIDs(header.SOPInstanceUID, findings.card.sha256)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # highdicom on odd source names
@@ -51,6 +53,25 @@ def build_reports(
             made = build_sc(header, findings, uids, cfg.sc_series_number)
             sc = ReportObject(uids.sc_instance, _encode(made))
     return Reports(ReportObject(uids.sr_instance, _encode(sr)), sc)
+
+
+# The source UIDs a report copies or references (study, series in the evidence, frame of
+# reference, the image itself): a report must never go into a "study" that is not one.
+COPIED_UIDS = (
+    "StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID", "SOPInstanceUID",
+    "SOPClassUID",
+)  # fmt: skip
+
+
+def _check_uids(header: Dataset) -> None:
+    for keyword in COPIED_UIDS:
+        value = header.get(keyword)
+        if value is None and keyword == "FrameOfReferenceUID":
+            continue  # Type 3 in CR; the others are required
+        try:
+            validate_uid(str(value or ""))
+        except InvalidUID:
+            raise ValueError(f"source {keyword} {str(value)[:64]!r} is not a valid UID") from None
 
 
 def _encode(ds: Dataset) -> bytes:
