@@ -95,3 +95,22 @@ def test_the_status_page_lists_events_and_states_in_chromium(node_with_api) -> N
         5,
         "the page's queries in the audit log",
     )
+
+
+def test_abuse_gets_422_and_pages_carry_security_headers(node_with_api) -> None:  # type: ignore[no-untyped-def]
+    _, base, _ = node_with_api
+    for route in ("/api/audit", "/api/instances", "/api/results"):
+        assert _get(f"{base}{route}", before_id=2**70).status_code == 422, route
+    for edge in ("9999-12-31T23:59:59-23:59", "0001-01-01T00:00:00+23:59"):
+        answer = _get(f"{base}/api/audit", since=edge)
+        assert answer.status_code == 422 and "outside the calendar" in answer.text, edge
+    assert _get(f"{base}/api/openapi.json", token=None).status_code == 401
+    assert "/api/results" in _get(f"{base}/api/openapi.json").json()["paths"]
+    for page in ("/", "/dashboard", "/web/index.js"):
+        headers = requests.get(base + page, timeout=10).headers
+        assert "script-src" not in headers["Content-Security-Policy"]  # default-src 'self'
+        assert "'unsafe-inline'" not in headers["Content-Security-Policy"].split("style-src")[0]
+        assert headers["X-Frame-Options"] == "DENY"
+        assert headers["X-Content-Type-Options"] == "nosniff"
+    html = requests.get(base + "/", timeout=10).text
+    assert "<script>" not in html  # no inline script for the policy to allow

@@ -39,7 +39,17 @@ log = logging.getLogger("xrayage.http")
 WEB = files("node.http") / "web"
 PAGE = (WEB / "index.html").read_text()
 DASHBOARD = (WEB / "dashboard.html").read_text()
-COMMON_JS = (WEB / "common.js").read_text()
+SCRIPTS = {name: (WEB / f"{name}.js").read_text() for name in ("common", "index", "dashboard")}
+# Scripts come from the node only (no inline script, nothing from elsewhere); plots are blobs.
+SECURITY_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'self'; img-src 'self' blob:; style-src 'self' 'unsafe-inline'; "
+        "object-src 'none'; base-uri 'none'; frame-ancestors 'none'"
+    ),
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
 
 
 def create_app(
@@ -52,7 +62,15 @@ def create_app(
     """``readiness`` lists what keeps this process from being ready (empty: ready);
     ``child_metrics``: the inference process's metric files, summed into ``/metrics``;
     ``validation``: the current model's agreement figures (none without a model)."""
-    app = FastAPI(title="xrayage", docs_url=None, redoc_url=None, openapi_url="/api/openapi.json")
+    # The schema is served behind the token like the rest of /api (route below).
+    app = FastAPI(title="xrayage", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.middleware("http")
+    async def secure_headers(request: Request, call_next: Callable[..., Any]) -> Response:
+        response: Response = await call_next(request)
+        response.headers.update(SECURITY_HEADERS)
+        return response
+
     bearer = HTTPBearer(auto_error=False)
 
     def caller(creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> str:
@@ -68,6 +86,11 @@ def create_app(
 
     Caller = Annotated[str, Depends(caller)]
     Limit = Annotated[int, Query(ge=1, le=MAX_PAGE)]
+    BeforeId = Annotated[int | None, Query(ge=1, le=2**63 - 1)]  # a database integer
+
+    @app.get("/api/openapi.json", include_in_schema=False)
+    def openapi(actor: Caller) -> dict[str, Any]:
+        return app.openapi()
 
     def next_url(request: Request, rows: list[Any], limit: int) -> str | None:
         if len(rows) < limit:
@@ -105,9 +128,11 @@ def create_app(
     def dashboard() -> str:
         return DASHBOARD
 
-    @app.get("/web/common.js")
-    def common_js() -> Response:
-        return Response(COMMON_JS, media_type="text/javascript")
+    @app.get("/web/{name}.js")
+    def script(name: str) -> Response:
+        if name not in SCRIPTS:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, f"no script {name!r}")
+        return Response(SCRIPTS[name], media_type="text/javascript")
 
     @app.get("/dashboard/{name}.svg")
     def plot(name: str, actor: Caller) -> Response:
@@ -134,7 +159,7 @@ def create_app(
         event: str | None = None,
         outcome: str | None = None,
         limit: Limit = 100,
-        before_id: int | None = None,
+        before_id: BeforeId = None,
     ) -> dict[str, Any]:
         query = AuditQuery(
             since=_utc(since), until=_utc(until), patient_id=patient_id, study=study,
@@ -154,7 +179,7 @@ def create_app(
         patient_id: str | None = None,
         model: str | None = None,
         limit: Limit = 100,
-        before_id: int | None = None,
+        before_id: BeforeId = None,
     ) -> dict[str, Any]:
         """The rows of ``xrayage results`` (the same columns), newest first; each page is
         audited as a disclosure of patient data."""
@@ -191,7 +216,7 @@ def create_app(
         actor: Caller,
         state: InstanceState | None = None,
         limit: Limit = 100,
-        before_id: int | None = None,
+        before_id: BeforeId = None,
     ) -> dict[str, Any]:
         stmt = select(Instance)
         if state is not None:
@@ -221,8 +246,16 @@ def create_app(
 
 
 def _utc(value: dt.datetime | None) -> dt.datetime | None:
-    """Query times without a zone are UTC, like the log."""
-    return value.replace(tzinfo=dt.UTC) if value is not None and value.tzinfo is None else value
+    """Query times without a zone are UTC, like the log; one whose offset takes it past the
+    calendar's edge is the caller's error (422), not the server's."""
+    if value is None or value.tzinfo is None:
+        return None if value is None else value.replace(tzinfo=dt.UTC)
+    try:
+        return value.astimezone(dt.UTC)
+    except OverflowError:
+        raise HTTPException(
+            422, f"{value.isoformat()} is outside the calendar"
+        ) from None
 
 
 def _instance(inst: Instance, xray_age: float | None) -> dict[str, Any]:

@@ -1,0 +1,21 @@
+function fill(table, rows, keys) {
+  const body = document.querySelector(table + " tbody");
+  body.replaceChildren();
+  for (const row of rows) {
+    const tr = body.insertRow();
+    for (const k of keys) {
+      const td = tr.insertCell();
+      td.textContent = row[k] ?? "";  // text, never HTML: values come from DICOM headers
+      if (k === "outcome" || k === "state") td.className = row[k];
+    }
+  }
+}
+login(async () => {
+  const [inst, audit] = await Promise.all([api("/api/instances?limit=50"), api("/api/audit?limit=50")]);
+  document.getElementById("counts").replaceChildren(...Object.entries(inst.counts).map(([k, v]) => {
+    const s = document.createElement("span"); s.textContent = k + ": " + v; return s; }));
+  fill("#instances", inst.instances,
+       ["received_at", "state", "xray_age", "reason", "origin", "patient_id", "accession_number", "sop_instance_uid"]);
+  fill("#events", audit.events,
+       ["at", "event", "outcome", "actor", "patient_id", "sop_instance_uid", "detail"]);
+});
