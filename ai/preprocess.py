@@ -17,6 +17,7 @@ are the display values (:func:`load_image_file`).
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +39,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 def _window(values: np.ndarray, center: float, width: float, function: str) -> np.ndarray:
     """Window to [0, 255] (PS3.3 C.11.2.1.2 LINEAR, C.11.2.1.3.1 LINEAR_EXACT and SIGMOID);
     LINEAR overwrites ``values``."""
+    if function in ("SIGMOID", "LINEAR_EXACT") and width <= 0:
+        raise PreprocessError(f"WindowWidth {width:g} is not above 0 ({function})")
     if function == "SIGMOID":
         return 255.0 / (1.0 + np.exp(-4.0 * (values - center) / width))
     if function == "LINEAR_EXACT":
@@ -52,6 +55,21 @@ def _window(values: np.ndarray, center: float, width: float, function: str) -> n
     np.clip(values, 0.0, 1.0, out=values)
     values *= 255.0
     return values
+
+
+def _check_finite(ds: Dataset, keyword: str) -> None:
+    """A number the pixels go through must be one: NaN or infinity is named, not carried into
+    the model (where it surfaces as a misleading encoding error)."""
+    if keyword not in ds:
+        return
+    value = ds[keyword].value
+    for v in value if isinstance(value, MultiValue) else [value]:
+        try:
+            number = float(v)
+        except (TypeError, ValueError):
+            raise PreprocessError(f"{keyword} {str(v)[:32]!r} is not a number") from None
+        if not math.isfinite(number):
+            raise PreprocessError(f"{keyword} {v} is not a finite number")
 
 
 def _first(value: object) -> float:
@@ -99,6 +117,8 @@ def display_values(ds: Dataset) -> np.ndarray:
         stored = _decode(ds)
     except Exception as e:  # decoders raise many types; all mean the same to the operator
         raise PreprocessError(f"pixel data cannot be decoded: {e}") from None
+    for keyword in ("RescaleSlope", "RescaleIntercept", "WindowCenter", "WindowWidth"):
+        _check_finite(ds, keyword)
     padding = stored == ds.PixelPaddingValue if "PixelPaddingValue" in ds else None
     values = np.asarray(apply_modality_lut(stored, ds), dtype=np.float64)
 
@@ -114,6 +134,8 @@ def display_values(ds: Dataset) -> np.ndarray:
         lo, hi = float(valid.min()), float(valid.max())
         display = (values - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(values)
 
+    if not np.isfinite(display).all():  # a LUT or window legal in form, absurd in effect
+        raise PreprocessError("display values are not finite numbers (check the VOI LUT)")
     np.rint(display, out=display)
     display = np.clip(display, 0, 255, out=display).astype(np.float32)
     if photometric == "MONOCHROME1":

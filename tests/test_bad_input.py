@@ -133,6 +133,11 @@ def _raw(keyword: str, vr: str, value: bytes) -> Callable[[pydicom.Dataset], Non
     return edit
 
 
+def _zero_exact_window(ds: pydicom.Dataset) -> None:
+    _raw("WindowWidth", "DS", b"0 ")(ds)
+    ds.VOILUTFunction = "LINEAR_EXACT"
+
+
 def _two_frames(ds: pydicom.Dataset) -> None:
     ds.NumberOfFrames = 2
     ds.PixelData = ds.PixelData * 2
@@ -172,6 +177,16 @@ CASES = {
         _raw("StudyInstanceUID", "UI", b"../../../etc/passwd\x00"),
         InstanceState.FAILED,
         "report cannot be built: source StudyInstanceUID '../../../etc/passwd' is not a valid UID",
+    ),
+    "RescaleSlope NaN": (
+        _raw("RescaleSlope", "DS", b"NaN "),
+        InstanceState.FAILED,
+        "RescaleSlope NaN is not a finite number",
+    ),
+    "WindowWidth 0 with LINEAR_EXACT": (
+        _zero_exact_window,
+        InstanceState.FAILED,
+        "WindowWidth 0 is not above 0 (LINEAR_EXACT)",
     ),
     "NumberOfFrames abc": (
         _raw("NumberOfFrames", "IS", b"abc "),
@@ -286,3 +301,19 @@ def test_the_node_still_reports_after_all_that(
     path = variant(small, tmp_path, lambda ds: None)
     assert storescu(node.settings.node.port, path).returncode == 0
     assert outcome(node, path).state == InstanceState.REPORTED
+
+
+def test_a_huge_header_value_is_not_copied_into_the_reports(
+    node: NodeService, small: pydicom.Dataset, tmp_path: Path
+) -> None:
+    path = variant(small, tmp_path, _set(PatientComments="x" * 200_000))
+    assert storescu(node.settings.node.port, path).returncode == 0
+    inst = outcome(node, path)
+    assert inst.state == InstanceState.REPORTED
+    with node.db.session() as s:
+        result = s.scalars(select(Result).where(Result.instance_id == inst.id)).one()
+    sr, sc = Path(str(result.sr_path)), Path(str(result.sc_path))
+    assert sr.stat().st_size < 100_000
+    for made in (sr, sc):
+        assert "PatientComments" not in pydicom.dcmread(made, stop_before_pixels=True)
+    assert dciodvfy_errors(sr) == []

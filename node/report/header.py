@@ -25,12 +25,25 @@ def _is_date(value: object) -> bool:
         return False
 
 
+# The longest value a report copies: LT's maximum (PS3.5 6.2), 10240 characters. A longer one
+# (a 60 MB Patient Comments was sent) is no attribute a report needs, and is left out.
+MAX_COPIED_BYTES = 10240
+
+
+def _copyable(item: object) -> bool:
+    length = getattr(item, "length", None)  # an element not decoded yet: its length as sent
+    return length is None or length <= MAX_COPIED_BYTES
+
+
 def usable_header(source: Dataset) -> Dataset:
     """Missing Type 2 attributes added empty, invalid dates emptied, a Patient's Age that is not
-    an AS value ("062") left out, and of several Patient's Names (VM 1, yet seen) the first."""
+    an AS value ("062") left out, of several Patient's Names (VM 1, yet seen) the first, and
+    values longer than :data:`MAX_COPIED_BYTES` left out."""
     # A new mapping of the same elements, still undecoded: copy() would share the source's dict,
     # and iterating a Dataset (rather than its keys) would decode every element.
-    evidence = Dataset({tag: source.get_item(tag) for tag in source.keys()})  # noqa: SIM118
+    evidence = Dataset(
+        {tag: item for tag in source.keys() if _copyable(item := source.get_item(tag))}  # noqa: SIM118
+    )
     if "PatientAge" in evidence and not is_age_string(evidence.PatientAge):
         del evidence.PatientAge
     if evidence.get("PatientName") is not None and evidence["PatientName"].VM > 1:
