@@ -31,6 +31,7 @@ from pydicom.multival import MultiValue
 from pydicom.pixels import apply_modality_lut, apply_voi_lut, pixel_array
 
 from ai.errors import PreprocessError
+from ai.limits import over_budget
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -113,6 +114,9 @@ def display_values(ds: Dataset) -> np.ndarray:
     photometric = str(ds.get("PhotometricInterpretation", "")).upper()
     if photometric not in ("MONOCHROME1", "MONOCHROME2"):
         raise PreprocessError(f"photometric interpretation {photometric or 'missing'}")
+    budget = over_budget(ds)
+    if budget:
+        raise PreprocessError(budget)
     try:
         stored = _decode(ds)
     except Exception as e:  # decoders raise many types; all mean the same to the operator

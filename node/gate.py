@@ -22,6 +22,7 @@ from pydicom.uid import (
     SecondaryCaptureImageStorage,
 )
 
+from ai.limits import over_budget
 from node.config import GateSection
 from node.report.patient_age import chronological_age
 
@@ -120,6 +121,11 @@ def _decide(ds: Dataset, gate: GateSection, age_range: tuple[float, float]) -> D
         return _skip("derived", "ImageType DERIVED")
     if "PixelData" not in ds:
         return _skip("no-pixels", "no Pixel Data")
+    for keyword in ("Rows", "Columns", "SamplesPerPixel", "NumberOfFrames"):
+        _int(ds, keyword)  # a number, or Unreadable naming it
+    budget = over_budget(ds)
+    if budget:
+        return _skip("too-large", budget)
     if _int(ds, "SamplesPerPixel") != 1:
         return _skip("colour", f"colour image ({_get(ds, 'PhotometricInterpretation', '?')})")
     if _int(ds, "NumberOfFrames") != 1:

@@ -188,6 +188,11 @@ CASES = {
         InstanceState.FAILED,
         "WindowWidth 0 is not above 0 (LINEAR_EXACT)",
     ),
+    "60000 x 60000 claimed over a small payload": (
+        _set(Rows=60000, Columns=60000),
+        InstanceState.SKIPPED,
+        "60000 x 60000 pixels (x 1 samples and frames) exceed the pixel budget",
+    ),
     "NumberOfFrames abc": (
         _raw("NumberOfFrames", "IS", b"abc "),
         InstanceState.SKIPPED,

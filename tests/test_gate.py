@@ -53,6 +53,11 @@ def test_the_chest_pa_from_pydicom_data_is_analysed(chest_ds: pydicom.Dataset) -
         ({"PatientAge": "007Y"}, "patient age 7 outside the model's validated range 18-100"),
         ({"SamplesPerPixel": 3, "PhotometricInterpretation": "RGB"}, "colour image (RGB)"),
         ({"NumberOfFrames": 4}, "multi-frame image"),
+        (
+            {"Rows": 60000, "Columns": 60000},
+            "60000 x 60000 pixels (x 1 samples and frames) exceed the pixel budget of "
+            "67,108,864 before decoding",
+        ),
     ],
 )
 def test_skip_reasons(

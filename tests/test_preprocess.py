@@ -45,3 +45,11 @@ def test_colour_and_missing_pixels_are_clear_errors(chest_ds: pydicom.Dataset) -
     del chest_ds.PixelData
     with pytest.raises(PreprocessError, match="no Pixel Data"):
         display_values(chest_ds)
+
+
+def test_a_header_over_the_pixel_budget_is_refused_before_decoding(
+    chest_ds: pydicom.Dataset,
+) -> None:
+    chest_ds.Rows = chest_ds.Columns = 60000  # the payload stays small: nothing is decoded
+    with pytest.raises(PreprocessError, match="exceed the pixel budget"):
+        display_values(chest_ds)
