@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+from importlib.metadata import version
 from pathlib import Path
 
 import pytest
@@ -97,3 +98,14 @@ def test_demo_shows_the_sr_of_an_untrained_model(tmp_path: Path, chest_pa: Path)
     sr = next((tmp_path / "dicom" / "reports").rglob("*.dcm"))
     assert str(sr) in out.stdout or "SR:" in out.stdout
     assert 'NUM:(,,"X-ray age")' in out.stdout  # dsrdump's content tree
+
+
+def test_version_and_help_keep_bracketed_config_keys() -> None:
+    out = run("--version")
+    assert out.returncode == 0 and out.stdout == f"xrayage {version('xrayage')}\n"
+
+    def text(*command: str) -> str:  # the help's words, without the boxes rich draws
+        return " ".join(run(*command, "--help").stdout.replace("│", " ").split())
+
+    assert "archive ([retro] peer)" in text("rescan")
+    assert "(default: [model] cache_dir, ~/.cache/xrayage/models)" in text("model", "pull")

@@ -9,7 +9,9 @@ from node.config import load_settings
 from storage import Database
 from storage.schema import current, head, upgrade
 
-db_app = typer.Typer(help="The node's database schema.", no_args_is_help=True)
+db_app = typer.Typer(
+    help="The node's database schema.", no_args_is_help=True, rich_markup_mode="markdown"
+)
 
 
 def _database(config: ConfigOption) -> Database:

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from importlib.metadata import version
 from pathlib import Path
 from typing import Annotated
 
@@ -33,7 +34,24 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode="markdown",  # not "rich": help names config keys in brackets, "[retro] peer"
 )
+
+
+def _version(asked: bool) -> None:
+    if asked:
+        typer.echo(f"xrayage {version('xrayage')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    show_version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="print the version"),
+    ] = False,
+) -> None:
+    """xrayage: X-ray age from frontal chest radiographs, as a DICOM node."""
 
 
 app.command()(infer)

@@ -25,11 +25,15 @@ from ai.presets import Preset, model_card
 from node.cli.support import ConfigOption, user_errors
 from node.config import ConfigError, load_settings
 
-model_app = typer.Typer(help="Weights: download presets, list and describe them.")
+model_app = typer.Typer(
+    help="Weights: download presets, list and describe them.", rich_markup_mode="markdown"
+)
 
 CacheOption = Annotated[
     Path | None,
-    typer.Option("--cache", help="model folder (default: [model] cache_dir, ~/.cache/xrayage)"),
+    typer.Option(
+        "--cache", help="model folder (default: [model] cache_dir, ~/.cache/xrayage/models)"
+    ),
 ]
 
 
