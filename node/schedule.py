@@ -75,6 +75,8 @@ class Scheduler:
         self._lock: Connection | None = None  # holds the scheduler's lock on PostgreSQL
         self._stopping = threading.Event()
         self._leading = False
+        # Taking the lead and stopping never cross: a stop during a start waits for it.
+        self._state = threading.Lock()
 
     def start(self) -> None:
         if self.db.engine.dialect.name == "postgresql":
@@ -88,7 +90,8 @@ class Scheduler:
                     target=self._lead_when_locked, name="xrayage-schedule-lock", daemon=True
                 ).start()
                 return
-        self._lead()
+        with self._state:
+            self._lead()
 
     def _lead_when_locked(self) -> None:
         assert self._lock is not None
@@ -97,11 +100,12 @@ class Scheduler:
         except SQLAlchemyError:
             if not self._stopping.is_set():
                 raise
-        if self._stopping.is_set():  # stop() cancelled the wait, or came just after it
-            self._lock.close()
-            return
-        log.info("scheduler lock taken: this process schedules now")
-        self._lead()
+        with self._state:
+            if self._stopping.is_set():  # stop() cancelled the wait, or came just after it
+                self._lock.close()
+                return
+            log.info("scheduler lock taken: this process schedules now")
+            self._lead()
 
     def _lead(self) -> None:
         self._leading = True
@@ -136,14 +140,15 @@ class Scheduler:
         self._stopping.set()
         for job in self.jobs:
             job.interrupt()
-        if self.scheduler.running:
-            detach(self.scheduler)
-            self.scheduler.shutdown(wait=True)
-        if self._lock is not None:
-            if self._leading:
-                release_scheduler_lock(self._lock)
-            else:
-                cancel_wait(self._lock)  # the waiting thread closes it
+        with self._state:
+            if self.scheduler.running:
+                detach(self.scheduler)
+                self.scheduler.shutdown(wait=True)
+            if self._lock is not None:
+                if self._leading:
+                    release_scheduler_lock(self._lock)
+                else:
+                    cancel_wait(self._lock)  # the waiting thread closes it
 
     def problems(self) -> list[str]:
         return []
