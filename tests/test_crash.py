@@ -118,18 +118,25 @@ def test_kill_9_during_ingest_loses_nothing_and_duplicates_no_report(
         pacs.stop()
 
 
+def _dead_pid() -> int:
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    return gone.pid
+
+
+FAR = utcnow().replace(year=utcnow().year + 1)  # a lease that does not expire in the test
+
+
 def test_a_restart_takes_back_at_once_the_jobs_of_a_dead_process_on_its_host(
     tmp_path: Path,
 ) -> None:
     db = Database.sqlite_in(tmp_path)
     db.create_schema()
-    far = utcnow().replace(year=utcnow().year + 1)
-    gone = subprocess.Popen(["true"])
-    gone.wait()
+    dead = _dead_pid()
     owners = {
-        f"ward:{gone.pid}": JobState.QUEUED,  # dead, on this host: taken back
+        f"ward:{dead}": JobState.QUEUED,  # dead, on this host: taken back
         "ward:1": JobState.RUNNING,  # alive (PID 1): its lease still holds
-        f"elsewhere:{gone.pid}": JobState.RUNNING,  # another host: wait for its lease
+        f"elsewhere:{dead}": JobState.RUNNING,  # another host: wait for its lease
     }
     with db.session() as s:
         for n, owner in enumerate(owners):
@@ -137,11 +144,11 @@ def test_a_restart_takes_back_at_once_the_jobs_of_a_dead_process_on_its_host(
                             sha256="0", size=0, state=InstanceState.QUEUED)  # fmt: skip
             s.add(inst)
             s.flush()
-            s.add(Job(instance_id=inst.id, state=JobState.RUNNING, owner=owner, lease_until=far))
+            s.add(Job(instance_id=inst.id, state=JobState.RUNNING, owner=owner, lease_until=FAR))
     with db.session() as s:
         assert requeue_orphans(s, "ward") == 1
     with db.session() as s:
-        assert {j.owner or f"ward:{gone.pid}": j.state for j in s.scalars(select(Job))} == owners
+        assert {j.owner or f"ward:{dead}": j.state for j in s.scalars(select(Job))} == owners
     db.dispose()
 
 
@@ -150,10 +157,8 @@ def test_a_restart_makes_the_deliveries_of_a_dead_process_on_its_host_due_at_onc
 ) -> None:
     db = Database.sqlite_in(tmp_path)
     db.create_schema()
-    far = utcnow().replace(year=utcnow().year + 1)
-    gone = subprocess.Popen(["true"])
-    gone.wait()
-    owners = [f"ward:{gone.pid}", "ward:1", f"elsewhere:{gone.pid}"]  # as for jobs above
+    dead = _dead_pid()
+    owners = [f"ward:{dead}", "ward:1", f"elsewhere:{dead}"]  # as for jobs above
     with db.session() as s:
         inst = Instance(sop_instance_uid="1.2.9", sop_class_uid="1.2", path="x",
                         sha256="0", size=0, state=InstanceState.REPORTED)  # fmt: skip
@@ -162,10 +167,10 @@ def test_a_restart_makes_the_deliveries_of_a_dead_process_on_its_host_due_at_onc
         for n, owner in enumerate(owners):
             s.add(Delivery(instance_id=inst.id, destination="pacs", sop_instance_uid=f"2.{n}",
                            path="x", state=DeliveryState.PENDING, owner=owner,
-                           next_attempt_at=far))  # fmt: skip
+                           next_attempt_at=FAR))  # fmt: skip
     with db.session() as s:
         assert requeue_orphan_deliveries(s, "ward") == 1
     with db.session() as s:
-        due = {d.sop_instance_uid: d.next_attempt_at < far for d in s.scalars(select(Delivery))}
+        due = {d.sop_instance_uid: d.next_attempt_at < FAR for d in s.scalars(select(Delivery))}
     assert due == {"2.0": True, "2.1": False, "2.2": False}
     db.dispose()

@@ -138,15 +138,18 @@ class InferenceWorker(WorkerThread):
                     STAGE_SECONDS.labels(stage).observe(seconds)
                 if outcome.error is not None or outcome.header is None or outcome.xray_age is None:
                     self._fail(job, outcome.error or "not a DICOM file")
-                elif self._inferred(job, outcome.header, outcome.xray_age):
-                    self._report_timed(job, outcome.header, outcome.xray_age)
+                    continue
+                findings = self._findings(outcome.header, outcome.xray_age)
+                if self._inferred(job, findings):
+                    self._report_timed(job, outcome.header, findings)
         for job, path in done:
-            self._report_timed(job, read_header(path), known[job.id])
+            header = read_header(path)
+            self._report_timed(job, header, self._findings(header, known[job.id]))
         return len(jobs)
 
-    def _report_timed(self, job: Job, header: Dataset, age: float) -> None:
+    def _report_timed(self, job: Job, header: Dataset, findings: Findings) -> None:
         started = time.perf_counter()
-        self._report(job, header, age)
+        self._report(job, header, findings)
         STAGE_SECONDS.labels("report").observe(time.perf_counter() - started)
 
     def _still_ours(self, s: Session, job_id: int) -> Job | None:
@@ -171,23 +174,21 @@ class InferenceWorker(WorkerThread):
             held.state, held.error = JobState.FAILED, reason
             change_state(s, held.instance, InstanceState.FAILED, reason=reason, summary=summary)
 
-    def _inferred(self, claimed: Job, header: Dataset, age: float) -> bool:
+    def _inferred(self, claimed: Job, f: Findings) -> bool:
         """Commit the model's output (``inferred``) before any report is built, so a crash
         from here on does not run the model again; False if the job is no longer ours."""
         with self.db.session() as s:
             held = self._still_ours(s, claimed.id)
             if held is None:
                 return False
-            f = self._findings(header, age)
-            ages = Ages(age, f.chronological_age, f.difference, f.corrected_difference)
+            ages = Ages(f.xray_age, f.chronological_age, f.difference, f.corrected_difference)
             record_inferred(s, held.instance, self.identity, ages)
         return True
 
     def _findings(self, header: Dataset, age: float) -> Findings:
         return Findings(age, chronological_age(header), self.model.card)
 
-    def _report(self, claimed: Job, header: Dataset, age: float) -> None:
-        findings = self._findings(header, age)
+    def _report(self, claimed: Job, header: Dataset, findings: Findings) -> None:
         try:
             built = build_reports(header, findings, self.reports.section, self.reports.ae_title)
         except ValueError as e:  # highdicom's validation of what the source header gave it
