@@ -16,6 +16,7 @@ import pydicom
 import typer
 
 from node.cli.audit import audit, audit_purge
+from node.cli.cohort import cohort
 from node.cli.db import db_app
 from node.cli.infer import evaluate, infer
 from node.cli.model import model_app
@@ -61,6 +62,7 @@ app.command()(rescan)
 app.command()(train)
 app.command()(results)
 app.command()(validation)
+app.command()(cohort)
 app.command()(audit)
 app.command("audit-purge")(audit_purge)
 app.add_typer(model_app, name="model")

@@ -50,11 +50,15 @@ class Pseudonymiser:
     def _digest(self, value: str) -> bytes:
         return hmac.new(self.key, value.encode(), hashlib.sha256).digest()
 
+    def identifier(self, value: str) -> str:
+        """A patient ID's or accession number's pseudonym: 32 hex digits."""
+        return self._digest(value).hex()[:32]
+
     def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
         out = dict(row)
         for name in _IDS:
             if out[name] is not None:
-                out[name] = self._digest(out[name]).hex()[:32]
+                out[name] = self.identifier(out[name])
         for name in _UIDS:
             if out[name] is not None:
                 out[name] = f"2.25.{int.from_bytes(self._digest(out[name])[:16], 'big')}"

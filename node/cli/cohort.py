@@ -1,0 +1,177 @@
+"""``xrayage cohort``: the paper's comorbidity and outcome analyses on a site's own patients."""
+
+from __future__ import annotations
+
+import csv
+import getpass
+from dataclasses import replace
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from node.cli.support import ConfigOption, open_database, user_errors
+from node.cohort.inputs import FROM_RESULTS, CohortError, image, read_outcomes
+from node.config import ConfigError, load_settings
+
+DEFAULT_AGE_RANGE = (18.0, 100.0)  # a model card's default (ai.card.ModelCard.age_range)
+
+
+def _names(value: str, option: str) -> tuple[str, ...]:
+    names = tuple(n.strip() for n in value.split(",") if n.strip())
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{option}: a column is named twice in {value!r}")
+    return names
+
+
+def _age_range(value: str | None, config: Path | None) -> tuple[float, float]:
+    if value is not None:
+        try:
+            low, high = (float(v) for v in value.split(","))
+        except ValueError:
+            raise ConfigError(f"--age-range: {value!r} is not LOW,HIGH in years") from None
+        if not 0 <= low < high:
+            raise ConfigError(f"--age-range: {value!r} is not LOW,HIGH with 0 <= LOW < HIGH")
+        return low, high
+    if config is not None:
+        settings = load_settings(config)
+        if settings.model.weights:
+            from ai.presets import model_card, resolve_weights
+
+            card = model_card(resolve_weights(settings.model.weights, settings.model.cache_dir))
+            return card.age_range
+    return DEFAULT_AGE_RANGE
+
+
+def _database_images(config: Path | None, key: bytes | None) -> list[Any]:
+    """The node's results, read as an export is (audited, pseudonymised with ``key``)."""
+    from node.results.export import export
+    from storage.results import ResultsQuery
+
+    db = open_database(load_settings(config))
+    try:
+        with db.session() as s:
+            rows = export(s, ResultsQuery(limit=2**62), f"cli:{getpass.getuser()} cohort", key)
+    finally:
+        db.dispose()
+    return [image(r.values, f"result {r.id}") for r in rows if r.values["patient_id"]]
+
+
+def _write_demo(folder: Path) -> tuple[Path, Path]:
+    from node.cohort.synthetic import synthetic_cohort
+    from node.results.export import plain
+
+    results, outcomes = synthetic_cohort()
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = folder / "results.csv", folder / "outcomes.csv"
+    for path, rows in zip(paths, (results, outcomes), strict=True):
+        with path.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]), lineterminator="\n")
+            writer.writeheader()
+            writer.writerows({k: plain(v) for k, v in row.items()} for row in rows)
+    (folder / "SYNTHETIC.txt").write_text(
+        "A synthetic cohort made by `xrayage cohort --demo`: no patient's data. Patient IDs\n"
+        "start with SYNTHETIC-; the effects were planted (node/cohort/synthetic.py).\n"
+    )
+    return paths
+
+
+@user_errors
+def cohort(
+    outcomes: Annotated[
+        Path | None,
+        typer.Option(help="CSV keyed by patient_id with followup_days, event 0/1, covariates"),
+    ] = None,
+    results: Annotated[
+        Path | None,
+        typer.Option(help="a results export (xrayage results -f csv); default: the database"),
+    ] = None,
+    out: Annotated[Path | None, typer.Option(help="folder for the outputs")] = None,
+    index: Annotated[
+        str, typer.Option(help="the image of each patient: first, last, or nearest index_date")
+    ] = "first",
+    exposure: Annotated[
+        str, typer.Option(help="corrected_gap (the cohort's bias-corrected gap) or gap (raw)")
+    ] = "corrected_gap",
+    adjust: Annotated[
+        str, typer.Option(help="Cox model covariates: age, sex (from the results), COL...")
+    ] = "age,sex",
+    comorbidities: Annotated[str, typer.Option(help="outcomes columns, 0/1: COL,...")] = "",
+    groups: Annotated[str, typer.Option(help="Kaplan-Meier groups: gap-sign or tertiles")] = (
+        "gap-sign"
+    ),
+    horizon_days: Annotated[
+        int | None, typer.Option(min=1, help="end follow-up here (later events censored)")
+    ] = None,
+    model: Annotated[
+        str | None, typer.Option(help="results of this model (name or SHA-256 prefix)")
+    ] = None,
+    age_range: Annotated[
+        str | None, typer.Option(help="LOW,HIGH years (default: the model card's)")
+    ] = None,
+    pseudonymise_key_file: Annotated[
+        Path | None,
+        typer.Option(help="pseudonymise the outcomes' and the database's patient IDs"),
+    ] = None,
+    demo: Annotated[
+        Path | None, typer.Option(help="write a SYNTHETIC cohort into DIR and analyse it")
+    ] = None,
+    config: ConfigOption = None,
+) -> None:
+    """Age gap against comorbidities and outcomes (Kaplan-Meier, adjusted Cox) on this site's
+    patients: cohort.json, km.png, forest.png, excluded.csv and report.html in --out."""
+    from node.cohort import report
+    from node.cohort.analysis import Plan, analyse
+    from node.cohort.inputs import build_cohort, read_results_csv
+    from node.results.export import Pseudonymiser, read_key
+
+    for option, value, allowed in (
+        ("--index", index, ("first", "last", "nearest")),
+        ("--exposure", exposure, ("corrected_gap", "gap")),
+        ("--groups", groups, ("gap-sign", "tertiles")),
+    ):
+        if value not in allowed:
+            raise ConfigError(f"{option}: {value!r} is not one of {', '.join(allowed)}")
+    if demo is not None:  # the demo's own files, analysed as the README shows
+        results, outcomes = _write_demo(demo)
+        out = out or demo / "report"
+        index, adjust = "nearest", "age,sex,egfr,anaemia"
+        comorbidities = "hypertension,atrial_fibrillation"
+    if outcomes is None or out is None:
+        raise ConfigError("--outcomes CSV and --out DIR are needed (or --demo DIR)")
+    if results is not None and config is not None:
+        raise ConfigError("--results and --config are two sources of results: give one")
+    plan = Plan(
+        exposure, _names(adjust, "--adjust"), _names(comorbidities, "--comorbidities"), groups
+    )  # type: ignore[arg-type]
+    wanted = [
+        c for c in dict.fromkeys([*plan.adjust, *plan.comorbidities]) if c not in FROM_RESULTS
+    ]
+    rows, has_index_date = read_outcomes(outcomes, wanted)
+    if index == "nearest" and not has_index_date:
+        raise CohortError(f"--index nearest: {outcomes} has no index_date column")
+    key = read_key(pseudonymise_key_file) if pseudonymise_key_file is not None else None
+    if key is not None:
+        pseudonym = Pseudonymiser(key).identifier
+        rows = [replace(o, patient_id=pseudonym(o.patient_id)) for o in rows]
+    images = read_results_csv(results) if results is not None else _database_images(config, key)
+    chosen = build_cohort(rows, images, index, _age_range(age_range, config), horizon_days, model)  # type: ignore[arg-type]
+    analysis = analyse(chosen, plan)
+    paths = report.write(out, chosen, analysis)
+    typer.echo("\n".join([*_summary(analysis.summary), f"wrote {', '.join(map(str, paths))}"]))
+
+
+def _summary(s: dict[str, Any]) -> list[str]:
+    gap, ci = s["cox"]["gap"], s["cox"]["gap"]["ci95_per_5_years"]
+    return [
+        *(["SYNTHETIC demo cohort: not patient data"] if s["synthetic"] else []),
+        f"{s['n_patients']} patients, {s['n_events']} events; not analysed: "
+        + (", ".join(f"{n} {reason}" for reason, n in s["excluded"].items()) or "none"),
+        f"{s['exposure']}: hazard ratio {gap['hr_per_5_years']:.2f} per 5 years "
+        f"(95 % CI {ci[0]:.2f}-{ci[1]:.2f}, p = {gap['p']:.2g}), adjusted for "
+        + (", ".join(s["cox"]["adjusted_for"]) or "nothing"),
+        f"C-index {s['c_index']['without_gap']:.3f} without the gap, "
+        f"{s['c_index']['with_gap']:.3f} with it (likelihood-ratio p = {s['lr_test_p']:.2g}); "
+        f"log-rank p = {s['logrank_p']:.2g}",
+        *(f"warning: {w}" for w in s["warnings"]),
+    ]
