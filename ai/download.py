@@ -23,8 +23,13 @@ Progress = Callable[[int, int | None], None]  # bytes so far, total bytes (None:
 _CHUNK = 1 << 20
 
 
+class _Unreachable(Exception):
+    """Not one byte came: no network, a wrong host, a proxy in the way."""
+
+
 def _fetch(url: str, part: Path, progress: Progress | None, timeout: float) -> None:
     offset = part.stat().st_size if part.exists() else 0
+    done = offset
     headers = {"Range": f"bytes={offset}-"} if offset else {}
     try:
         with requests.get(url, headers=headers, stream=True, timeout=timeout) as r:
@@ -46,9 +51,10 @@ def _fetch(url: str, part: Path, progress: Progress | None, timeout: float) -> N
                 f.flush()
                 os.fsync(f.fileno())
     except requests.RequestException as e:
-        size = part.stat().st_size if part.exists() else 0
+        if done == offset:
+            raise _Unreachable(f"{type(e).__name__}") from None
         raise DownloadError(
-            f"transfer interrupted after {size:,} bytes ({type(e).__name__}); "
+            f"transfer from {url} interrupted after {done:,} bytes ({type(e).__name__}); "
             "run the same command again to resume"
         ) from None
     if total is not None and done != total:
@@ -73,7 +79,14 @@ def pull(
     expected = (sha256 or preset.sha256 or "").lower() or None
     if target.is_file() and (expected is None or file_sha256(target) == expected):
         return target  # already pulled (and checked then); hashing 460 MB only when asked
-    _fetch(url or preset.url, part, progress, timeout)
+    source = url or preset.url
+    try:
+        _fetch(source, part, progress, timeout)
+    except _Unreachable as e:
+        raise DownloadError(
+            f"could not reach {source} ({e}): without network, pull from a mirror with --url, "
+            f"or copy the file {preset.filename} into {cache_dir} (README: Models)"
+        ) from None
 
     digest = file_sha256(part)
     if expected and digest != expected:
@@ -88,7 +101,7 @@ def pull(
     except ModelLoadError:
         part.unlink()
         raise DownloadError(
-            f"{url or preset.url}: not a TorchScript model; the download was deleted"
+            f"{source}: not a TorchScript model; the download was deleted"
         ) from None
     # Card first: a crash between the two leaves a card without weights, which reads as
     # "not downloaded", never weights with a card that does not vouch for them.

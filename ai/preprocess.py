@@ -177,18 +177,26 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 
 
 def load_image_file(path: Path) -> np.ndarray:
-    """Display values of an 8-bit grey image file (colour files are reduced to their first
-    channel, as torchxrayvision's ``load_image`` does)."""
+    """Display values (0-255) of a grey image file: 8-bit as it is; 16-bit scaled by
+    255/65535, torchxrayvision's rule for PadChest's 16-bit PNGs (``normalize(img, 65535)``);
+    grey stored as RGB(A) (all channels equal) taken as grey. True colour is refused."""
     try:
         with Image.open(path) as img:
+            if img.mode == "P":  # a palette: its colours decide
+                img = img.convert("RGBA")
             pixels = np.asarray(img)
     except (OSError, UnidentifiedImageError) as e:
         raise PreprocessError(f"{path.name}: not a readable image ({e})") from None
-    if pixels.dtype != np.uint8:
-        raise PreprocessError(f"{path.name}: {pixels.dtype} image; 8-bit grey expected")
-    if pixels.ndim == 3:
-        pixels = pixels[:, :, 0]
-    return pixels.astype(np.float32)
+    if pixels.ndim == 3:  # grey + alpha, RGB, RGBA: the alpha channel is not the image
+        colour = pixels[:, :, : {2: 1, 3: 3, 4: 3}.get(pixels.shape[2], pixels.shape[2])]
+        if (colour != colour[:, :, :1]).any():
+            raise PreprocessError(f"{path.name}: colour image (its channels differ), not grey")
+        pixels = colour[:, :, 0]
+    if pixels.dtype == np.uint8:
+        return pixels.astype(np.float32)
+    if pixels.dtype in (np.uint16, np.int32) and pixels.min() >= 0 and pixels.max() <= 65535:
+        return pixels.astype(np.float32) * np.float32(255 / 65535)
+    raise PreprocessError(f"{path.name}: {pixels.dtype} image; 8- or 16-bit grey expected")
 
 
 def load_dataset(path: Path) -> Dataset:

@@ -21,6 +21,7 @@ class Preset:
     url: str
     filename: str
     sha256: str | None = None  # None: not published; recorded at the first pull
+    size: str = ""  # as a person downloading it wants to know it
 
     @property
     def name(self) -> str:
@@ -63,6 +64,7 @@ PRESETS: dict[str, Preset] = {
             ),
             url=f"https://github.com/mlmed/torchxrayvision/releases/download/v1/{_RIKEN_FILE}",
             filename=_RIKEN_FILE,
+            size="about 460 MB",
         ),
     )
 }

@@ -77,7 +77,11 @@ class NodeSection(_Section):
     port: int = Field(11112, ge=1, le=65535)
     # Idle time before an association is aborted, and the time one PDU may take to arrive.
     network_timeout_seconds: float = Field(60.0, gt=0)
+    # Associations at once (exact: admitted when their request arrives), and connections that
+    # have not sent their A-ASSOCIATE-RQ yet, which get this long to send it (an ARTIM timer).
     max_associations: int = Field(10, ge=1)
+    max_pending_connections: int = Field(20, ge=1)
+    association_request_timeout_seconds: float = Field(10.0, gt=0)
     # Maximum Length Received announced to peers (PS3.8 D.1); a longer P-DATA PDU is refused.
     max_pdu_bytes: int = Field(131072, ge=4096, le=1 << 24)
     # Who may associate: calling AE titles (empty: any) and peer addresses or networks such as

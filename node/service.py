@@ -196,6 +196,14 @@ class NodeService:
                 "no [model] weights configured: images are received and queued, "
                 "and inference waits until a model is configured"
             )
+        storage = self.settings.storage
+        if "receive" in self.roles and self.store.free_bytes() < 0:
+            log.warning(
+                "%s: %d MB free, below [storage] min_free_mb = %d: every C-STORE is refused "
+                "(A700 Out of Resources) until space is freed or the reserve lowered",
+                storage.path, (self.store.free_bytes() >> 20) + storage.min_free_mb,
+                storage.min_free_mb,
+            )  # fmt: skip
         if "infer" in self.roles and not self.settings.destinations:
             log.warning(
                 "no [[destinations]]: reports are kept in %s and stay `reported`",

@@ -16,6 +16,14 @@ from sqlalchemy.orm import Session
 
 from storage.tables import AuditEvent, Instance
 
+# Every event the node records, by what happened (README "Audit log"); ``record_event`` takes
+# no other, so that ``xrayage audit --event`` can list them all.
+EVENTS = (
+    "received", "skipped", "queued", "inferred", "reported", "delivered", "failed",
+    "delivery-retry", "association", "node", "config", "model", "validation", "retro-scan",
+    "export", "audit-query", "audit-purge",
+)  # fmt: skip
+
 
 def record_event(
     session: Session,
@@ -26,6 +34,8 @@ def record_event(
     instance: Instance | None = None,
     detail: str | None = None,
 ) -> AuditEvent:
+    if event not in EVENTS:
+        raise ValueError(f"{event!r} is not an audit event (storage.audit.EVENTS)")
     row = AuditEvent(
         event=event,
         outcome=outcome,

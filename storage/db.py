@@ -7,6 +7,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from storage import schema
@@ -22,6 +23,10 @@ def _sqlite_pragmas(dbapi_connection, busy_ms: int) -> None:  # type: ignore[no-
     # How long a write waits for another writer; then it fails, and a C-STORE answers 0xA700.
     cur.execute(f"PRAGMA busy_timeout={busy_ms}")
     cur.close()
+
+
+class DatabaseUnavailable(Exception):
+    """The database cannot be opened or reached; the message names it (password hidden)."""
 
 
 class Database:
@@ -56,10 +61,15 @@ class Database:
     def prepare_schema(self) -> None:
         """What a starting node does: upgrade the embedded SQLite database, and only check a
         shared one (PostgreSQL is upgraded on purpose, with ``xrayage db upgrade``)."""
-        if self.is_sqlite:
-            schema.upgrade(self.engine)
-        else:
-            schema.check(self.engine)
+        try:
+            if self.is_sqlite:
+                schema.upgrade(self.engine)
+            else:
+                schema.check(self.engine)
+        except OperationalError as e:  # the first connection: say which database
+            where = self.engine.url.render_as_string(hide_password=True)
+            reason = str(e.orig).strip().splitlines()[0]
+            raise DatabaseUnavailable(f"database {where}: {reason}") from None
 
     @contextmanager
     def session(self) -> Iterator[Session]:

@@ -194,6 +194,10 @@ class FileStore:
             os.close(fd)
         return Path(name), hashing.result()
 
+    def free_bytes(self) -> int:
+        """Free space where received files go, less the reserve (negative: below it)."""
+        return shutil.disk_usage(self.root).free - self.min_free_bytes
+
     def store_received(self, sop_instance_uid: str, *parts: Buffer) -> tuple[Path, str, bool]:
         """Store received bytes unchanged, the file being ``parts`` concatenated. Returns
         (path, sha256, already_present).
@@ -204,11 +208,12 @@ class FileStore:
         different bytes raise :class:`ConflictingContent` and leave the stored file untouched.
         """
         final = self.path_for("incoming", sop_instance_uid)
-        free = shutil.disk_usage(self.root).free
-        if free - sum(len(memoryview(p)) for p in parts) < self.min_free_bytes:
+        above = self.free_bytes()
+        if above - sum(len(memoryview(p)) for p in parts) < 0:
             raise StoreFull(
                 errno.ENOSPC,
-                f"{free >> 20} MB free, {self.min_free_bytes >> 20} MB kept in reserve",
+                f"{(above + self.min_free_bytes) >> 20} MB free, "
+                f"{self.min_free_bytes >> 20} MB kept in reserve",
                 str(self.root),
             )
         final.parent.mkdir(parents=True, exist_ok=True)

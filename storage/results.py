@@ -179,6 +179,29 @@ class ResultRow:
     values: dict[str, Any]  # RESULT_COLUMNS, as stored (dates and times as such)
 
 
+def earlier_ages(
+    session: Session, instance_id: int, model_sha256: str, limit: int = 100
+) -> list[tuple[dt.date, float, float | None]]:
+    """(study date, X-ray age, chronological age) of the patient's other images aged by this
+    model, dated on or before this one's, oldest first (the newest ``limit``)."""
+    inst = session.get_one(Instance, instance_id)
+    if not inst.patient_id or inst.study_date is None:
+        return []
+    rows = session.execute(
+        select(Instance.study_date, Result.xray_age, Result.chronological_age)
+        .join(Result, Result.instance_id == Instance.id)
+        .where(
+            Instance.patient_id == inst.patient_id,
+            Instance.id != inst.id,
+            Instance.study_date <= inst.study_date,
+            Result.model_sha256 == model_sha256,
+        )
+        .order_by(desc(Instance.study_date), desc(Instance.id))
+        .limit(limit)
+    ).all()
+    return [(d, age, chron) for d, age, chron in reversed(rows)]
+
+
 def latest_ages(session: Session, instance_ids: list[int]) -> dict[int, float]:
     """The X-ray age of each instance, by its newest result (the current model's, usually)."""
     ages: dict[int, float] = {}

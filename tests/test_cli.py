@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
 import subprocess
 from importlib.metadata import version
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from storage import Database
-from tests.servers import XRAYAGE
+from tests.servers import XRAYAGE, free_port
 
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:
@@ -109,3 +113,74 @@ def test_version_and_help_keep_bracketed_config_keys() -> None:
 
     assert "archive ([retro] peer)" in text("rescan")
     assert "(default: [model] cache_dir, ~/.cache/xrayage/models)" in text("model", "pull")
+
+
+def _one_line_error(out: subprocess.CompletedProcess[str]) -> str:
+    assert out.returncode == 2 and len(out.stderr.splitlines()) == 1, (out.returncode, out.stderr)
+    assert out.stderr.startswith("xrayage: error: ") and not out.stdout
+    return out.stderr.strip()
+
+
+def test_infer_on_a_missing_file_names_it(tmp_path: Path, weights: Path) -> None:
+    error = _one_line_error(run("infer", str(tmp_path / "nope.dcm"), "--weights", str(weights)))
+    assert error == f"xrayage: error: no such file or folder: {tmp_path / 'nope.dcm'}"
+
+
+def test_serve_names_the_port_in_use_and_creates_nothing(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = tmp_path / "node.toml"
+        config.write_text(
+            f'[node]\nhost = "127.0.0.1"\nport = {port}\n[storage]\npath = "{tmp_path / "d"}"\n'
+        )
+        error = _one_line_error(run("serve", "-c", str(config)))
+    assert f"[node] port = {port}: cannot listen on 127.0.0.1:{port}" in error
+    assert "change [node] port" in error and not (tmp_path / "d").exists()
+
+
+@pytest.mark.parametrize(
+    ("storage", "expected"),
+    [
+        ('path = "/proc/xrayage/data"', "[storage] path = /proc/xrayage/data: cannot create it"),
+        (
+            'path = "{tmp}/d"\ndatabase_url = "sqlite:///{tmp}/missing/x.db"',
+            "database sqlite:///{tmp}/missing/x.db: unable to open database file",
+        ),
+    ],
+)
+def test_serve_names_the_storage_it_cannot_open(
+    tmp_path: Path, storage: str, expected: str
+) -> None:
+    config = tmp_path / "node.toml"
+    config.write_text(
+        f'[node]\nhost = "127.0.0.1"\nport = {free_port()}\n[storage]\n'
+        + storage.format(tmp=tmp_path)
+    )
+    assert expected.format(tmp=tmp_path) in _one_line_error(run("serve", "-c", str(config)))
+
+
+def test_infer_table_shows_whole_paths_and_audit_lists_its_events(
+    tmp_path: Path, chest_pa: Path, weights: Path
+) -> None:
+    deep = tmp_path / ("a-folder-with-a-long-name-" * 4) / "chest-pa-radiograph-of-a-patient.dcm"
+    deep.parent.mkdir(parents=True)
+    deep.write_bytes(chest_pa.read_bytes())
+    out = run("infer", str(deep), "--weights", str(weights))
+    assert out.returncode == 0 and str(deep) in out.stdout, out.stdout
+    error = _one_line_error(run("audit", "--event", "recieved"))
+    assert "'recieved' is not an event; events: received, skipped, queued" in error
+
+
+def test_demo_leaves_no_folder_behind_and_refuses_a_png_in_one_line(tmp_path: Path) -> None:
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    env = {**os.environ, "TMPDIR": str(temp)}
+    out = subprocess.run([str(XRAYAGE), "demo"], capture_output=True, text=True, env=env)
+    assert out.returncode == 0 and "X-ray age" in out.stdout, out.stderr
+    assert "--data DIR keeps" in out.stdout and list(temp.iterdir()) == []
+    png = tmp_path / "chest.png"
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(png)
+    error = _one_line_error(run("demo", str(png)))
+    assert f"{png}: not a DICOM image" in error and "File Meta" not in error

@@ -3,12 +3,14 @@ state when the attempts run out, and ``xrayage retry`` to send again once the ca
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import pydicom
+import pytest
 from sqlalchemy import func, select
 
 from node.config import load_settings
@@ -93,7 +95,7 @@ def test_a_pacs_down_for_a_minute_gets_every_report_once_when_back(
 
 
 def test_a_failed_delivery_is_listed_and_sent_again_by_xrayage_retry(
-    tmp_path: Path, chest_pa: Path, weights: Path
+    tmp_path: Path, chest_pa: Path, weights: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     pacs, port, config = _pacs_and_node_config(
         tmp_path, weights, "max_attempts = 1\ntimeout_seconds = 2"
@@ -111,6 +113,9 @@ def test_a_failed_delivery_is_listed_and_sent_again_by_xrayage_retry(
                 assert inst.state == InstanceState.FAILED
                 assert (inst.reason or "").startswith("delivery to pacs failed")
             [failed] = deliveries(service)
+            gave_up = [r for r in caplog.records if "gave up" in r.getMessage()]
+            assert [r.levelno for r in gave_up] == [logging.WARNING]  # not in the audit alone
+            assert f"xrayage retry {failed.id}" in gave_up[0].getMessage()
 
             listing = run("retry", "--config", str(config))
             assert listing.returncode == 0

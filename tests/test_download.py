@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -15,6 +16,7 @@ import pytest
 from ai import AgeModel, resolve_weights
 from ai.download import DownloadError, pull
 from ai.presets import PRESETS
+from tests.servers import free_port
 from tests.test_cli import run
 
 PRESET = PRESETS["riken-senet154"]
@@ -159,3 +161,26 @@ def _cache_config(folder: Path) -> Path:
     config = folder / "xrayage.toml"
     config.write_text(f'[model]\ncache_dir = "{folder / "empty"}"\n')
     return config
+
+
+def test_no_network_names_the_url_and_the_offline_route(tmp_path: Path) -> None:
+    url = f"http://127.0.0.1:{free_port()}/model.pt"  # nothing listens: as without network
+    out = run("model", "pull", "riken-senet154", "--url", url, "--cache", str(tmp_path / "c"))
+    assert out.returncode == 2 and len(out.stderr.splitlines()) == 1, out.stderr
+    assert out.stderr.startswith(f"xrayage: error: could not reach {url} (ConnectionError)")
+    assert f"copy the file {PRESET.filename} into {tmp_path / 'c'}" in out.stderr
+    assert "--url" in out.stderr and "interrupted" not in out.stderr
+
+
+def test_a_copied_preset_file_is_found_and_described(weights: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    before = json.loads(run("model", "info", "riken-senet154", "--cache", str(cache)).stdout)
+    assert before["downloaded"] is False and before["size"] == "about 460 MB"
+    assert before["file"] == PRESET.filename and before["license"] == "Apache-2.0"
+    assert before["sha256"].startswith("not published")
+    cache.mkdir()
+    shutil.copy(weights, cache / PRESET.filename)  # the offline route: no card beside it
+    after = json.loads(run("model", "info", "riken-senet154", "--cache", str(cache)).stdout)
+    assert after["downloaded"] is True
+    assert after["sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
+    assert resolve_weights("riken-senet154", cache) == cache / PRESET.filename

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pydicom
 import pytest
+from PIL import Image
 
 from ai import PreprocessError, display_values, to_tensor
-from ai.preprocess import IMAGENET_MEAN, IMAGENET_STD
+from ai.preprocess import IMAGENET_MEAN, IMAGENET_STD, load_image_file
 
 
 def test_window_and_intensity_mapping(chest_ds: pydicom.Dataset) -> None:
@@ -53,3 +56,23 @@ def test_a_header_over_the_pixel_budget_is_refused_before_decoding(
     chest_ds.Rows = chest_ds.Columns = 60000  # the payload stays small: nothing is decoded
     with pytest.raises(PreprocessError, match="exceed the pixel budget"):
         display_values(chest_ds)
+
+
+def test_image_files_grey_as_rgb_16_bit_and_true_colour(tmp_path: Path) -> None:
+    """Grey stored as RGB(A) is grey; 16-bit PNG is scaled by 255/65535 (torchxrayvision's
+    PadChest rule); true colour is refused, not reduced to its first channel."""
+    rng = np.random.default_rng(0)
+    grey = rng.integers(0, 256, (40, 30), dtype=np.uint8)
+    Image.fromarray(grey).save(tmp_path / "grey.png")
+    expected = load_image_file(tmp_path / "grey.png")
+    assert np.array_equal(expected, grey.astype(np.float32))
+    for mode in ("RGB", "RGBA", "LA"):
+        Image.fromarray(grey).convert(mode).save(tmp_path / f"{mode}.png")
+        assert np.array_equal(load_image_file(tmp_path / f"{mode}.png"), expected), mode
+    Image.fromarray(grey.astype(np.uint16) * 257).save(tmp_path / "sixteen.png")  # I;16
+    assert np.allclose(load_image_file(tmp_path / "sixteen.png"), expected, atol=1e-4)
+    colour = np.stack([grey, grey, grey], axis=2)
+    colour[5, 5, 1] ^= 1  # one pixel with a hint of colour
+    Image.fromarray(colour).save(tmp_path / "colour.png")
+    with pytest.raises(PreprocessError, match=r"colour.png: colour image \(its channels differ"):
+        load_image_file(tmp_path / "colour.png")

@@ -4,11 +4,13 @@ resend once the cause is gone is stored as usual."""
 
 from __future__ import annotations
 
+import logging
 import shutil
 import sqlite3
 from pathlib import Path
 
 import pydicom
+import pytest
 from sqlalchemy import select
 
 from node.dicom.scu import send_files
@@ -21,10 +23,12 @@ A700 = "C-STORE status 0xA700"
 
 
 def test_a_store_without_its_reserve_of_free_space_answers_a700(
-    tmp_path: Path, chest_pa: Path
+    tmp_path: Path, chest_pa: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     free_mb = shutil.disk_usage(tmp_path).free >> 20
     with node_in_process(tmp_path, storage={"min_free_mb": free_mb + 1024}) as node:
+        said = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert any("below [storage] min_free_mb" in m for m in said), said  # said at start
         assert send(node, chest_pa) == [A700]
         assert count(node, Instance) == 0
         assert list((tmp_path / "data" / "dicom").rglob("*.dcm")) == []

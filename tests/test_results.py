@@ -32,6 +32,7 @@ from tests.conftest import node_in_process, require, small_chests, storescu
 from tests.servers import XRAYAGE, free_port, wait_until
 from tests.test_cli import run
 from tests.test_end_to_end import _nums
+from tests.test_summary_image import PLOT_ROWS
 
 TOKEN = "results-token-for-tests"
 Reported = tuple[NodeService, Path, str]
@@ -106,6 +107,12 @@ def test_rows_have_the_exact_columns_and_the_srs_values(reported: Reported) -> N
         )
     assert [r["patient_id"] for r in _csv(config, "--patient-id", "PAT-A")[1]] == ["PAT-A"] * 2
     assert _csv(config, "--state", "delivered")[1] == []
+    with node.db.session() as s:  # the summary image plots the patient's earlier X-ray ages
+        plotted = sorted(
+            (r.instance.patient_id, bool(pydicom.dcmread(r.sc_path).pixel_array[PLOT_ROWS].any()))
+            for r in s.scalars(select(Result))
+        )
+    assert plotted == [("PAT-A", False), ("PAT-A", True), ("PAT-B", False)]
     assert len(_csv(config, "--limit", "1")[1]) == 1
 
 

@@ -16,9 +16,9 @@ from node.cli.support import (
     print_rows,
     user_errors,
 )
-from node.config import load_settings
+from node.config import ConfigError, load_settings
 from storage import utcnow
-from storage.audit import FIELDS, AuditQuery, as_dict, purge_events, run_query
+from storage.audit import EVENTS, FIELDS, AuditQuery, as_dict, purge_events, run_query
 
 Text = Annotated[str | None, typer.Option()]
 
@@ -30,13 +30,15 @@ def audit(
     patient_id: Text = None,
     study: Annotated[str | None, typer.Option(help="Study Instance UID")] = None,
     accession: Text = None,
-    event: Annotated[str | None, typer.Option(help="received, skipped, reported, ...")] = None,
+    event: Annotated[str | None, typer.Option(help=f"one of: {', '.join(EVENTS)}")] = None,
     outcome: Annotated[str | None, typer.Option(help="success or failure")] = None,
     limit: Annotated[int, typer.Option(min=1, max=100000)] = 100,
     format: Annotated[Format, typer.Option("--format", "-f")] = Format.table,
     config: ConfigOption = None,
 ) -> None:
     """Events of the audit log, newest first. The query itself is logged too."""
+    if event is not None and event not in EVENTS:
+        raise ConfigError(f"--event: {event!r} is not an event; events: {', '.join(EVENTS)}")
     query = AuditQuery(
         since=parse_time(since, "--since"),
         until=parse_time(until, "--until"),

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
-from rich.table import Table
+from rich.table import Column, Table
 
 from ai.evaluate import agreement, plot_agreement, read_labels
 from node.cli.support import ConfigOption, DeviceOption, WeightsOption, load_model, user_errors
@@ -41,8 +41,10 @@ def collect_files(paths: Iterable[Path]) -> list[Path]:
                     and not any(part.startswith(".") for part in p.relative_to(path).parts)
                 )
             )
-        else:
+        elif path.exists():
             files.append(path)
+        else:
+            raise ConfigError(f"no such file or folder: {path}")
     return files
 
 
@@ -105,7 +107,10 @@ def infer(
     elif as_csv:
         sys.stdout.write(_csv(rows))
     else:
-        table = Table("file", "X-ray age (years)", "chronological age", "note")
+        table = Table(
+            Column("file", overflow="fold"), "X-ray age (years)", "chronological age",
+            Column("note", overflow="fold"),
+        )  # fmt: skip
         for r in rows:
             age, xa = r["chronological_age"], r["xray_age"]
             table.add_row(
@@ -114,7 +119,8 @@ def infer(
                 f"{age:.1f}" if age is not None else "-",
                 r["error"] or "",
             )
-        Console().print(table)
+        # Into a pipe or a file, paths whole on one line; on a terminal, folded to its width.
+        Console(width=None if sys.stdout.isatty() else 4096).print(table)
     if model.card.untrained:
         typer.echo("note: UNTRAINED weights - these numbers are not age estimates", err=True)
     if any(r["error"] for r in rows):

@@ -14,6 +14,7 @@ from typing import Annotated
 
 import pydicom
 import typer
+from pydicom.errors import InvalidDicomError
 
 from node.cli.audit import audit, audit_purge
 from node.cli.cohort import cohort
@@ -23,7 +24,7 @@ from node.cli.model import model_app
 from node.cli.rescan import rescan
 from node.cli.results import results
 from node.cli.retry import retry
-from node.cli.support import ConfigOption, user_errors
+from node.cli.support import ConfigOption, check_listen, make_folder, user_errors
 from node.cli.train import train
 from node.cli.validation import validation
 from node.config import ConfigError, load_settings
@@ -86,6 +87,11 @@ def serve(
     if role not in (*ROLES, "all"):
         raise ConfigError(f"--role must be one of {', '.join(ROLES)} or all, not {role!r}")
     settings = load_settings(config)
+    if role in ("receive", "all"):
+        check_listen("[node] port", settings.node.host, settings.node.port)
+    if settings.http.port:
+        check_listen("[http] port", settings.http.host, settings.http.port)
+    make_folder("[storage] path", settings.storage.path)
     configure_logging(settings.logging)
     # SQLite has one writer: a second serve on the folder would run a second scheduler and
     # record config changes that never happened. Roles sharing PostgreSQL need no such lock.
@@ -126,15 +132,31 @@ def demo(
     timeout: Annotated[float, typer.Option(help="seconds to wait for the report")] = 300,
 ) -> None:
     """First look, no PACS and no trained weights: send FILE to a node running here, show the SR."""
+    source = file or _default_demo_file()
+    if not source.is_file():
+        raise ConfigError(f"not a file: {source}")
+    try:
+        uid = str(pydicom.dcmread(source, stop_before_pixels=True).SOPInstanceUID)
+    except (InvalidDicomError, AttributeError):
+        raise ConfigError(
+            f"{source}: not a DICOM image with a SOP Instance UID; the demo sends DICOM to the "
+            f"node (for a PNG or JPEG: xrayage infer {source} --weights ...)"
+        ) from None
+    if data is not None:
+        _demo(source, uid, data, timeout)
+        return
+    # Without --data the demo leaves nothing behind: its folder goes when it ends.
+    with tempfile.TemporaryDirectory(prefix="xrayage-demo-") as folder:
+        _demo(source, uid, Path(folder), timeout)
+    typer.echo("(the demo's folder was removed: --data DIR keeps the SR, image and database)")
+
+
+def _demo(source: Path, uid: str, folder: Path, timeout: float) -> None:
     from ai import build_untrained_model
     from node.dicom.scu import send_files
     from node.service import NodeService
     from storage import Instance, Result
 
-    source = file or _default_demo_file()
-    if not source.is_file():
-        raise ConfigError(f"not a file: {source}")
-    folder = data or Path(tempfile.mkdtemp(prefix="xrayage-demo-"))
     weights = folder / "models" / "untrained-seresnet.pt"
     build_untrained_model(weights)
     port = _free_port()
@@ -148,7 +170,6 @@ def demo(
     node = NodeService(settings)
     node.start()
     try:
-        uid = str(pydicom.dcmread(source, stop_before_pixels=True).SOPInstanceUID)
         error = send_files("DEMO", "XRAYAGE", "127.0.0.1", port, [source])[0]
         if error:
             raise ConfigError(f"{source}: not stored by the node: {error}")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Annotated
 
@@ -116,7 +116,15 @@ def info(
         preset = PRESETS[name]
         path = _cache(cache, config) / preset.filename
         card = model_card(path) if path.is_file() else preset.card
-        extra = {"url": preset.url, "path": str(path), "downloaded": path.is_file()}
+        extra = {
+            "url": preset.url,
+            "size": preset.size,
+            "file": preset.filename,
+            "path": str(path),
+            "downloaded": path.is_file(),
+        }
+        if not card.sha256:  # a copied file gets it computed: model_card
+            card = replace(card, sha256="not published; recorded at the first pull")
     else:
         path = Path(name)
         if not path.is_file():

@@ -6,6 +6,7 @@ import csv
 import datetime as dt
 import functools
 import json
+import socket
 import sys
 from collections.abc import Callable, Sequence
 from enum import StrEnum
@@ -30,6 +31,7 @@ from ai.errors import (
 from ai.presets import WeightsNotFound, resolve_weights
 from node.config import ConfigError, Settings
 from storage import Database
+from storage.db import DatabaseUnavailable
 from storage.locks import FolderInUse
 from storage.schema import SchemaError
 
@@ -39,6 +41,7 @@ if TYPE_CHECKING:
 F = TypeVar("F", bound=Callable[..., Any])
 USER_ERRORS = (
     ConfigError,
+    DatabaseUnavailable,
     DownloadError,
     LabelsError,
     ModelLoadError,
@@ -106,6 +109,28 @@ def open_database(settings: Settings) -> Database:
                 f"no database at {path}: check [storage] path (the node creates it on first start)"
             )
     return settings.storage.open_database()
+
+
+def check_listen(key: str, host: str, port: int) -> None:
+    """Refuse a port another program holds, naming the config key, before ``serve`` creates or
+    opens anything (the listeners bind later, once the database is ready)."""
+    family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers do
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise ConfigError(
+                f"{key} = {port}: cannot listen on {host}:{port} ({e.strerror or e}): another "
+                f"program (another xrayage serve?) holds it; stop it or change {key}"
+            ) from None
+
+
+def make_folder(key: str, folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"{key} = {folder}: cannot create it ({e.strerror or e})") from None
 
 
 def parse_time(value: str | None, name: str) -> dt.datetime | None:

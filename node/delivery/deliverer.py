@@ -130,6 +130,12 @@ class Deliverer(WorkerThread):
                         f"{d.attempts} attempts: {error}"
                     )
                     change_state(s, d, DeliveryState.FAILED, detail=detail)
+                    log.warning(
+                        "delivery %d gave up: %s (`xrayage retry %d` queues it again)",
+                        d.id,
+                        detail,
+                        d.id,
+                    )
                     if inst.state != InstanceState.FAILED:  # audited by the delivery's event
                         change_state(
                             s, inst, InstanceState.FAILED, audit=False,

@@ -9,30 +9,50 @@ pynetdicom 3.0.4 trusts the peer more than a hospital network should:
 - with TLS it runs the handshake in the server's only accepting thread, so one silent client
   stops every other connection.
 
-Here every read has a deadline (``network_timeout_seconds`` per PDU), a PDU longer than allowed
+- it counts a connection that has sent nothing yet as an association: silent connections fill
+  ``maximum_associations`` until the ACSE timeout, and the count, taken by each negotiating
+  thread on its own, is not exact under a burst of requests.
+
+Here every read has a deadline (``network_timeout_seconds`` per PDU; the first PDU, the
+A-ASSOCIATE-RQ, ``association_request_timeout_seconds``), a PDU longer than allowed
 for its type is refused from its header (PS3.8 9.3.1: type, reserved, 4-byte length; a
 P-DATA-TF PDU may not exceed the Maximum Length we announce, PS3.8 D.1), the TLS handshake
 runs on the connection's own thread under the same deadline, and peers outside
-``allowed_peers`` are dropped before any of this. Each refusal is logged and audited through
-``on_violation(host, detail)``.
+``allowed_peers`` are dropped before any of this. Connections that have not yet sent their
+A-ASSOCIATE-RQ are capped (``max_pending_connections``: a new one closes those silent for
+longest, once silent for a second, so that a flood of silent connections cannot keep a real
+peer out) and do not count as associations; an association is admitted when its request
+arrives, under one lock, so that no more than ``max_associations`` are ever admitted at once,
+and the others are rejected at once with local-limit-exceeded (PS3.8 9.3.4). Each refusal is
+logged and audited through ``on_violation(host, detail)``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import select
 import socket
 import ssl
 import struct
+import threading
 import time
+import weakref
 from collections.abc import Callable
 from ipaddress import IPv4Network, IPv6Network, ip_address
 from typing import Any
 
+from pynetdicom import evt
 from pynetdicom.association import Association
 from pynetdicom.transport import AssociationSocket, ThreadedAssociationServer
 
-from node.compat import HookedRequestHandler, server_of, use_socket_class
+from node.compat import (
+    DUL_POLL_SECONDS,
+    HookedRequestHandler,
+    poll_every,
+    server_of,
+    use_socket_class,
+)
 
 log = logging.getLogger("xrayage.receive")
 
@@ -40,6 +60,10 @@ P_DATA_TF = 0x04
 # A-ASSOCIATE-RQ and the other control PDUs: a few kB in practice; user identity negotiation
 # (a SAML assertion, a JWT) can be larger, so a generous bound that still caps memory.
 MAX_CONTROL_PDU = 1 << 20
+# An association not (yet) admitted has little to do: its DUL thread looks for work 50 times a
+# second instead of pynetdicom's 1,000 (compat.poll_every).
+WAITING_POLL_SECONDS = 0.02
+SILENT_SECONDS = 1.0  # a connection silent this long may be closed for a new one
 
 
 def _host(address: object) -> str:
@@ -86,7 +110,7 @@ class GuardedSocket(AssociationSocket):
         # Received in place: a 128 KiB P-DATA PDU is one buffer, not pieces joined.
         data = bytearray(nr_bytes)
         view = memoryview(data)
-        got = 0
+        got, started = 0, time.monotonic()
         blocking = sock.gettimeout()  # restored: sends must not inherit a read's deadline
         try:
             while got < nr_bytes:
@@ -103,11 +127,12 @@ class GuardedSocket(AssociationSocket):
                 got += n
         finally:
             view.release()
-            sock.settimeout(blocking)
+            with contextlib.suppress(OSError):  # closed meanwhile: hung up from the accept thread
+                sock.settimeout(blocking)
         if got < nr_bytes:
             self._server.on_violation(
                 _host(self.assoc.requestor.address),
-                f"{got} of {nr_bytes} bytes in {self._server.pdu_deadline:g} s "
+                f"{got} of {nr_bytes} bytes in {deadline - started:.3g} s "
                 "(network timeout): connection dropped",
             )
             return self._hang_up()
@@ -122,42 +147,161 @@ class GuardedSocket(AssociationSocket):
         return bytearray()
 
 
+class _Summary:
+    """Reports a flood of one kind of refusal as its first, then one line a second with the
+    count: auditing each would make the flood a flood of database writes."""
+
+    def __init__(self, report: Callable[[str, str], None]) -> None:
+        self.report, self.since, self.quiet = report, 0.0, 0
+
+    def add(self, host: str, detail: str) -> None:
+        now = time.monotonic()
+        if now - self.since < 1.0:
+            self.quiet += 1
+            return
+        more = f" (and {self.quiet} more since the last report)" if self.quiet else ""
+        self.since, self.quiet = now, 0
+        self.report(host, detail + more)
+
+
 class GuardedHandler(HookedRequestHandler):
     """Runs the TLS handshake on this connection's thread, then uses a :class:`GuardedSocket`."""
 
     server: GuardedServer
 
     def handle(self) -> None:
+        host = _host(self.client_address)
         if isinstance(self.request, ssl.SSLSocket):
-            host = _host(self.client_address)
             try:
                 self.request.settimeout(self.server.pdu_deadline)
                 self.request.do_handshake()
             except (OSError, ssl.SSLError) as e:
                 self.server.on_violation(host, f"TLS handshake failed: {e}")
+                self.server.shutdown_request(self.request)
                 return
             subject = (self.request.getpeercert() or {}).get("subject")
             if subject:
                 log.info("TLS client %s: %s", host, subject)
+        # Until its first bytes arrive a connection is only this thread, blocked: pynetdicom's
+        # association and its polling DUL thread are made for peers that speak.
+        if not self.server.await_request(self.request, host):
+            self.server.shutdown_request(self.request)
+            return
         super().handle()
 
     def association_created(self, assoc: Association) -> None:
         use_socket_class(assoc, GuardedSocket)  # the guarded reads
+        poll_every(assoc, WAITING_POLL_SECONDS)  # until admitted: see admit
+        assoc.bind(evt.EVT_REQUESTED, self.server.admit)
 
 
 class GuardedServer(ThreadedAssociationServer):
     """pynetdicom's threaded server with the policy of the module docstring."""
 
+    # socketserver listens with a backlog of 5: a burst of connections beyond it has its SYNs
+    # dropped and retried by the peers' kernels after 1, 3, 7 s, as if the node were slow.
+    request_queue_size = 1024
     allowed: tuple[IPv4Network | IPv6Network, ...] = ()
     pdu_deadline = 60.0
+    request_deadline = 10.0
     max_pdata_length = 1 << 17
+    max_associations = 10
+    max_pending = 20
     on_violation: Callable[[str, str], None] = staticmethod(lambda host, detail: None)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, request_handler=GuardedHandler, **kwargs)
+        self._admission = threading.Lock()
+        # The admitted associations; an ended one leaves ``active_associations`` (its thread is
+        # gone) and so frees its place by itself.
+        self._admitted: weakref.WeakSet[Association] = weakref.WeakSet()
+        # When each connection was accepted (a handler thread may start much later in a
+        # flood), and those waiting for their first bytes, by when they were accepted.
+        self.accepted: weakref.WeakKeyDictionary[socket.socket, float] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._waiting: dict[socket.socket, tuple[float, str]] = {}
+        self._dropped: set[socket.socket] = set()
+        report = lambda host, detail: self.on_violation(host, detail)  # noqa: E731 (set later)
+        self._evictions, self._rejections = _Summary(report), _Summary(report)
+        self._silences = _Summary(report)
+
+    def admit(self, event: evt.Event) -> None:
+        """EVT_REQUESTED: admit the association if fewer than ``max_associations`` are, else
+        reject it now with local-limit-exceeded (pynetdicom then skips its negotiation)."""
+        assoc = event.assoc
+        with self._admission:
+            admitted = [a for a in self.active_associations if a in self._admitted]
+            if len(admitted) < self.max_associations:
+                self._admitted.add(assoc)
+                poll_every(assoc, DUL_POLL_SECONDS)  # an association at full speed
+                return
+        # PS3.8 9.3.4: rejected-transient, service provider (presentation), local limit exceeded.
+        # kill() returns once the DUL has sent it and the peer closed (or the ARTIM timer ran
+        # out), as pynetdicom's own rejections do; else the reactor would close the socket
+        # under the queued A-ASSOCIATE-RJ.
+        poll_every(assoc, DUL_POLL_SECONDS)
+        assoc.acse.send_reject(0x02, 0x03, 0x02)
+        assoc.kill()
+        self._rejections.add(
+            _host(assoc.requestor.address),
+            f"association from {assoc.requestor.primitive.calling_ae_title} rejected: local "
+            f"limit exceeded ({self.max_associations} associations)",
+        )
+
+    def await_request(self, conn: socket.socket, host: str) -> bool:
+        """Wait up to ``request_deadline`` for the connection's first bytes (its
+        A-ASSOCIATE-RQ); False, with the reason reported, when none came or when it was closed
+        to make way for a newer connection."""
+        if getattr(conn, "pending", lambda: 0)():  # TLS: already decrypted and buffered
+            return True
+        with self._admission:
+            self._waiting[conn] = (self.accepted.pop(conn, time.monotonic()), host)
+        poller = select.poll()
+        try:
+            poller.register(conn, select.POLLIN)
+            spoke = bool(poller.poll(self.request_deadline * 1000))  # bytes, or the peer closed
+        except (OSError, ValueError):  # closed meanwhile
+            spoke = False
+        with self._admission:
+            opened, _ = self._waiting.pop(conn)
+            dropped = conn in self._dropped
+            self._dropped.discard(conn)
+        if not spoke and not dropped:
+            self._silences.add(
+                host,
+                f"no A-ASSOCIATE-RQ within {time.monotonic() - opened:.3g} s "
+                "(association_request_timeout_seconds): connection dropped",
+            )
+        return spoke and not dropped
+
+    def _make_way(self) -> None:
+        """At most ``max_pending`` connections wait for their first bytes: those silent for
+        longest are closed (once silent for a while: in a burst, a peer may be between its
+        connect and its send)."""
+        cutoff = time.monotonic() - min(SILENT_SECONDS, self.request_deadline / 2)
+        with self._admission:
+            silent = sorted(
+                (when, host, conn)
+                for conn, (when, host) in self._waiting.items()
+                if conn not in self._dropped
+            )
+            over = len(silent) - self.max_pending + 1
+            victims = [v for v in silent[: max(0, over)] if v[0] < cutoff]
+            self._dropped.update(conn for _, _, conn in victims)
+        for opened, host, conn in victims:
+            with contextlib.suppress(OSError):  # wakes its thread's poll
+                conn.shutdown(socket.SHUT_RDWR)
+            self._evictions.add(
+                host,
+                f"connection dropped: no association request after "
+                f"{time.monotonic() - opened:.1f} s, and {len(silent)} connections were waiting "
+                f"to send one (max_pending_connections = {self.max_pending})",
+            )
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         client, address = self.socket.accept()  # type: ignore[union-attr]
+        accepted = time.monotonic()
         # pynetdicom leaves Nagle's algorithm on: a response split over two writes would wait for
         # the peer's delayed ACK (40 ms on Linux).
         client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -165,16 +309,19 @@ class GuardedServer(ThreadedAssociationServer):
             client = self.ssl_context.wrap_socket(
                 client, server_side=True, do_handshake_on_connect=False
             )
+        self.accepted[client] = accepted
         return client, address
 
     def verify_request(self, request: object, client_address: object) -> bool:
-        if not self.allowed:
-            return True
         host = _host(client_address)
+        if self.allowed and not self._allowed(host):
+            self.on_violation(host, f"connection refused: peer {host} not allowed")
+            return False
+        self._make_way()
+        return True
+
+    def _allowed(self, host: str) -> bool:
         try:
-            if any(ip_address(host) in net for net in self.allowed):
-                return True
+            return any(ip_address(host) in net for net in self.allowed)
         except ValueError:
-            pass
-        self.on_violation(host, f"connection refused: peer {host} not allowed")
-        return False
+            return False

@@ -35,8 +35,8 @@ from pynetdicom.utils import make_target
 from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 
-from node.compat import register_server
-from node.config import GateSection, NodeSection
+from node.compat import copy_contexts_cheaply, register_server
+from node.config import ConfigError, GateSection, NodeSection
 from node.dicom.guard import GuardedServer
 from node.dicom.statuses import (
     CANNOT_UNDERSTAND,
@@ -275,10 +275,10 @@ class Receiver:
     def make_ae(self) -> AE:
         node = self.node
         ae = AE(ae_title=node.ae_title)
-        # An association whose connection was dropped before A-ASSOCIATE-RQ waits for the ACSE
-        # timeout before its slot is free again: the same bound as the network's.
         ae.network_timeout = ae.acse_timeout = node.network_timeout_seconds
-        ae.maximum_associations = node.max_associations
+        # The server admits associations itself, exactly and not counting silent connections
+        # (guard.py); pynetdicom's own count, which does both, must never be the one that binds.
+        ae.maximum_associations = 1 << 20
         ae.maximum_pdu_size = node.max_pdu_bytes
         ae.require_calling_aet = node.allowed_calling_aets
         ae.add_supported_context(Verification)
@@ -300,14 +300,24 @@ class Receiver:
         # pynetdicom's start_server cannot take a server class; make_server can, and the rest
         # is done here as start_server does it (pynetdicom 3.0, ae.py), registration included.
         ae = self.make_ae()
-        server = ae.make_server(
-            (node.host, node.port),
-            evt_handlers=handlers,
-            server_class=GuardedServer,
-            ssl_context=server_context(node.tls) if node.tls else None,
-        )
+        try:
+            server = ae.make_server(
+                (node.host, node.port),
+                evt_handlers=handlers,
+                server_class=GuardedServer,
+                ssl_context=server_context(node.tls) if node.tls else None,
+            )
+        except OSError as e:  # `serve` checked the port; another program took it since
+            raise ConfigError(
+                f"[node] port = {node.port}: cannot listen on {node.host}:{node.port} "
+                f"({e.strerror or e})"
+            ) from None
+        copy_contexts_cheaply(server)
         server.allowed = tuple(node.allowed_peers)
         server.pdu_deadline = node.network_timeout_seconds
+        server.request_deadline = node.association_request_timeout_seconds
+        server.max_associations = node.max_associations
+        server.max_pending = node.max_pending_connections
         server.max_pdata_length = node.max_pdu_bytes
         server.on_violation = self._network_violation
         thread = threading.Thread(target=make_target(server.serve_forever), name="xrayage-scp")

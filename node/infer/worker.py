@@ -18,6 +18,7 @@ import os
 import socket
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import pydicom
@@ -29,8 +30,8 @@ from node.components import Signal, WorkerThread
 from node.config import ModelSection, ReportConfig
 from node.metrics import BATCH_SIZE, INFERENCE_SECONDS, INFERRED, STAGE_SECONDS
 from node.report.build import build_reports
-from node.report.findings import Findings
-from node.report.patient_age import chronological_age
+from node.report.findings import EarlierAge, Findings
+from node.report.patient_age import chronological_age, parse_da
 from storage import Database, FileStore, InstanceState, Job, JobState, utcnow
 from storage.lifecycle import change_state
 from storage.queue import backlog, claim_jobs, fail_exhausted, requeue_orphans
@@ -38,6 +39,7 @@ from storage.results import (
     Ages,
     ModelIdentity,
     StoredObject,
+    earlier_ages,
     record_inferred,
     record_reports,
     stored_age,
@@ -189,6 +191,14 @@ class InferenceWorker(WorkerThread):
         return Findings(age, chronological_age(header), self.model.card)
 
     def _report(self, claimed: Job, header: Dataset, findings: Findings) -> None:
+        if self.reports.section.secondary_capture:  # the summary image plots the earlier ones
+            with self.db.session() as s:
+                earlier = earlier_ages(s, claimed.instance_id, self.identity.sha256)
+            findings = replace(
+                findings,
+                study_date=parse_da(header.get("StudyDate")),
+                earlier=tuple(EarlierAge(*row) for row in earlier),
+            )
         try:
             built = build_reports(header, findings, self.reports.section, self.reports.ae_title)
         except ValueError as e:  # highdicom's validation of what the source header gave it

@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from dataclasses import dataclass
 
 from ai.card import ModelCard
+
+
+@dataclass(frozen=True)
+class EarlierAge:
+    """An earlier image of the same patient, aged by the same model."""
+
+    study_date: dt.date
+    xray_age: float
+    chronological_age: float | None
 
 
 @dataclass(frozen=True)
@@ -12,6 +22,8 @@ class Findings:
     xray_age: float
     chronological_age: float | None
     card: ModelCard
+    study_date: dt.date | None = None
+    earlier: tuple[EarlierAge, ...] = ()  # oldest first; the summary image plots them
 
     @property
     def difference(self) -> float | None:

@@ -15,17 +15,31 @@ from PIL import Image, ImageDraw, ImageFont
 from pydicom.dataset import Dataset
 
 from node.gate import MANUFACTURER
-from node.report.findings import Findings
+from node.report.findings import EarlierAge, Findings
 from node.report.header import character_set, keep_character_set, usable_header
 from node.report.uids import ReportUIDs
 
 SIZE = 1024
 
 
-def _lines(source: Dataset, f: Findings) -> list[tuple[str, int]]:
-    """(text, font size) lines of the summary."""
+Line = tuple[str, int]  # text, font size in pixels
+MARGIN = 64
+
+
+def _lines(f: Findings) -> list[Line]:
+    """The summary's lines, top down. With untrained weights the warning comes first and
+    largest, and the number is small: it is not an age estimate."""
     card = f.card
-    lines = [("X-ray age", 64), (f"{f.xray_age:.1f} years", 96)]
+    if card.untrained:
+        lines = [
+            ("UNTRAINED DEMO WEIGHTS", 64),
+            ("NOT AN AGE ESTIMATE", 64),
+            (f"(the network's output: {f.xray_age:.1f})", 32),
+        ]
+    else:
+        lines = [("X-ray age", 52), (f"{f.xray_age:.1f} years", 96)]
+        if card.reference_mae is not None:
+            lines.append((f"typical error ± {card.reference_mae:.1f} years (model's MAE)", 32))
     if f.chronological_age is not None and f.difference is not None:
         lines += [
             (f"Chronological age  {f.chronological_age:.1f} years", 40),
@@ -33,24 +47,26 @@ def _lines(source: Dataset, f: Findings) -> list[tuple[str, int]]:
         ]
         if f.corrected_difference is not None:
             lines.append((f"Bias-corrected difference  {f.corrected_difference:+.1f} years", 40))
+        if not card.untrained:
+            lines.append(("A positive difference: the chest looks older than the age.", 28))
     else:
         lines.append(("Chronological age unknown", 40))
-    lines += [
-        ("", 24),
-        (f"Model  {card.name} {card.version}"[:60], 28),
-        (f"Weights SHA-256  {card.sha256[:16]}...", 28),
+    return lines
+
+
+def _footer(source: Dataset, f: Findings) -> list[Line]:
+    card = f.card
+    return [
+        ("AI result — not for diagnosis", 40),
+        (f"Model  {card.name} {card.version}"[:60], 24),
+        (f"Weights SHA-256  {card.sha256[:16]}...", 24),
         (
             f"Source  {source.get('Modality', '')} {source.get('BodyPartExamined', '')} "
             f"{source.get('ViewPosition', '')}  series {source.get('SeriesNumber', '')} "
             f"image {source.get('InstanceNumber', '')}",
-            28,
+            24,
         ),
-        ("", 24),
-        ("AI result — not for diagnosis", 44),
     ]
-    if card.untrained:
-        lines.append(("UNTRAINED DEMO WEIGHTS — NOT AN AGE ESTIMATE", 30))
-    return lines
 
 
 @cache
@@ -59,13 +75,59 @@ def _font(size: int) -> ImageFont.FreeTypeFont:
     return ImageFont.truetype(font_manager.findfont("DejaVu Sans"), size)
 
 
+def _height(lines: list[Line]) -> int:
+    return sum(int(size * 1.35) for _, size in lines)
+
+
+def _history(f: Findings, width: int, height: int) -> Image.Image:
+    """This patient's X-ray ages over time (and chronological ages), white on black."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    points = [*f.earlier, EarlierAge(f.study_date, f.xray_age, f.chronological_age)]  # type: ignore[arg-type]
+    fig = Figure(figsize=(width / 100, height / 100), dpi=100, facecolor="black")
+    ax = fig.subplots()
+    ax.set_facecolor("black")
+    dates = [p.study_date for p in points]
+    ax.plot(dates, [p.xray_age for p in points], "o-", color="white", label="X-ray age")
+    known = [p for p in points if p.chronological_age is not None]
+    if known:
+        ages = [p.chronological_age for p in known]
+        ax.plot([p.study_date for p in known], ages, "s--", color="#999", label="age")
+    ax.plot(dates[-1:], [f.xray_age], "o", color="white", markersize=14, fillstyle="none")
+    ax.set_title("This patient's X-ray ages (years)", color="white", fontsize=18)
+    ax.legend(facecolor="black", labelcolor="white", fontsize=14, frameon=False)
+    ax.tick_params(colors="white", labelsize=13)
+    for spine in ax.spines.values():
+        spine.set_color("#777")
+    fig.autofmt_xdate()
+    fig.tight_layout()
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    return Image.fromarray(np.asarray(canvas.buffer_rgba())).convert("L")
+
+
 def render(source: Dataset, findings: Findings) -> np.ndarray:
+    """The page: the findings at the top, the footer at the bottom, and between them, when
+    the patient has earlier X-ray ages by this model, their plot over time."""
     image = Image.new("L", (SIZE, SIZE), 0)
     draw = ImageDraw.Draw(image)
-    y = 80
-    for text, size in _lines(source, findings):
-        draw.text((64, y), text, fill=255, font=_font(size))
+    lines, footer = _lines(findings), _footer(source, findings)
+    y = 56
+    for i, (text, size) in enumerate(lines):
+        if findings.card.untrained and i < 2:  # the warning in a white band: it dominates
+            draw.rectangle((0, y - 8, SIZE, y + int(size * 1.3)), fill=255)
+            draw.text((MARGIN, y), text, fill=0, font=_font(size))
+        else:
+            draw.text((MARGIN, y), text, fill=255, font=_font(size))
         y += int(size * 1.35)
+    bottom = SIZE - 40 - _height(footer)
+    if findings.earlier and findings.study_date is not None and bottom - y > 200:
+        plot = _history(findings, SIZE - 2 * MARGIN, bottom - y - 40)
+        image.paste(plot, (MARGIN, y + 20))
+    for text, size in footer:
+        draw.text((MARGIN, bottom), text, fill=255, font=_font(size))
+        bottom += int(size * 1.35)
     return np.asarray(image, dtype=np.uint8)
 
 
