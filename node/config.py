@@ -84,6 +84,9 @@ class NodeSection(_Section):
     association_request_timeout_seconds: float = Field(10.0, gt=0)
     # Maximum Length Received announced to peers (PS3.8 D.1); a longer P-DATA PDU is refused.
     max_pdu_bytes: int = Field(131072, ge=4096, le=1 << 24)
+    # The largest data set one C-STORE may carry: pynetdicom holds it whole in memory before
+    # the node sees it, so a longer one ends the association as it arrives (guard.py).
+    max_dataset_bytes: int = Field(512 << 20, ge=1 << 20)
     # Who may associate: calling AE titles (empty: any) and peer addresses or networks such as
     # "10.1.2.0/24" (empty: any). Others are rejected at association time and audited.
     allowed_calling_aets: list[str] = []

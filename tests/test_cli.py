@@ -6,6 +6,7 @@ import json
 import os
 import socket
 import subprocess
+import sys
 from importlib.metadata import version
 from pathlib import Path
 
@@ -184,3 +185,10 @@ def test_demo_leaves_no_folder_behind_and_refuses_a_png_in_one_line(tmp_path: Pa
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(png)
     error = _one_line_error(run("demo", str(png)))
     assert f"{png}: not a DICOM image" in error and "File Meta" not in error
+
+
+def test_help_does_not_import_torch() -> None:
+    """--help and the commands that run no model start without torch (1.6 s, was 2.5 s)."""
+    probe = "import sys, node.cli.main; print(sorted({'torch', 'lifelines'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr

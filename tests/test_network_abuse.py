@@ -5,6 +5,7 @@ small, and says what it refused."""
 from __future__ import annotations
 
 import collections
+import contextlib
 import socket
 import sqlite3
 import struct
@@ -14,8 +15,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    ComputedRadiographyImageStorage,
+    Verification,
+)
 
 from tests.conftest import node_config
 from tests.servers import NodeProcess, echo, free_port, wait_until
@@ -25,6 +31,7 @@ REQUEST_TIMEOUT = 4  # [node] association_request_timeout_seconds
 MAX_ASSOCIATIONS = 2
 MAX_PENDING = 8
 MB = 1 << 20
+MAX_DATASET = 4 * MB
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +42,7 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]:
         folder, port, None, None,
         node=f"network_timeout_seconds = {TIMEOUT}\nmax_associations = {MAX_ASSOCIATIONS}\n"
         f"association_request_timeout_seconds = {REQUEST_TIMEOUT}\n"
-        f"max_pending_connections = {MAX_PENDING}",
+        f"max_pending_connections = {MAX_PENDING}\nmax_dataset_bytes = {MAX_DATASET}",
     )  # fmt: skip
     proc = NodeProcess(config, port, folder / "node.log")
     proc.start()
@@ -244,3 +251,66 @@ def test_a_burst_of_200_requests_admits_exactly_the_maximum(node: NodeProcess) -
 def _accepted(db: sqlite3.Connection) -> int:
     query = "SELECT count(*) FROM audit_events WHERE detail LIKE 'association accepted%'"
     return int(db.execute(query).fetchone()[0])
+
+
+def _dataset(pixel_bytes: int) -> Dataset:
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID = ComputedRadiographyImageStorage
+    ds.SOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.Modality, ds.PatientID = "CR", "BIG"
+    ds.PixelData = bytes(pixel_bytes)
+    ds["PixelData"].VR = "OB"
+    return ds
+
+
+def test_a_data_set_over_max_dataset_bytes_is_dropped_as_it_arrives(node: NodeProcess) -> None:
+    """pynetdicom holds a C-STORE's data set whole before a handler sees it: one over the limit
+    ends the association while it arrives, memory stays flat, and the next C-STORE is stored."""
+    assert node.proc is not None
+    Path(f"/proc/{node.proc.pid}/clear_refs").write_text("5")
+    before = _memory_kb(node, "VmRSS")
+    ae = AE("BIGSENDER")
+    ae.add_requested_context(ComputedRadiographyImageStorage, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="XRAYAGE")
+    assert assoc.is_established
+    with contextlib.suppress(Exception):  # the node drops the connection mid-send
+        assoc.send_c_store(_dataset(64 * MB))
+    wait_until(lambda: not assoc.is_alive(), 10, "the node to drop the association")
+    assert "(max_dataset_bytes): connection dropped" in _log(node)
+    grown = _memory_kb(node, "VmHWM") - before
+    print(f"peak RSS growth with a 64 MB data set against a 4 MB limit: {grown} kB")
+    assert grown < 2 * MAX_DATASET // 1024 + 16 * 1024
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="XRAYAGE")
+    try:
+        assert assoc.send_c_store(_dataset(MAX_DATASET // 2)).Status == 0x0000
+    finally:
+        assoc.release()
+
+
+def test_a_deflate_bomb_is_refused_before_it_inflates(node: NodeProcess) -> None:
+    """A Deflated Explicit VR data set of a few hundred kB that inflates to 256 MB: refused with
+    0xC000 as it passes max_dataset_bytes, audited, memory flat, nothing stored."""
+    assert node.proc is not None
+    bomb = _dataset(256 * MB)
+    bomb.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    Path(f"/proc/{node.proc.pid}/clear_refs").write_text("5")
+    before = _memory_kb(node, "VmRSS")
+    ae = AE("DEFLATER")
+    ae.add_requested_context(ComputedRadiographyImageStorage, DeflatedExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="XRAYAGE")
+    try:
+        assert assoc.send_c_store(bomb).Status == 0xC000
+    finally:
+        assoc.release()
+    grown = _memory_kb(node, "VmHWM") - before
+    print(f"peak RSS growth with a deflate bomb of 256 MB: {grown} kB")
+    assert grown < 2 * MAX_DATASET // 1024 + 16 * 1024
+    stored = list((node.config.parent / "data" / "dicom").rglob(f"{bomb.SOPInstanceUID}*"))
+    assert stored == []
+    with sqlite3.connect(node.config.parent / "data" / "xrayage.db") as db:
+        query = "SELECT detail FROM audit_events WHERE detail LIKE '%inflates past%'"
+        (detail,) = db.execute(query).fetchone()
+    assert "(max_dataset_bytes): refused" in detail

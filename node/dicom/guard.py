@@ -79,6 +79,8 @@ class GuardedSocket(AssociationSocket):
 
     _header_next = True
     _hung_up = False
+    _pdata = False  # the body about to be read is a P-DATA-TF PDU's
+    _dataset_bytes = 0  # of the data set being received
 
     @property
     def _server(self) -> GuardedServer:
@@ -91,6 +93,8 @@ class GuardedSocket(AssociationSocket):
         data = self._recv_before(nr_bytes, time.monotonic() + server.pdu_deadline)
         if not self._header_next:
             self._header_next = True
+            if self._pdata and not self._count_dataset(data):
+                return self._hang_up()
             return data
         if len(data) == 6:
             pdu_type, _, length = struct.unpack(">BBL", data)
@@ -101,8 +105,31 @@ class GuardedSocket(AssociationSocket):
                     f"PDU type 0x{pdu_type:02X} claims {length} bytes (limit {limit}): aborted",
                 )
                 return self._hang_up()
-            self._header_next = False
+            self._header_next, self._pdata = False, pdu_type == P_DATA_TF
         return data
+
+    def _count_dataset(self, body: bytearray) -> bool:
+        """Add a P-DATA-TF PDU's data set fragments to the message's total (PS3.8 9.3.5 and
+        E.2: items of a 4-byte length, the context ID, a control header whose bit 0 marks a
+        command and bit 1 the last fragment); False once over ``max_dataset_bytes``, which
+        pynetdicom would otherwise hold in memory whole before any handler sees it."""
+        offset, limit = 0, self._server.max_dataset_bytes
+        while offset + 6 <= len(body):
+            length = struct.unpack_from(">L", body, offset)[0]
+            control = body[offset + 5]
+            if not control & 0x01:  # a data set fragment
+                self._dataset_bytes += max(0, length - 2)
+                if self._dataset_bytes > limit:
+                    self._server.on_violation(
+                        _host(self.assoc.requestor.address),
+                        f"a data set over {limit:,} bytes (max_dataset_bytes): connection "
+                        "dropped before it was held in memory",
+                    )
+                    return False
+                if control & 0x02:
+                    self._dataset_bytes = 0
+            offset += 4 + length
+        return True
 
     def _recv_before(self, nr_bytes: int, deadline: float) -> bytearray:
         sock = self.socket
@@ -205,6 +232,7 @@ class GuardedServer(ThreadedAssociationServer):
     pdu_deadline = 60.0
     request_deadline = 10.0
     max_pdata_length = 1 << 17
+    max_dataset_bytes = 1 << 30
     max_associations = 10
     max_pending = 20
     on_violation: Callable[[str, str], None] = staticmethod(lambda host, detail: None)

@@ -23,7 +23,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import zlib
 from collections.abc import Callable
+from io import BytesIO
 
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
@@ -65,14 +67,36 @@ from storage.lifecycle import change_state
 log = logging.getLogger("xrayage.receive")
 
 
-def _header(event: evt.Event) -> Dataset:
+class TooLarge(ValueError):
+    """A data set that would exceed ``max_dataset_bytes`` once inflated."""
+
+
+def inflate(data: memoryview, ceiling: int) -> BytesIO:
+    """A Deflated Explicit VR Little Endian data set inflated (PS3.5 A.5: raw deflate, RFC
+    1951), a megabyte at a time and never past ``ceiling``: a 1 MB stream can claim a GB."""
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    out = BytesIO()
+    pending: bytes | memoryview = data
+    while True:
+        part = inflater.decompress(pending, 1 << 20)
+        out.write(part)
+        if out.tell() > ceiling:
+            raise TooLarge(f"deflated data set inflates past {ceiling:,} bytes (max_dataset_bytes)")
+        pending = inflater.unconsumed_tail
+        if not pending and not part:
+            break
+    out.seek(0)
+    return out
+
+
+def _header(event: evt.Event, ceiling: int) -> Dataset:
     """The received dataset with values over 4 KB deferred: the handler needs attributes only,
     and reading the pixels of a large radiograph would cost a copy of them (the inference worker
     decodes them from the stored file)."""
     syntax = UID(event.context.transfer_syntax)
-    if syntax.is_deflated:
-        return event.dataset
     stream = event.request.DataSet
+    if syntax.is_deflated:
+        stream = inflate(stream.getbuffer(), ceiling)
     stream.seek(0)
     return read_dataset(stream, syntax.is_implicit_VR, syntax.is_little_endian, defer_size=4096)
 
@@ -161,9 +185,12 @@ class Receiver:
         mover = (request.MoveOriginatorApplicationEntityTitle or "").strip()
         origin = "retro" if not assoc.is_acceptor or mover == self.node.ae_title else "push"
         try:
-            ds = _header(event)
+            ds = _header(event, self.node.max_dataset_bytes)
             sop_uid = str(ds.SOPInstanceUID)
             sop_class = str(ds.SOPClassUID)
+        except TooLarge as e:
+            self._audit_failure("received", calling, f"{e}: refused")
+            return CANNOT_UNDERSTAND
         except Exception as e:  # any decoding error of a peer's bytes
             self._audit_failure("received", calling, f"dataset cannot be decoded: {e}")
             return CANNOT_UNDERSTAND
@@ -319,6 +346,7 @@ class Receiver:
         server.max_associations = node.max_associations
         server.max_pending = node.max_pending_connections
         server.max_pdata_length = node.max_pdu_bytes
+        server.max_dataset_bytes = node.max_dataset_bytes
         server.on_violation = self._network_violation
         thread = threading.Thread(target=make_target(server.serve_forever), name="xrayage-scp")
         thread.daemon = True
