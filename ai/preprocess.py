@@ -22,8 +22,8 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
-import skimage.transform
 import torch
+import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from pydicom import uid
 from pydicom.dataset import Dataset
@@ -152,22 +152,20 @@ def display_values(ds: Dataset) -> np.ndarray:
 def to_tensor(display: np.ndarray, input_size: int = 320) -> torch.Tensor:
     """3 x size x size float32 tensor in the published weights' convention.
 
-    Each step is torchxrayvision's, so that the tensor equals what its transforms make from the
-    same 8-bit pixels: ``normalize(img, 255)`` to [-1024, 1024], ``XRayCenterCrop`` (its offset
-    rounding included), ``XRayResizer`` (scikit-image ``resize``: Gaussian anti-aliasing with
-    sigma (factor - 1) / 2, bilinear, constant-zero edges), then the RIKEN model's
-    ``(x + 1024) / 2048`` and ImageNet normalisation. Non-square images are cropped, not padded,
-    as the reference does.
+    The documented input path of the RIKEN weights, torchxrayvision's ``AgeModel`` example, step
+    by step: ``normalize(img, 255)`` to [-1024, 1024] (``load_image``), ``XRayCenterCrop`` (its
+    offset rounding included; a non-square image is cropped, not padded), then the model's own
+    ``fix_resolution``: ``torch.nn.functional.interpolate(size, mode="bilinear",
+    antialias=True)``, ``(x + 1024) / 2048`` and ImageNet normalisation on 3 channels.
     """
     h, w = display.shape
     side = min(h, w)
     top, left = h // 2 - side // 2, w // 2 - side // 2
-    square = display[top : top + side, left : left + side].astype(np.float32)
-    xrv_range = (2.0 * (square / np.float32(255.0)) - 1.0) * 1024.0
-    resized = skimage.transform.resize(
-        xrv_range, (input_size, input_size), mode="constant", preserve_range=True
-    ).astype(np.float32)
-    x = (torch.from_numpy(resized)[None] + 1024.0) / 2048.0
+    square = torch.from_numpy(np.ascontiguousarray(display[top : top + side, left : left + side]))
+    x = ((2.0 * (square.float() / 255.0) - 1.0) * 1024.0)[None, None]
+    if side != input_size:
+        x = F.interpolate(x, size=(input_size, input_size), mode="bilinear", antialias=True)
+    x = (x[0] + 1024.0) / 2048.0
     mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
     return (x.expand(3, -1, -1) - mean) / std

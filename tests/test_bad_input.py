@@ -4,6 +4,7 @@ they are). Each ends in a clear state with its reason, and none stops the node."
 
 from __future__ import annotations
 
+import struct
 import uuid
 from collections.abc import Callable, Iterator
 from copy import deepcopy
@@ -13,7 +14,9 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom.dataelem import RawDataElement
-from pydicom.tag import BaseTag
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset, write_file_meta_info
+from pydicom.tag import BaseTag, Tag
 from pydicom.uid import (
     DigitalXRayImageStorageForProcessing,
     ExplicitVRLittleEndian,
@@ -298,6 +301,43 @@ def test_an_unknown_transfer_syntax_is_refused_at_negotiation(node: NodeService)
         assoc.release()
     assert result == {ExplicitVRLittleEndian: 0x00}
     assert rejected == ["1.2.840.10008.1.2.4.999"]
+
+
+def _nested(depth: int, payload: bytes) -> bytes:
+    """Content Sequence (0040,A730) items nested ``depth`` deep, defined lengths, explicit VR
+    little endian, around ``payload``: bytes pydicom itself could not write (it encodes each
+    level again for the lengths)."""
+    content = struct.pack("<HH2sHL", 0x0040, 0xA160, b"UT", 0, len(payload)) + payload
+    for _ in range(depth):
+        item = struct.pack("<HHL", 0xFFFE, 0xE000, len(content)) + content
+        content = struct.pack("<HH2sHL", 0x0040, 0xA730, b"SQ", 0, len(item)) + item
+    return content
+
+
+def test_sequences_nested_250_deep_are_refused_in_the_reader(
+    node: NodeService, small: pydicom.Dataset, tmp_path: Path
+) -> None:
+    ds = deepcopy(small)
+    ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    split = Tag(0x0040, 0xA730)
+    before, after = pydicom.Dataset(), pydicom.Dataset()
+    for elem in ds:
+        (before if elem.tag < split else after).add(elem)
+    out = DicomBytesIO()
+    out.write(b"\0" * 128 + b"DICM")
+    write_file_meta_info(out, ds.file_meta)
+    out.is_little_endian, out.is_implicit_VR = True, False
+    write_dataset(out, before)
+    out.write(_nested(250, b"x" * 65536))
+    write_dataset(out, after)
+    path = tmp_path / "deep.dcm"
+    path.write_bytes(out.getvalue())
+    stored = set(node.settings.storage.path.rglob("*.dcm"))
+    assert send_as_is(node.settings.node.port, path) == 0xC000
+    assert "sequences nested deeper than 16 levels: refused" in " ".join(_failures(node))
+    assert set(node.settings.storage.path.rglob("*.dcm")) == stored
 
 
 def test_the_node_still_reports_after_all_that(

@@ -66,6 +66,8 @@ def _covers(ci: Sequence[float], truth: float) -> bool:
 
 
 def test_planted_effects_land_within_their_intervals(tmp_path: Path) -> None:
+    # One fixed seed: 95 % intervals miss now and then by design (seeds 7-14: 3 of 8 missed one
+    # of the eight checks below); this seed's cohort is one where none does.
     truth = Truth(n=2000, seed=9, hr_per_year=1.06)
     s = _analyse(tmp_path, truth, "--adjust", FULL_MODEL, "--comorbidities", COMORBIDITIES)
     assert s.keys() >= COHORT_KEYS and s["synthetic"] is True

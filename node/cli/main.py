@@ -87,16 +87,23 @@ def serve(
     if role not in (*ROLES, "all"):
         raise ConfigError(f"--role must be one of {', '.join(ROLES)} or all, not {role!r}")
     settings = load_settings(config)
-    if role in ("receive", "all"):
-        check_listen("[node] port", settings.node.host, settings.node.port)
-    if settings.http.port:
-        check_listen("[http] port", settings.http.host, settings.http.port)
-    make_folder("[storage] path", settings.storage.path)
-    configure_logging(settings.logging)
+    folder = settings.storage.path
     # SQLite has one writer: a second serve on the folder would run a second scheduler and
     # record config changes that never happened. Roles sharing PostgreSQL need no such lock.
-    held = lock_folder(settings.storage.path) if settings.storage.database_url is None else None
+    # An existing folder is locked first (another serve on it holds the ports too, and the
+    # folder is what to name); a new one only once the ports are known free, so that a port
+    # in use leaves nothing behind.
+    lock = settings.storage.database_url is None
+    held = lock_folder(folder) if lock and folder.is_dir() else None
     try:
+        if role in ("receive", "all"):
+            check_listen("[node] port", settings.node.host, settings.node.port)
+        if settings.http.port:
+            check_listen("[http] port", settings.http.host, settings.http.port)
+        make_folder("[storage] path", folder)
+        if lock and held is None:
+            held = lock_folder(folder)
+        configure_logging(settings.logging)
         NodeService(settings, role).serve_forever()  # type: ignore[arg-type]
     finally:
         if held is not None:

@@ -26,10 +26,15 @@ import time
 import zlib
 from collections.abc import Callable
 from io import BytesIO
+from typing import BinaryIO
 
+from pydicom.datadict import dictionary_has_tag, dictionary_VR
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
 from pydicom.uid import UID
+from pydicom.valuerep import VR
+from pydicom.values import convert_SQ
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 from pynetdicom.dsutils import encode_file_meta
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
@@ -68,7 +73,7 @@ log = logging.getLogger("xrayage.receive")
 
 
 class TooLarge(ValueError):
-    """A data set that would exceed ``max_dataset_bytes`` once inflated."""
+    """A data set past a bound: ``max_dataset_bytes`` once inflated, ``MAX_NESTING``."""
 
 
 def inflate(data: memoryview, ceiling: int) -> BytesIO:
@@ -89,16 +94,45 @@ def inflate(data: memoryview, ceiling: int) -> BytesIO:
     return out
 
 
+# Sequence levels a received data set may nest (a TID 1500 SR needs about 6): pydicom reads a
+# defined-length sequence lazily, one level at a time, each a copy of what it contains, so
+# 250 levels around a radiograph's pixels grew a process past 3.5 GB when a report copied them.
+MAX_NESTING = 16
+
+
+def check_nesting(ds: Dataset, stream: BinaryIO, syntax: UID, depth: int = 0) -> None:
+    """Read every sequence of ``ds`` to ``MAX_NESTING`` levels; TooLarge past it. A sequence
+    that ``_header`` deferred is read from ``stream``, where it was received."""
+    for tag in list(ds.keys()):
+        elem = ds.get_item(tag, keep_deferred=True)
+        vr = elem.VR or (dictionary_VR(tag) if dictionary_has_tag(tag) else None)
+        if vr != VR.SQ:
+            continue
+        if depth >= MAX_NESTING:
+            raise TooLarge(f"sequences nested deeper than {MAX_NESTING} levels")
+        if isinstance(elem, RawDataElement) and elem.value is None and elem.length:
+            stream.seek(elem.value_tell)
+            value = stream.read(elem.length)
+            items = convert_SQ(value, syntax.is_implicit_VR, syntax.is_little_endian)
+        else:
+            items = ds[tag].value
+        for item in items:
+            check_nesting(item, stream, syntax, depth + 1)
+
+
 def _header(event: evt.Event, ceiling: int) -> Dataset:
     """The received dataset with values over 4 KB deferred: the handler needs attributes only,
     and reading the pixels of a large radiograph would cost a copy of them (the inference worker
-    decodes them from the stored file)."""
+    decodes them from the stored file). Its sequences are read here, to their bounded depth:
+    what is stored must be readable whole later."""
     syntax = UID(event.context.transfer_syntax)
     stream = event.request.DataSet
     if syntax.is_deflated:
         stream = inflate(stream.getbuffer(), ceiling)
     stream.seek(0)
-    return read_dataset(stream, syntax.is_implicit_VR, syntax.is_little_endian, defer_size=4096)
+    ds = read_dataset(stream, syntax.is_implicit_VR, syntax.is_little_endian, defer_size=4096)
+    check_nesting(ds, stream, syntax)
+    return ds
 
 
 def _text(ds: Dataset, keyword: str, limit: int = 64) -> str | None:
