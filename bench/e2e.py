@@ -93,6 +93,8 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, object]:
     sections = (
         {"model": f"max_wait_ms = {args.max_wait_ms}"} if args.max_wait_ms is not None else {}
     )
+    # What the JSON says: the SC only with --sc (before 2026-12-04 it was made whatever it said)
+    sections["report"] = f"secondary_capture = {'true' if args.sc else 'false'}"
     node = NodeProcess(
         node_config(work, port, weights, pacs, **sections), port, work / "node.log",
         http_port=http,

@@ -82,10 +82,13 @@ def _height(lines: list[Line]) -> int:
 def _history(f: Findings, width: int, height: int) -> Image.Image:
     """This patient's X-ray ages over time (and chronological ages), white on black."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.dates import AutoDateLocator, ConciseDateFormatter
     from matplotlib.figure import Figure
 
     points = [*f.earlier, EarlierAge(f.study_date, f.xray_age, f.chronological_age)]  # type: ignore[arg-type]
     fig = Figure(figsize=(width / 100, height / 100), dpi=100, facecolor="black")
+    # Fixed margins: tight_layout and autofmt_xdate measured the text twice, 60 of the 96 ms.
+    fig.subplots_adjust(left=0.07, right=0.98, top=0.86, bottom=0.16)
     ax = fig.subplots()
     ax.set_facecolor("black")
     dates = [p.study_date for p in points]
@@ -97,11 +100,12 @@ def _history(f: Findings, width: int, height: int) -> Image.Image:
     ax.plot(dates[-1:], [f.xray_age], "o", color="white", markersize=14, fillstyle="none")
     ax.set_title("This patient's X-ray ages (years)", color="white", fontsize=18)
     ax.legend(facecolor="black", labelcolor="white", fontsize=14, frameon=False)
+    locator = AutoDateLocator(maxticks=6)
+    ax.xaxis.set_major_locator(locator)
+    ax.xaxis.set_major_formatter(ConciseDateFormatter(locator))
     ax.tick_params(colors="white", labelsize=13)
     for spine in ax.spines.values():
         spine.set_color("#777")
-    fig.autofmt_xdate()
-    fig.tight_layout()
     canvas = FigureCanvasAgg(fig)
     canvas.draw()
     return Image.fromarray(np.asarray(canvas.buffer_rgba())).convert("L")
