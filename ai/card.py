@@ -19,6 +19,7 @@ class ModelCardError(ValueError):
 
 INTENSITIES = ("xrv-1024",)
 NORMALISATIONS = ("imagenet",)
+DEFAULT_AGE_RANGE = (18.0, 100.0)  # adults: what a card says when it says nothing
 
 
 @dataclass(frozen=True)
@@ -32,7 +33,7 @@ class ModelCard:
     intensity: str = "xrv-1024"
     normalisation: str = "imagenet"  # mean (0.485, 0.456, 0.406), std (0.229, 0.224, 0.225)
     output_unit: str = "a"
-    age_range: tuple[float, float] = (18.0, 100.0)
+    age_range: tuple[float, float] = DEFAULT_AGE_RANGE
     views: tuple[str, ...] = ("PA", "AP")
     untrained: bool = False
     provenance: str = ""
@@ -68,7 +69,7 @@ class ModelCard:
     def from_json(cls, text: str, where: str) -> ModelCard:
         try:
             raw = json.loads(text)
-            raw["age_range"] = tuple(raw.get("age_range", (18.0, 100.0)))
+            raw["age_range"] = tuple(raw.get("age_range", DEFAULT_AGE_RANGE))
             raw["views"] = tuple(raw.get("views", ("PA", "AP")))
             if raw.get("gap_correction") is not None:
                 slope, intercept = raw["gap_correction"]

@@ -52,13 +52,12 @@ def server_of(assoc: Association) -> AssociationServer:
     return server
 
 
-def use_socket_class(assoc: Association, cls: type[AssociationSocket]) -> AssociationSocket:
+def use_socket_class(assoc: Association, cls: type[AssociationSocket]) -> None:
     """Give the socket pynetdicom made for ``assoc`` the behaviour of ``cls``, a subclass that
     only overrides methods: constructing another would announce the connection to the state
     machine a second time (Evt5)."""
     assert assoc.dul.socket is not None
     assoc.dul.socket.__class__ = cls
-    return assoc.dul.socket
 
 
 class _ContextCopies(list):  # type: ignore[type-arg]
@@ -79,16 +78,6 @@ class _ContextCopies(list):  # type: ignore[type-arg]
 
 def copy_contexts_cheaply(server: AssociationServer) -> None:
     server.contexts = _ContextCopies(server.contexts)
-
-
-DUL_POLL_SECONDS = 0.001  # pynetdicom's own interval (dul.py, ``_run_loop_delay``)
-
-
-def poll_every(assoc: Association, seconds: float) -> None:
-    """How often the association's DUL thread looks for work when idle. pynetdicom polls every
-    millisecond, per association: cheap for a few, but a burst of 200 connections is 200,000
-    wake-ups a second, which on two cores starves the threads that answer."""
-    assoc.dul._run_loop_delay = seconds
 
 
 def responses_to_caller(assoc: Association) -> None:
@@ -146,9 +135,6 @@ PRIVATE_NAMES: dict[str, Callable[[], object]] = {
     ),
     "pynetdicom PresentationContext._transfer_syntax": lambda: (
         "_transfer_syntax" in vars(PresentationContext()) or None
-    ),
-    "pynetdicom DULServiceProvider._run_loop_delay": lambda: (
-        "_run_loop_delay" in vars(Association(AE(), "acceptor").dul) or None
     ),
     "pynetdicom Association._server": lambda: (
         "_server" in vars(Association(AE(), "acceptor")) or None

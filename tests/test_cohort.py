@@ -106,7 +106,7 @@ def test_null_cohort_gives_an_interval_covering_one(tmp_path: Path) -> None:
 
 
 def _image(pid: str, day: int, xray_age: float, age: float | None = 60.0, sex: str = "F") -> Image:
-    return Image(pid, dt.date(2025, 1, day), xray_age, age, sex, "m 1 abc", f"{day}")
+    return Image(pid, dt.date(2025, 1, day), xray_age, age, sex, "m", "1", "abc", f"{day}")
 
 
 def _outcome(pid: str, days: float | None = 100, index_day: int | None = None) -> Outcome:

@@ -10,11 +10,10 @@ from typing import Annotated, Any
 
 import typer
 
+from ai.card import DEFAULT_AGE_RANGE
 from node.cli.support import ConfigOption, open_database, user_errors
 from node.cohort.inputs import FROM_RESULTS, CohortError, image, read_outcomes
 from node.config import ConfigError, load_settings
-
-DEFAULT_AGE_RANGE = (18.0, 100.0)  # a model card's default (ai.card.ModelCard.age_range)
 
 
 def _names(value: str, option: str) -> tuple[str, ...]:

@@ -39,11 +39,10 @@ class Plan:
 
 @dataclass
 class Analysis:
-    """``summary``: cohort.json; ``frame``: the analysed patients with both gaps and the
-    group; ``km``: one fitted Kaplan-Meier estimator per group, for the plot."""
+    """``summary``: cohort.json; ``km``: one fitted Kaplan-Meier estimator per group, for the
+    plot."""
 
     summary: dict[str, Any]
-    frame: pd.DataFrame
     km: list[Any] = field(default_factory=list)
 
 
@@ -225,4 +224,4 @@ def analyse(cohort: Cohort, plan: Plan) -> Analysis:
         "comorbidities": _comorbidities(frame, plan),
         "warnings": warnings,
     }
-    return Analysis(summary, frame, km)
+    return Analysis(summary, km)

@@ -50,8 +50,14 @@ class Image:
     xray_age: float
     chronological_age: float | None
     sex: str | None
-    model: str  # name, version and weights SHA-256
+    model_name: str
+    model_version: str
+    weights_sha256: str
     order: str  # tie-break between images of one day: when reported, then the UID
+
+    @property
+    def model(self) -> str:
+        return f"{self.model_name} {self.model_version} {self.weights_sha256}"
 
 
 @dataclass
@@ -65,8 +71,9 @@ class Cohort:
     model: str | None = None
 
 
-def _number(text: str, where: str, column: str) -> float | None:
-    value = text.strip().lower()
+def _number(text: object, where: str, column: str) -> float | None:
+    """A value as a CSV or the database has it (None and "" are missing)."""
+    value = str("" if text is None else text).strip().lower()
     if value == "":
         return None
     if value in _TRUE:
@@ -127,7 +134,7 @@ def read_outcomes(path: Path, wanted: Sequence[str]) -> tuple[list[Outcome], boo
         if pid in seen:
             raise CohortError(f"{where}: patient_id also on line {seen[pid]} (one row a patient)")
         seen[pid] = line
-        days = _number(row["followup_days"] or "", where, "followup_days")
+        days = _number(row["followup_days"], where, "followup_days")
         if days is not None and days < 0:
             raise CohortError(f"{where}: followup_days {row['followup_days']} is negative")
         event_text = (row["event"] or "").strip()
@@ -140,37 +147,27 @@ def read_outcomes(path: Path, wanted: Sequence[str]) -> tuple[list[Outcome], boo
                 days,
                 int(event_text) if event_text else None,
                 _date(row.get("index_date"), where, "index_date"),
-                {name: _number(row[name] or "", where, name) for name in wanted},
+                {name: _number(row[name], where, name) for name in wanted},
             )
         )
     return outcomes, "index_date" in columns
 
 
-def _model(row: dict[str, Any]) -> str:
-    return " ".join(
-        str(row.get(k) or "") for k in ("model_name", "model_version", "weights_sha256")
-    )
-
-
 def image(row: dict[str, Any], where: str) -> Image:
     """An image from a results row (a database row's values or an export's CSV row)."""
-    xray_age = _number(str(row["xray_age"] or ""), where, "xray_age")
+    xray_age = _number(row["xray_age"], where, "xray_age")
     if xray_age is None:
         raise CohortError(f"{where}: no xray_age")
     study_date = row["study_date"]
     if not isinstance(study_date, dt.date):
         study_date = _date(study_date, where, "study_date")
-    chronological = row["chronological_age"]
-    if not isinstance(chronological, float):
-        chronological = _number(str(chronological or ""), where, "chronological_age")
-    sex = (row.get("patient_sex") or "").strip().upper() or None
     return Image(
         str(row["patient_id"] or ""),
         study_date,
         xray_age,
-        chronological,
-        sex,
-        _model(row),
+        _number(row["chronological_age"], where, "chronological_age"),
+        (row.get("patient_sex") or "").strip().upper() or None,
+        *(str(row.get(k) or "") for k in ("model_name", "model_version", "weights_sha256")),
         f"{row.get('reported_at') or ''} {row.get('sop_instance_uid') or ''}",
     )
 
@@ -186,9 +183,7 @@ def one_model(images: list[Image], model: str | None) -> tuple[list[Image], str 
     of several models without it are ambiguous."""
     if model is not None:
         images = [
-            i
-            for i in images
-            if model in i.model.split()[:1] or i.model.split()[-1].startswith(model)
+            i for i in images if model == i.model_name or i.weights_sha256.startswith(model)
         ]
         if not images:
             raise CohortError(f"--model: no results of a model {model!r}")

@@ -20,10 +20,6 @@ import numpy as np
 from storage.results import RESULT_COLUMNS
 
 SYNTHETIC_PREFIX = "SYNTHETIC-"
-OUTCOME_COLUMNS = (
-    "patient_id", "index_date", "followup_days", "event",
-    "hypertension", "atrial_fibrillation", "egfr", "anaemia",
-)  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -46,13 +46,7 @@ from pynetdicom import evt
 from pynetdicom.association import Association
 from pynetdicom.transport import AssociationSocket, ThreadedAssociationServer
 
-from node.compat import (
-    DUL_POLL_SECONDS,
-    HookedRequestHandler,
-    poll_every,
-    server_of,
-    use_socket_class,
-)
+from node.compat import HookedRequestHandler, server_of, use_socket_class
 
 log = logging.getLogger("xrayage.receive")
 
@@ -60,9 +54,6 @@ P_DATA_TF = 0x04
 # A-ASSOCIATE-RQ and the other control PDUs: a few kB in practice; user identity negotiation
 # (a SAML assertion, a JWT) can be larger, so a generous bound that still caps memory.
 MAX_CONTROL_PDU = 1 << 20
-# An association not (yet) admitted has little to do: its DUL thread looks for work 50 times a
-# second instead of pynetdicom's 1,000 (compat.poll_every).
-WAITING_POLL_SECONDS = 0.02
 SILENT_SECONDS = 1.0  # a connection silent this long may be closed for a new one
 
 
@@ -137,7 +128,7 @@ class GuardedSocket(AssociationSocket):
         # Received in place: a 128 KiB P-DATA PDU is one buffer, not pieces joined.
         data = bytearray(nr_bytes)
         view = memoryview(data)
-        got, started = 0, time.monotonic()
+        got = 0
         blocking = sock.gettimeout()  # restored: sends must not inherit a read's deadline
         try:
             while got < nr_bytes:
@@ -159,7 +150,7 @@ class GuardedSocket(AssociationSocket):
         if got < nr_bytes:
             self._server.on_violation(
                 _host(self.assoc.requestor.address),
-                f"{got} of {nr_bytes} bytes in {deadline - started:.3g} s "
+                f"{got} of {nr_bytes} bytes in {self._server.pdu_deadline:g} s "
                 "(network timeout): connection dropped",
             )
             return self._hang_up()
@@ -218,7 +209,6 @@ class GuardedHandler(HookedRequestHandler):
 
     def association_created(self, assoc: Association) -> None:
         use_socket_class(assoc, GuardedSocket)  # the guarded reads
-        poll_every(assoc, WAITING_POLL_SECONDS)  # until admitted: see admit
         assoc.bind(evt.EVT_REQUESTED, self.server.admit)
 
 
@@ -262,13 +252,11 @@ class GuardedServer(ThreadedAssociationServer):
             admitted = [a for a in self.active_associations if a in self._admitted]
             if len(admitted) < self.max_associations:
                 self._admitted.add(assoc)
-                poll_every(assoc, DUL_POLL_SECONDS)  # an association at full speed
                 return
         # PS3.8 9.3.4: rejected-transient, service provider (presentation), local limit exceeded.
         # kill() returns once the DUL has sent it and the peer closed (or the ARTIM timer ran
         # out), as pynetdicom's own rejections do; else the reactor would close the socket
         # under the queued A-ASSOCIATE-RJ.
-        poll_every(assoc, DUL_POLL_SECONDS)
         assoc.acse.send_reject(0x02, 0x03, 0x02)
         assoc.kill()
         self._rejections.add(
