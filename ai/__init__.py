@@ -23,14 +23,13 @@ _HOME = {
     "load_card": "card",
     "Engine": "engine",
     "Outcome": "engine",
-    "prepare": "engine",
     "AgeModel": "model",
     "ModelLoadError": "errors",
     "pick_device": "model",
     "PreprocessError": "errors",
     "display_values": "preprocess",
-    "load_dataset": "preprocess",
-    "to_tensor": "preprocess",
+    "load_dataset": "decode",
+    "tensors": "preprocess",
     "PRESETS": "presets",
     "WeightsNotFound": "presets",
     "default_cache_dir": "presets",
@@ -42,9 +41,11 @@ _HOME = {
 if TYPE_CHECKING:
     from ai.architectures import ARCHITECTURES, UnknownArchitecture, create_network
     from ai.card import ModelCard, ModelCardError, load_card
-    from ai.engine import Engine, Outcome, prepare
+    from ai.decode import load_dataset
+    from ai.engine import Engine, Outcome
+    from ai.errors import PreprocessError
     from ai.model import AgeModel, ModelLoadError, pick_device
-    from ai.preprocess import PreprocessError, display_values, load_dataset, to_tensor
+    from ai.preprocess import display_values, tensors
     from ai.presets import PRESETS, WeightsNotFound, default_cache_dir, model_card, resolve_weights
     from ai.untrained import build_untrained_model
 
@@ -75,7 +76,6 @@ __all__ = [
     "load_dataset",
     "model_card",
     "pick_device",
-    "prepare",
     "resolve_weights",
-    "to_tensor",
+    "tensors",
 ]

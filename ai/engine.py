@@ -1,5 +1,14 @@
-"""Batched inference over files: decoding and preprocessing on a thread pool, feeding the model
-batch after batch while the next batch is being prepared.
+"""Batched inference over files: the host reads and decodes in worker processes, on every core,
+while the device turns the previous batch into tensors and runs the model.
+
+Decoding is CPU work that holds the GIL in the Python parts of pydicom and its plugins, so
+threads would share one core; processes do not (bench/preprocess.py). What comes back from a
+process is the stored pixels (2 bytes a pixel) and their display table (:mod:`ai.decode`); the
+rest of preprocessing runs on the model's device (:mod:`ai.preprocess`).
+
+A decoder can end the process it runs in (GDCM aborts on some malformed JPEG-LS streams). The
+files that were in flight are then read again, each alone in a fresh process: the one that ends
+its process again gets that as its error (``killed by SIGABRT``); the others go on.
 
 The same engine serves ``xrayage infer``, ``xrayage evaluate`` and the node's inference worker,
 so a number is computed the same way wherever it is shown.
@@ -7,26 +16,28 @@ so a number is computed the same way wherever it is shown.
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
 from pathlib import Path
+from types import TracebackType
 
-import torch
 from pydicom.dataset import Dataset
 
+from ai.decode import Read, read, ready
+from ai.errors import PreprocessError
 from ai.model import AgeModel
-from ai.preprocess import (
-    IMAGE_SUFFIXES,
-    PreprocessError,
-    display_values,
-    load_dataset,
-    load_image_file,
-    to_tensor,
-)
+from ai.preprocess import tensors
+from ai.processes import cause_of, die_with_parent
+
+_SPAWN = multiprocessing.get_context("spawn")  # no threads or locks of this process inherited
+Submitted = tuple["Future[Read]", ProcessPoolExecutor]
 
 
 @dataclass
@@ -35,32 +46,43 @@ class Outcome:
     xray_age: float | None = None
     error: str | None = None
     header: Dataset | None = None  # the DICOM header without Pixel Data; None for image files
-    # Wall seconds of "decode" (file to display values), "preprocess" (to the tensor) and
-    # "model" (the whole batch this file ran in): where a result's latency went.
+    # Wall seconds of "decode" (host: file to stored values and table), "preprocess" (device:
+    # its share of the batch's tensor steps) and "model" (the whole batch it ran in).
     seconds: dict[str, float] = field(default_factory=dict)
 
 
-@dataclass
-class Prepared:
-    tensor: torch.Tensor
-    header: Dataset | None
-    seconds: dict[str, float]
+def _message(path: Path, e: BaseException) -> str:
+    return str(e) if isinstance(e, PreprocessError) else f"{path.name}: {type(e).__name__}: {e}"
 
 
-def prepare(path: Path, input_size: int) -> Prepared:
-    """The model input for one file, and its DICOM header when it is DICOM."""
-    started = time.perf_counter()
-    header: Dataset | None = None
-    if path.suffix.lower() in IMAGE_SUFFIXES:
-        display = load_image_file(path)
-    else:
-        header = load_dataset(path)
-        display = display_values(header)
-        del header.PixelData
-    decoded = time.perf_counter()
-    tensor = to_tensor(display, input_size)
-    seconds = {"decode": decoded - started, "preprocess": time.perf_counter() - decoded}
-    return Prepared(tensor, header, seconds)
+def _read_into(path: Path, conn: Connection) -> None:
+    die_with_parent()
+    try:
+        conn.send(read(path))
+    except Exception as e:  # any way a file can be malformed: its outcome, not ours
+        conn.send(PreprocessError(_message(path, e)))
+
+
+def read_alone(path: Path) -> Read:
+    """:func:`ai.decode.read` in a process of its own: a decoder that ends it is this file's
+    error, with the signal or status it ended with."""
+    receive, send = _SPAWN.Pipe(duplex=False)
+    proc = _SPAWN.Process(target=_read_into, args=(path, send), name="xrayage-decode")
+    proc.start()
+    send.close()
+    try:
+        result = receive.recv()
+    except EOFError:  # it ended before sending anything
+        proc.join()
+        raise PreprocessError(
+            f"pixel data cannot be decoded: the decoding process was {cause_of(proc.exitcode)}"
+        ) from None
+    finally:
+        receive.close()
+    proc.join()
+    if isinstance(result, Exception):
+        raise result
+    return result  # type: ignore[no-any-return]
 
 
 def default_workers() -> int:
@@ -68,48 +90,101 @@ def default_workers() -> int:
 
 
 class Engine:
+    """Files in, outcomes out. Holds its decoding processes until :meth:`close` (or the end of
+    a ``with`` block), so that a node pays their start once, not once a batch."""
+
     def __init__(self, model: AgeModel, batch_size: int = 8, workers: int | None = None) -> None:
         self.model = model
         self.batch_size = batch_size
         self.workers = workers or default_workers()
+        self._pool: ProcessPoolExecutor | None = None
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(cancel_futures=True)
+            self._pool = None
+
+    def warm_up(self) -> None:
+        """Start the decoding processes and import the decoders in them now."""
+        pool = self._decoders()
+        for future in [pool.submit(ready) for _ in range(self.workers)]:
+            future.result()
+
+    def _decoders(self) -> ProcessPoolExecutor:
+        if self._pool is None:
+            self._pool = ProcessPoolExecutor(
+                self.workers, mp_context=_SPAWN, initializer=die_with_parent
+            )
+        return self._pool
 
     def run(self, paths: Iterable[Path]) -> Iterator[Outcome]:
         """One outcome per path, in order; a file that cannot be read is an outcome with an
         error, never an exception."""
         todo = iter(paths)
-        size = self.model.card.input_size
-        pending: deque[tuple[Path, Future[Prepared]]] = deque()
-        with ThreadPoolExecutor(self.workers, thread_name_prefix="xrayage-prep") as pool:
+        pending: deque[tuple[Path, Submitted]] = deque()
 
-            def fill() -> None:
-                while len(pending) < 2 * self.batch_size and (path := next(todo, None)):
-                    pending.append((path, pool.submit(prepare, path, size)))
+        def fill() -> None:
+            while len(pending) < 2 * self.batch_size and (path := next(todo, None)):
+                pending.append((path, self._submit(path)))
 
-            fill()
-            while pending:
-                batch = [pending.popleft() for _ in range(min(self.batch_size, len(pending)))]
-                fill()  # the pool prepares the next batch while this one runs
-                yield from self._predict(batch)
+        fill()
+        while pending:
+            batch = [pending.popleft() for _ in range(min(self.batch_size, len(pending)))]
+            fill()  # the processes read the next batch while this one runs
+            yield from self._predict([(path, self._result(path, *sub)) for path, sub in batch])
 
-    def _predict(self, batch: list[tuple[Path, Future[Prepared]]]) -> Iterator[Outcome]:
-        outcomes: list[Outcome] = []
-        tensors: list[torch.Tensor] = []
-        for path, future in batch:
-            try:
-                prepared = future.result()
-            except Exception as e:  # any way a file can be malformed: its outcome, not ours
-                known = isinstance(e, PreprocessError)
-                error = str(e) if known else f"{path.name}: {type(e).__name__}: {e}"
-                outcomes.append(Outcome(path, error=error))
-                continue
-            outcomes.append(Outcome(path, header=prepared.header, seconds=prepared.seconds))
-            tensors.append(prepared.tensor)
-        if tensors:
+    def _submit(self, path: Path) -> Submitted:
+        pool = self._decoders()
+        try:
+            return pool.submit(read, path), pool
+        except BrokenProcessPool:
+            self._forget(pool)
+            pool = self._decoders()
+            return pool.submit(read, path), pool
+
+    def _forget(self, pool: ProcessPoolExecutor) -> None:
+        """Drop a broken pool (the next submit starts fresh processes), once."""
+        if pool is self._pool:
+            self.close()
+
+    def _result(self, path: Path, future: Future[Read], pool: ProcessPoolExecutor) -> Read | str:
+        """What the host made of ``path``, or why it could not."""
+        try:
+            return future.result()
+        except BrokenProcessPool:  # a decoder ended its process: which file's, nobody knows
+            self._forget(pool)
+        except Exception as e:
+            return _message(path, e)
+        try:
+            return read_alone(path)
+        except PreprocessError as e:
+            return str(e)
+
+    def _predict(self, batch: list[tuple[Path, Read | str]]) -> Iterator[Outcome]:
+        outcomes = [
+            Outcome(path, error=r)
+            if isinstance(r, str)
+            else Outcome(path, header=r.header, seconds={"decode": r.seconds})
+            for path, r in batch
+        ]
+        reads = [r for _, r in batch if not isinstance(r, str)]
+        if reads:
             started = time.perf_counter()
-            ages = iter(self.model.predict(torch.stack(tensors)))
-            model_seconds = time.perf_counter() - started
+            x = tensors([r.stored for r in reads], self.model.card.input_size, self.model.device)
+            prepared = time.perf_counter()
+            ages = iter(self.model.predict(x))
+            model_seconds = time.perf_counter() - prepared
+            share = (prepared - started) / len(reads)
             for outcome in outcomes:
                 if outcome.error is None:
                     outcome.xray_age = next(ages)
-                    outcome.seconds["model"] = model_seconds
+                    outcome.seconds.update(preprocess=share, model=model_seconds)
         yield from outcomes

@@ -2,6 +2,7 @@
 torch (the node's CLI does, so that ``xrayage serve --role receive`` stays small)."""
 
 
+
 class UnknownArchitecture(ValueError):
     """The card names an architecture this library cannot build."""
 

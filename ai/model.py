@@ -104,11 +104,14 @@ class AgeModel:
 
     @torch.inference_mode()
     def predict(self, batch: torch.Tensor) -> list[float]:
-        """Ages in years for a N x 3 x S x S batch from :func:`ai.preprocess.preprocess`."""
+        """Ages in years for a N x 3 x S x S batch from :func:`ai.preprocess.tensors`."""
         if self.device.type == "cuda":
-            # A pageable host batch copies at a fraction of PCIe speed (measured on an H100:
-            # senet154 at batch 64 lost ~30 % to it); pinned memory copies asynchronously.
-            x = batch.pin_memory().to(self.device, non_blocking=True)
+            # A batch made on the host (the engine makes it on the device): a pageable host
+            # batch copies at a fraction of PCIe speed (measured on an H100: senet154 at batch
+            # 64 lost ~30 % to it); pinned memory copies asynchronously.
+            x = batch
+            if batch.device.type != "cuda":
+                x = batch.pin_memory().to(self.device, non_blocking=True)
             x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 out = self.module(x)

@@ -1,208 +1,119 @@
-"""From a DICOM radiograph to the tensor the published X-ray age weights expect.
+"""The device's half of preprocessing: from stored values (:mod:`ai.decode`) to the tensor the
+published X-ray age weights expect, as tensor operations on the device the model runs on.
 
 The published SENet-154 (Ieki et al. 2022, distributed with torchxrayvision) was trained on 8-bit
 display images: values mapped to [-1024, 1024], then ``(x + 1024) / 2048`` to [0, 1], resized to
-320x320 and ImageNet-normalised, grey repeated on 3 channels. A DICOM radiograph gets there by:
+320x320 and ImageNet-normalised, grey repeated on 3 channels. After the host's modality LUT and
+VOI LUT or window (tabulated per stored value, :func:`ai.decode.stored_values`), the device:
 
-1. Modality LUT (PS3.3 C.11.1): stored values to modality values.
-2. VOI LUT or the first window (PS3.3 C.11.2), or the full range when the file has neither,
-   to 8-bit display values (rounded, as the 8-bit training images were).
-3. MONOCHROME1 inverted so that bone is bright, as in the training images.
-4. Centre crop to a square, anti-aliased resize to the model's input size, intensity mapping
-   and normalisation, each as torchxrayvision does it (:func:`to_tensor`).
+1. finishes the table: the full range of an image with neither window nor VOI LUT, rounding to
+   8-bit display values (as the 8-bit training images were), MONOCHROME1 inversion so that bone
+   is bright, Pixel Padding Value black (:func:`display_table`);
+2. crops the centre square and looks each of its pixels up in the table, already in
+   torchxrayvision's scale;
+3. resizes, maps and normalises as the weights' documented input path does (:func:`tensors`).
 
-Plain 8-bit image files (PNG, JPEG: NIH ChestX-ray14 is PNG) skip steps 1-3; their grey values
-are the display values (:func:`load_image_file`).
+Looking pixels up in a table of 65,536 entries gives the same numbers as the same arithmetic
+done on every pixel (tests/test_reference_parity.py), for a fraction of the work.
 """
 
 from __future__ import annotations
 
-import math
-from pathlib import Path
+from collections.abc import Sequence
 
 import numpy as np
-import pydicom
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
-from pydicom import uid
 from pydicom.dataset import Dataset
-from pydicom.multival import MultiValue
-from pydicom.pixels import apply_modality_lut, apply_voi_lut, pixel_array
 
-from ai.errors import PreprocessError
-from ai.limits import over_budget
+from ai.decode import Stored, stored_values
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def _window(values: np.ndarray, center: float, width: float, function: str) -> np.ndarray:
-    """Window to [0, 255] (PS3.3 C.11.2.1.2 LINEAR, C.11.2.1.3.1 LINEAR_EXACT and SIGMOID);
-    LINEAR overwrites ``values``."""
-    if function in ("SIGMOID", "LINEAR_EXACT") and width <= 0:
-        raise PreprocessError(f"WindowWidth {width:g} is not above 0 ({function})")
-    if function == "SIGMOID":
-        return 255.0 / (1.0 + np.exp(-4.0 * (values - center) / width))
-    if function == "LINEAR_EXACT":
-        return np.clip((values - center) / width + 0.5, 0.0, 1.0) * 255.0
-    if width < 1:
-        raise PreprocessError(f"window width {width} is below 1")
-    # In place, the same operations in the same order as ((v - (c - 0.5)) / (w - 1) + 0.5):
-    # the same numbers without three more 40 MB arrays for a 5-megapixel radiograph.
-    values -= center - 0.5
-    values /= width - 1
-    values += 0.5
-    np.clip(values, 0.0, 1.0, out=values)
-    values *= 255.0
-    return values
+def _on_device(stored: Stored, device: torch.device) -> torch.Tensor:
+    """The stored pixels on ``device`` as they are (2 bytes a pixel for a radiograph); uint16
+    travels as int16, which every torch device handles, and is read back by :func:`_indices`."""
+    pixels = stored.pixels
+    if pixels.dtype == np.uint16:
+        pixels = pixels.view(np.int16)
+    return torch.from_numpy(pixels).to(device, non_blocking=True)
 
 
-def _check_finite(ds: Dataset, keyword: str) -> None:
-    """A number the pixels go through must be one: NaN or infinity is named, not carried into
-    the model (where it surfaces as a misleading encoding error)."""
-    if keyword not in ds:
-        return
-    value = ds[keyword].value
-    for v in value if isinstance(value, MultiValue) else [value]:
-        try:
-            number = float(v)
-        except (TypeError, ValueError):
-            raise PreprocessError(f"{keyword} {str(v)[:32]!r} is not a number") from None
-        if not math.isfinite(number):
-            raise PreprocessError(f"{keyword} {v} is not a finite number")
+def _indices(pixels: torch.Tensor, stored: Stored) -> torch.Tensor:
+    """Row of the table for each pixel."""
+    index = pixels.to(torch.int32)
+    if stored.pixels.dtype == np.uint16:
+        index &= 0xFFFF
+    return index - stored.offset if stored.offset else index
 
 
-def _first(value: object) -> float:
-    if isinstance(value, MultiValue):
-        value = value[0]
-    return float(value)  # type: ignore[arg-type]
+def display_table(stored: Stored, pixels: torch.Tensor) -> torch.Tensor:
+    """float32 display value (0..255) of each stored value, on the device of ``pixels``."""
+    values = torch.from_numpy(stored.table).to(pixels.device)
+    finish = stored.finish
+    if finish is None:
+        return values.float()
+    if finish.full_range:  # min..max of the image's modality values, padding left out
+        counts = torch.bincount(_indices(pixels, stored).reshape(-1), minlength=values.numel())
+        present = counts > 0
+        valid = present.clone()
+        if finish.padding is not None:
+            valid[finish.padding - stored.offset] = False
+        valid = torch.where(valid.any(), valid, present)  # all padding: the whole image
+        lo = torch.where(valid, values, torch.inf).min()
+        hi = torch.where(valid, values, -torch.inf).max()
+        values = torch.where(hi > lo, (values - lo) / (hi - lo) * 255.0, 0.0)
+    values = values.round().clamp(0.0, 255.0)  # round half to even, as numpy's rint
+    if finish.invert:
+        values = 255.0 - values
+    if finish.padding is not None:
+        values[finish.padding - stored.offset] = 0.0
+    return values.float()
 
 
-# The fastest installed decoder for each compressed transfer syntax, as bench/decode.py measured
-# on the 15-bit chest CR (bench/README.md): GDCM for JPEG lossless and JPEG 2000 lossless,
-# pylibjpeg (OpenJPEG) for lossy JPEG 2000, pyjpegls (CharLS) for JPEG-LS. Others: pydicom's order.
-_FASTEST_DECODER = {
-    uid.JPEGLosslessSV1: "gdcm",
-    uid.JPEGLossless: "gdcm",
-    uid.JPEG2000Lossless: "gdcm",
-    uid.JPEG2000: "pylibjpeg",
-    uid.JPEGLSLossless: "pyjpegls",
-    uid.JPEGLSNearLossless: "pyjpegls",
-}
+def _square(stored: Stored, device: torch.device) -> torch.Tensor:
+    """The centre square in torchxrayvision's scale, 1 x 1 x side x side: ``normalize(img,
+    255)`` to [-1024, 1024] (``load_image``), then ``XRayCenterCrop``, its offset rounding
+    included (a non-square image is cropped, not padded)."""
+    pixels = _on_device(stored, device)
+    scaled = (2.0 * (display_table(stored, pixels) / 255.0) - 1.0) * 1024.0
+    h, w = pixels.shape
+    side = min(h, w)
+    top, left = h // 2 - side // 2, w // 2 - side // 2
+    index = _indices(pixels[top : top + side, left : left + side], stored)
+    return scaled.index_select(0, index.reshape(-1)).view(1, 1, side, side)
 
 
-def _decode(ds: Dataset) -> np.ndarray:
-    syntax = getattr(ds, "file_meta", Dataset()).get("TransferSyntaxUID")
-    plugin = _FASTEST_DECODER.get(syntax)
-    if plugin is not None:
-        try:
-            return pixel_array(ds, decoding_plugin=plugin)
-        except Exception:  # that plugin is not installed or refuses this file: try them all
-            pass
-    return ds.pixel_array
+def tensors(batch: Sequence[Stored], input_size: int, device: torch.device) -> torch.Tensor:
+    """N x 3 x size x size float32 model input on ``device``, in the published weights'
+    convention: the documented input path of the RIKEN weights, torchxrayvision's ``AgeModel``
+    example, after the crop: the model's own ``fix_resolution`` (``interpolate(size,
+    mode="bilinear", antialias=True)``), ``(x + 1024) / 2048`` and ImageNet normalisation on 3
+    channels."""
+    size = (input_size, input_size)
+    squares = []
+    for stored in batch:
+        x = _square(stored, device)
+        if x.shape[-2:] != size:
+            x = F.interpolate(x, size=size, mode="bilinear", antialias=True)
+        squares.append(x)
+    x = (torch.cat(squares) + 1024.0) / 2048.0
+    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+    return (x.expand(-1, 3, -1, -1) - mean) / std
 
 
 def display_values(ds: Dataset) -> np.ndarray:
-    """8-bit display values (float32 array of integers 0..255), MONOCHROME2 sense."""
-    if "PixelData" not in ds:
-        raise PreprocessError("no Pixel Data")
-    if int(ds.get("SamplesPerPixel", 1)) != 1:
-        raise PreprocessError(f"{ds.get('PhotometricInterpretation')} colour image, not greyscale")
-    if int(ds.get("NumberOfFrames", 1) or 1) != 1:
-        raise PreprocessError("multi-frame image")
-    photometric = str(ds.get("PhotometricInterpretation", "")).upper()
-    if photometric not in ("MONOCHROME1", "MONOCHROME2"):
-        raise PreprocessError(f"photometric interpretation {photometric or 'missing'}")
-    budget = over_budget(ds)
-    if budget:
-        raise PreprocessError(budget)
-    try:
-        stored = _decode(ds)
-    except Exception as e:  # decoders raise many types; all mean the same to the operator
-        raise PreprocessError(f"pixel data cannot be decoded: {e}") from None
-    for keyword in ("RescaleSlope", "RescaleIntercept", "WindowCenter", "WindowWidth"):
-        _check_finite(ds, keyword)
-    padding = stored == ds.PixelPaddingValue if "PixelPaddingValue" in ds else None
-    values = np.asarray(apply_modality_lut(stored, ds), dtype=np.float64)
-
-    if "VOILUTSequence" in ds and len(ds.VOILUTSequence) > 0:
-        lut = ds.VOILUTSequence[0]
-        out_max = float(2 ** int(lut.LUTDescriptor[2]) - 1)
-        display = np.asarray(apply_voi_lut(values, ds, index=0), dtype=np.float64) / out_max * 255
-    elif "WindowCenter" in ds and "WindowWidth" in ds:
-        function = str(ds.get("VOILUTFunction", "LINEAR")).upper() or "LINEAR"
-        display = _window(values, _first(ds.WindowCenter), _first(ds.WindowWidth), function)
-    else:
-        valid = values[~padding] if padding is not None and (~padding).any() else values
-        lo, hi = float(valid.min()), float(valid.max())
-        display = (values - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(values)
-
-    if not np.isfinite(display).all():  # a LUT or window legal in form, absurd in effect
-        raise PreprocessError("display values are not finite numbers (check the VOI LUT)")
-    np.rint(display, out=display)
-    display = np.clip(display, 0, 255, out=display).astype(np.float32)
-    if photometric == "MONOCHROME1":
-        np.subtract(255.0, display, out=display)
-    if padding is not None:
-        display[padding] = 0.0
-    return display
-
-
-def to_tensor(display: np.ndarray, input_size: int = 320) -> torch.Tensor:
-    """3 x size x size float32 tensor in the published weights' convention.
-
-    The documented input path of the RIKEN weights, torchxrayvision's ``AgeModel`` example, step
-    by step: ``normalize(img, 255)`` to [-1024, 1024] (``load_image``), ``XRayCenterCrop`` (its
-    offset rounding included; a non-square image is cropped, not padded), then the model's own
-    ``fix_resolution``: ``torch.nn.functional.interpolate(size, mode="bilinear",
-    antialias=True)``, ``(x + 1024) / 2048`` and ImageNet normalisation on 3 channels.
-    """
-    h, w = display.shape
-    side = min(h, w)
-    top, left = h // 2 - side // 2, w // 2 - side // 2
-    square = torch.from_numpy(np.ascontiguousarray(display[top : top + side, left : left + side]))
-    x = ((2.0 * (square.float() / 255.0) - 1.0) * 1024.0)[None, None]
-    if side != input_size:
-        x = F.interpolate(x, size=(input_size, input_size), mode="bilinear", antialias=True)
-    x = (x[0] + 1024.0) / 2048.0
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    return (x.expand(3, -1, -1) - mean) / std
-
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
-
-
-def load_image_file(path: Path) -> np.ndarray:
-    """Display values (0-255) of a grey image file: 8-bit as it is; 16-bit scaled by
-    255/65535, torchxrayvision's rule for PadChest's 16-bit PNGs (``normalize(img, 65535)``);
-    grey stored as RGB(A) (all channels equal) taken as grey. True colour is refused."""
-    try:
-        with Image.open(path) as img:
-            if img.mode == "P":  # a palette: its colours decide
-                img = img.convert("RGBA")
-            pixels = np.asarray(img)
-    except (OSError, UnidentifiedImageError) as e:
-        raise PreprocessError(f"{path.name}: not a readable image ({e})") from None
-    if pixels.ndim == 3:  # grey + alpha, RGB, RGBA: the alpha channel is not the image
-        colour = pixels[:, :, : {2: 1, 3: 3, 4: 3}.get(pixels.shape[2], pixels.shape[2])]
-        if (colour != colour[:, :, :1]).any():
-            raise PreprocessError(f"{path.name}: colour image (its channels differ), not grey")
-        pixels = colour[:, :, 0]
-    if pixels.dtype == np.uint8:
-        return pixels.astype(np.float32)
-    if pixels.dtype in (np.uint16, np.int32) and pixels.min() >= 0 and pixels.max() <= 65535:
-        return pixels.astype(np.float32) * np.float32(255 / 65535)
-    raise PreprocessError(f"{path.name}: {pixels.dtype} image; 8- or 16-bit grey expected")
-
-
-def load_dataset(path: Path) -> Dataset:
-    try:
-        return pydicom.dcmread(path)
-    except Exception as e:
-        raise PreprocessError(f"{path.name}: not a readable DICOM file ({e})") from None
+    """The whole image's 8-bit display values (float32 array of integers 0..255), MONOCHROME2
+    sense: what the model's input is made from, for plots and tests."""
+    stored = stored_values(ds)
+    pixels = _on_device(stored, torch.device("cpu"))
+    table = display_table(stored, pixels)
+    return table.index_select(0, _indices(pixels, stored).reshape(-1)).view(pixels.shape).numpy()
 
 
 def preprocess(ds: Dataset, input_size: int = 320) -> torch.Tensor:
-    return to_tensor(display_values(ds), input_size)
+    """3 x size x size model input for one dataset, on the CPU."""
+    return tensors([stored_values(ds)], input_size, torch.device("cpu"))[0]

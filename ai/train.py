@@ -2,7 +2,7 @@
 weights, to the same kind of file the node loads (safetensors weights and a model card).
 
 - Examples are split by patient, so no patient is in both the training and validation sets.
-- Inputs are made by the node's own preprocessing (:func:`ai.preprocess.to_tensor`), so what a
+- Inputs are made by the node's own preprocessing (:mod:`ai.preprocess`), so what a
   model learns is what it sees in service.
 - Augmentation suits radiographs: a small rotation and scale, brightness and contrast; never a
   left-right flip (the heart is on the left).
@@ -34,17 +34,10 @@ from torch.utils.data import DataLoader, Dataset
 
 from ai.architectures import create_network
 from ai.card import ModelCard, file_sha256, load_card, write_card
+from ai.decode import IMAGE_SUFFIXES, read
 from ai.errors import LabelsError, ModelLoadError
 from ai.model import pick_device
-from ai.preprocess import (
-    IMAGE_SUFFIXES,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    display_values,
-    load_dataset,
-    load_image_file,
-    to_tensor,
-)
+from ai.preprocess import IMAGENET_MEAN, IMAGENET_STD, tensors
 
 CHECKPOINT = "checkpoint.pt"
 HISTORY = "history.csv"
@@ -174,11 +167,7 @@ class RadiographSet(Dataset[tuple[torch.Tensor, float]]):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, float]:
         e = self.items[i]
-        if e.path.suffix.lower() in IMAGE_SUFFIXES:
-            display = load_image_file(e.path)
-        else:
-            display = display_values(load_dataset(e.path))
-        return to_tensor(display, self.input_size), e.age
+        return tensors([read(e.path).stored], self.input_size, torch.device("cpu"))[0], e.age
 
 
 @dataclass(frozen=True)

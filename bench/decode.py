@@ -1,10 +1,10 @@
-"""Decoding and preprocessing cost per transfer syntax and decoder, printed as JSON.
+"""Decoding cost per transfer syntax and decoder, printed as JSON.
 
 Encodes the pydicom-data chest CR (1955 x 1841, 15-bit, 7 MB) with DCMTK into each common
 transfer syntax (JPEG 2000 comes from pydicom-data), then times, per file and per decoder plugin
-that pydicom has installed (pylibjpeg, pyjpegls, gdcm, pydicom's own): the pixel decode, and the
-node's two preprocessing steps (display values; crop, resize and normalisation). The median of
-``--iters`` runs, one CPU thread of work each.
+that pydicom has installed (pylibjpeg, pyjpegls, gdcm, pydicom's own), the pixel decode. The
+median of ``--iters`` runs, one CPU thread of work each. The rest of preprocessing is measured
+by bench/preprocess.py, on the same files.
 
     python bench/decode.py --iters 5
 """
@@ -24,9 +24,6 @@ from pathlib import Path
 import pydicom
 from pydicom.data import get_testdata_file
 from pydicom.pixels import pixel_array
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from ai.preprocess import display_values, to_tensor
 
 ENCODINGS = {  # name: DCMTK command (source and target appended)
     "explicit-le": None,
@@ -48,24 +45,30 @@ def _median_ms(fn: Callable[[], object], iters: int) -> float:
     return round(statistics.median(times) * 1000, 1)
 
 
+def encoded_files(folder: Path) -> dict[str, Path]:
+    """The chest CR in each encoding, encoded into ``folder`` (JPEG 2000: pydicom-data's)."""
+    source = Path(get_testdata_file("RG1_UNCR.dcm"))  # type: ignore[arg-type]
+    files = {}
+    for name, command in ENCODINGS.items():
+        target = folder / f"{name}.dcm"
+        if command is None:
+            target = source
+        else:
+            subprocess.run([f"/usr/bin/{command[0]}", *command[1:], str(source), str(target)],
+                           check=True)  # fmt: skip
+        files[name] = target
+    files["jpeg2000-lossless"] = Path(get_testdata_file("RG1_J2KR.dcm"))  # type: ignore[arg-type]
+    files["jpeg2000-lossy"] = Path(get_testdata_file("RG1_J2KI.dcm"))  # type: ignore[arg-type]
+    return files
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--iters", type=int, default=5)
     args = p.parse_args()
-    source = Path(get_testdata_file("RG1_UNCR.dcm"))  # type: ignore[arg-type]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        files = {}
-        for name, command in ENCODINGS.items():
-            target = Path(tmp) / f"{name}.dcm"
-            if command is None:
-                target = source
-            else:
-                subprocess.run([f"/usr/bin/{command[0]}", *command[1:], str(source), str(target)],
-                               check=True)  # fmt: skip
-            files[name] = target
-        files["jpeg2000-lossless"] = Path(get_testdata_file("RG1_J2KR.dcm"))  # type: ignore[arg-type]
-        files["jpeg2000-lossy"] = Path(get_testdata_file("RG1_J2KI.dcm"))  # type: ignore[arg-type]
+        files = encoded_files(Path(tmp))
         for name, path in files.items():
             ds = pydicom.dcmread(path)
             row: dict[str, object] = {
@@ -83,9 +86,6 @@ def main() -> None:
                     args.iters,
                 )
             row["default_decode_ms"] = _median_ms(lambda ds=ds: pixel_array(ds), args.iters)
-            display = display_values(ds)
-            row["display_values_ms"] = _median_ms(lambda ds=ds: display_values(ds), args.iters)
-            row["to_tensor_ms"] = _median_ms(lambda d=display: to_tensor(d), args.iters)
             rows.append(row)
             print(json.dumps(row), file=sys.stderr, flush=True)
     print(json.dumps({"benchmark": "decode", "pydicom": pydicom.__version__, "results": rows},

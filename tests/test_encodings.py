@@ -17,8 +17,8 @@ import pytest
 import torch
 from pydicom.uid import ExplicitVRLittleEndian
 
-from ai.engine import prepare
-from ai.preprocess import preprocess
+from ai.decode import read
+from ai.preprocess import preprocess, tensors
 from tests.conftest import pydicom_data_file, require
 
 
@@ -130,11 +130,19 @@ def test_odd_sizes_and_pixel_padding(chest_ds: pydicom.Dataset) -> None:
     assert left.max().item() == pytest.approx(black, abs=1e-4)
 
 
-def test_a_file_round_trips_through_prepare(chest_pa: Path) -> None:
-    prepared = prepare(chest_pa, 320)
-    header = prepared.header
+def test_the_host_hands_over_stored_values_and_a_table(
+    chest_pa: Path, chest_ds: pydicom.Dataset
+) -> None:
+    """The host's half: the header without Pixel Data, the pixels as stored (uint16, 2 bytes
+    a pixel, not a float64 copy) and one table entry per uint16 value; the device's half makes
+    the same tensor as the whole path."""
+    got = read(chest_pa)
+    header = got.header
     assert header is not None and "PixelData" not in header
     assert header.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
-    assert prepared.tensor.shape == (3, 320, 320)
-    assert set(prepared.seconds) == {"decode", "preprocess"}
-    assert all(s > 0 for s in prepared.seconds.values())
+    assert got.stored.pixels.dtype == np.uint16
+    assert np.array_equal(got.stored.pixels, chest_ds.pixel_array)
+    assert got.stored.table.shape == (65536,) and got.seconds > 0
+    x = tensors([got.stored, got.stored], 320, torch.device("cpu"))
+    assert x.shape == (2, 3, 320, 320)
+    assert torch.equal(x[1], preprocess(chest_ds))

@@ -7,10 +7,23 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+import torch
 from PIL import Image
 
-from ai import PreprocessError, display_values, to_tensor
-from ai.preprocess import IMAGENET_MEAN, IMAGENET_STD, load_image_file
+from ai import PreprocessError, display_values
+from ai.decode import Stored, grey_image_file
+from ai.preprocess import IMAGENET_MEAN, IMAGENET_STD, tensors
+
+
+def _tensor(display: np.ndarray) -> torch.Tensor:
+    """The model input for 8-bit display values, as an image file gives them."""
+    table = np.arange(256, dtype=np.float32)
+    return tensors([Stored(display.astype(np.uint8), 0, table, None)], 320, torch.device("cpu"))[0]
+
+
+def load_image_file(path: Path) -> np.ndarray:
+    stored = grey_image_file(path)
+    return stored.table[stored.pixels.astype(np.int64) - stored.offset]
 
 
 def test_window_and_intensity_mapping(chest_ds: pydicom.Dataset) -> None:
@@ -22,7 +35,7 @@ def test_window_and_intensity_mapping(chest_ds: pydicom.Dataset) -> None:
     assert display[np.unravel_index(pixels.argmax(), pixels.shape)] == display.min()
     assert display[np.unravel_index(pixels.argmin(), pixels.shape)] == display.max()
     # a uniform display value v maps to ((v/255*2048-1024)+1024)/2048 = v/255, then ImageNet
-    x = to_tensor(np.full((50, 80), 51.0, dtype=np.float32))
+    x = _tensor(np.full((50, 80), 51))
     assert x.shape == (3, 320, 320)
     for c in range(3):
         assert x[c].mean().item() == pytest.approx((0.2 - IMAGENET_MEAN[c]) / IMAGENET_STD[c])
@@ -36,9 +49,9 @@ def test_full_range_when_there_is_no_window(chest_ds: pydicom.Dataset) -> None:
 
 
 def test_non_square_images_are_centre_cropped() -> None:
-    img = np.zeros((100, 300), dtype=np.float32)
+    img = np.zeros((100, 300), dtype=np.uint8)
     img[:, 100:200] = 255  # the centre square is white, the sides black
-    assert to_tensor(img).min().item() == pytest.approx((1 - IMAGENET_MEAN[0]) / IMAGENET_STD[0])
+    assert _tensor(img).min().item() == pytest.approx((1 - IMAGENET_MEAN[0]) / IMAGENET_STD[0])
 
 
 def test_colour_and_missing_pixels_are_clear_errors(chest_ds: pydicom.Dataset) -> None:

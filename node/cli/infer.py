@@ -56,9 +56,10 @@ def _run(model: AgeModel, files: list[Path], batch_size: int) -> Iterator[Outcom
     console = Console(stderr=True)
     with Progress(*columns, console=console, disable=not console.is_terminal) as progress:
         task = progress.add_task("X-ray age", total=len(files))
-        for outcome in Engine(model, batch_size).run(files):
-            progress.advance(task)
-            yield outcome
+        with Engine(model, batch_size) as engine:
+            for outcome in engine.run(files):
+                progress.advance(task)
+                yield outcome
 
 
 def _row(outcome: Outcome, model: AgeModel) -> dict[str, Any]:

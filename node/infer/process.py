@@ -18,14 +18,12 @@ Its counters go to prometheus-client's multiprocess files, which ``/metrics`` su
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import multiprocessing
 import os
 import shutil
 import signal
 import socket
-import sys
 import tempfile
 import threading
 import time
@@ -36,6 +34,7 @@ from typing import Any
 from sqlalchemy.exc import SQLAlchemyError
 
 from ai.errors import ModelLoadError
+from ai.processes import cause_of, die_with_parent
 from node.components import STOP_SECONDS
 from node.config import LoggingSection, ModelSection, ReportConfig, StorageSection
 from storage import Database, record_event
@@ -49,22 +48,11 @@ _SPAWN = multiprocessing.get_context("spawn")
 METRICS_ENV = "PROMETHEUS_MULTIPROC_DIR"
 _ENVIRONMENT = threading.Lock()
 BACKOFF_MAX_SECONDS = 60.0
-PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def event() -> Any:
     """An event that the inference process can set and this one wait on (and the reverse)."""
     return _SPAWN.Event()
-
-
-def cause_of(exitcode: int | None) -> str:
-    """``killed by SIGABRT`` or ``exited with status 1``, from ``Process.exitcode``."""
-    if exitcode is not None and exitcode < 0:
-        try:
-            return f"killed by {signal.Signals(-exitcode).name}"
-        except ValueError:
-            return f"killed by signal {-exitcode}"
-    return f"exited with status {exitcode}"
 
 
 class InferenceProcess:
@@ -120,7 +108,9 @@ class InferenceProcess:
                 child_errors,
             ),
             name="xrayage-infer",
-            daemon=True,
+            # Not a daemon: it starts decoding processes, which a daemon may not. It stops with
+            # stop(), or at its parent's death (die_with_parent).
+            daemon=False,
         )
         with _ENVIRONMENT:  # for the child only: a later subprocess of ours must not count there
             before = os.environ.get(METRICS_ENV)
@@ -219,18 +209,6 @@ class InferenceProcess:
         shutil.rmtree(self.metrics_dir, ignore_errors=True)
 
 
-def _die_with_parent() -> None:
-    """Be killed with the process that started this one (Linux ``PR_SET_PDEATHSIG``): after a
-    ``kill -9`` of ``serve`` its successor takes back the jobs of dead processes at once, and
-    would wait a whole lease for those of a child still finishing its batch. Elsewhere the loop
-    in :func:`run_child` notices within a second."""
-    parent = multiprocessing.parent_process()
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    if parent is not None and os.getppid() != parent.pid:  # it died before the call
-        os._exit(1)
-
-
 def run_child(
     cfg: ModelSection,
     reports: ReportConfig,
@@ -247,7 +225,7 @@ def run_child(
     death (a child of a killed ``serve`` must not go on claiming jobs)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent
     signal.signal(signal.SIGTERM, lambda *_: stop.set())  # decides; a plain kill stops cleanly
-    _die_with_parent()
+    die_with_parent()  # a child of a killed serve must not go on claiming jobs
     from ai.model import AgeModel  # torch loads here, in the child only
     from node.infer.worker import InferenceWorker
     from node.logs import configure_logging

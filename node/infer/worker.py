@@ -2,9 +2,10 @@
 
 One thread per process holds the model, loaded once and warmed up. With fewer images queued than
 ``[model] batch_size``, it waits up to ``max_wait_ms`` (from the oldest queued job) for more, then
-claims a batch under a lease (``lease_seconds``); decoding and preprocessing run on the engine's
-thread pool, never on the C-STORE threads. If the process dies, its jobs are claimed again: at
-once by a worker restarted on the same host, or by any worker once the lease expires.
+claims a batch under a lease (``lease_seconds``); decoding runs in the engine's processes and the
+tensor steps on the model's device, never on the C-STORE threads. If the process dies, its jobs
+are claimed again: at once by a worker restarted on the same host, or by any worker once the
+lease expires.
 Every step is idempotent: results are unique per (instance, model SHA-256), report UIDs are
 derived from the same pair, and deliveries are unique per (object, destination), so redoing a
 job replaces, never doubles.
@@ -89,7 +90,12 @@ class InferenceWorker(WorkerThread):
             orphans = requeue_orphans(s, self.host)
         if orphans:
             log.info("requeued %d jobs held by a stopped process on this host", orphans)
+        self.engine.warm_up()  # the first image does not wait for decoding processes to start
         super().start()
+
+    def stop(self) -> None:
+        super().stop()
+        self.engine.close()
 
     def _wait_for_batch(self) -> bool:
         """True when there is work: a full batch, or the oldest job has waited max_wait_ms."""

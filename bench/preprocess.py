@@ -1,0 +1,155 @@
+"""Preprocessing split between host and device, before and after, and ``xrayage infer`` against
+the pydicom decode floor, printed as JSON.
+
+Per transfer syntax (the files of bench/decode.py), the median over ``--iters`` runs of:
+
+- ``floor_ms``: pydicom's ``dcmread`` + ``pixel_array``, the least any reader of the file pays;
+- ``before_host_ms``: the node's path before this split (``--before``, a git revision; read from
+  git, not copied into the tree): read, decode, modality LUT, window and rounding as float64 on
+  every pixel, then crop, resize and normalisation, all on the host;
+- ``host_ms``: what the host does now (``ai.decode.read``: read, decode, the 65,536-entry
+  table) plus the hand-over to the device process (a pickle round trip, as the decoding
+  processes send it);
+- ``device_ms``: the tensor steps on the model's device (``ai.preprocess.tensors``), per image
+  of a batch of ``--batch``; CUDA is synchronised before the clock stops. ``device`` says which.
+
+Then ``xrayage infer`` on 1 and on ``--images`` + 1 copies of the uncompressed chest CR (the
+small untrained test network, CPU): the marginal wall time per image against ``floor_ms``, in
+the same run, on this machine's cores; and the same less the network's own time per image
+(``model_ms_per_image``, batch 8), which no preprocessing can take away.
+
+    python bench/preprocess.py --iters 5 --images 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import pickle
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
+
+import pydicom
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from ai.decode import read  # noqa: E402
+from ai.model import AgeModel  # noqa: E402
+from ai.preprocess import tensors  # noqa: E402
+from ai.untrained import build_untrained_model  # noqa: E402
+from bench.decode import encoded_files  # noqa: E402
+
+
+def _median_ms(fn: Callable[[], object], iters: int, sync: Callable[[], None]) -> float:
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return round(statistics.median(times) * 1000, 2)
+
+
+def _module_at(revision: str, path: str) -> ModuleType:
+    """A module as it was at ``revision`` (the path before a change, for a side-by-side run)."""
+    source = subprocess.run(["git", "-C", str(ROOT), "show", f"{revision}:{path}"],
+                            check=True, capture_output=True, text=True).stdout  # fmt: skip
+    spec = importlib.util.spec_from_loader(f"before_{Path(path).stem}", loader=None)
+    assert spec is not None
+    module = importlib.util.module_from_spec(spec)
+    exec(compile(source, f"{revision}:{path}", "exec"), module.__dict__)
+    return module
+
+
+def _infer_seconds(files: list[Path], weights: Path) -> float:
+    xrayage = shutil.which("xrayage", path=str(Path(sys.executable).parent)) or "xrayage"
+    started = time.perf_counter()
+    subprocess.run([xrayage, "infer", *map(str, files), "--weights", str(weights),
+                    "--device", "cpu", "--csv"], check=True, capture_output=True)  # fmt: skip
+    return time.perf_counter() - started
+
+
+def _row(
+    name: str, path: Path, before: ModuleType, device: torch.device, batch: int, iters: int
+) -> dict[str, object]:
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    syntax = str(pydicom.dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID)
+    stored = [read(path).stored] * batch
+    tensors(stored, 320, device)  # warm-up: kernels, allocator
+    return {
+        "encoding": name,
+        "transfer_syntax": syntax,
+        "floor_ms": _median_ms(lambda: pydicom.dcmread(path).pixel_array, iters, sync),
+        "before_host_ms": _median_ms(lambda: before.preprocess(pydicom.dcmread(path)), iters, sync),
+        "host_ms": _median_ms(lambda: pickle.loads(pickle.dumps(read(path), 5)), iters, sync),
+        "device_ms": _median_ms(lambda: tensors(stored, 320, device), iters, sync) / batch,
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--images", type=int, default=16, help="extra images for xrayage infer")
+    p.add_argument("--before", default="1152923", help="git revision of the path before")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args()
+    device = torch.device(args.device)
+    before = _module_at(args.before, "ai/preprocess.py")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        files = encoded_files(Path(tmp))
+        for name, path in files.items():
+            rows.append(_row(name, path, before, device, args.batch, args.iters))
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+
+        weights = Path(tmp) / "model" / "seresnet.pt"
+        build_untrained_model(weights, seed=1234)
+        copies = []
+        for i in range(args.images + 1):
+            copies.append(Path(tmp) / "infer" / f"chest{i}.dcm")
+            copies[-1].parent.mkdir(exist_ok=True)
+            shutil.copy(files["explicit-le"], copies[-1])
+        one = statistics.median(_infer_seconds(copies[:1], weights) for _ in range(3))
+        many = statistics.median(_infer_seconds(copies, weights) for _ in range(3))
+        model = AgeModel.load(weights, "cpu")
+        batch = torch.zeros(8, 3, 320, 320)
+        model_ms = _median_ms(lambda: model.predict(batch), args.iters, lambda: None) / 8
+    floor: float = rows[0]["floor_ms"]  # type: ignore[assignment]
+    marginal = (many - one) / args.images * 1000
+    infer = {
+        "images": [1, args.images + 1],
+        "wall_s": [round(one, 2), round(many, 2)],
+        "marginal_ms_per_image": round(marginal, 1),
+        "floor_ms": floor,
+        "marginal_over_floor": round(marginal / floor, 2),
+        "target_over_floor": 3.0,
+        # The network alone, batch 8, same threads: what no preprocessing can take away.
+        "model_ms_per_image": round(model_ms, 1),
+        "marginal_without_model_over_floor": round((marginal - model_ms) / floor, 2),
+    }
+    print(json.dumps({
+        "benchmark": "preprocess",
+        "cpus": os.cpu_count(),
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "torch_threads": torch.get_num_threads(),
+        "before": args.before,
+        "batch": args.batch,
+        "results": rows,
+        "infer": infer,
+    }, indent=1))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
