@@ -29,6 +29,7 @@ import pydicom
 from PIL import Image, UnidentifiedImageError
 from pydicom import uid
 from pydicom.dataset import Dataset
+from pydicom.encaps import generate_frames
 from pydicom.multival import MultiValue
 from pydicom.pixels import apply_modality_lut, apply_voi_lut, pixel_array
 
@@ -50,13 +51,17 @@ class Finish:
 
 @dataclass(frozen=True)
 class Stored:
-    """A decoded grey image as stored, and the display value of each value it may hold:
-    ``table[v - offset]`` for stored value ``v``."""
+    """A grey image as stored, and the display value of each value it may hold:
+    ``table[v - offset]`` for stored value ``v``. Decoded here (``pixels``), or left encoded
+    (``encoded``: one JPEG 2000 codestream) for the device's decoder (:mod:`ai.device_decode`)."""
 
-    pixels: np.ndarray  # 2-D, one of _STORED_TYPES
+    pixels: np.ndarray | None  # 2-D, one of _STORED_TYPES; None when ``encoded``
     offset: int
     table: np.ndarray  # float64 (DICOM, before Finish) or float32 display values (image files)
     finish: Finish | None  # None: the table holds display values already
+    dtype: np.dtype  # of the stored values, decoded or not
+    shape: tuple[int, int]
+    encoded: bytes | None = None
 
 
 def _window(values: np.ndarray, center: float, width: float, function: str) -> np.ndarray:
@@ -123,8 +128,18 @@ def _domain(dtype: np.dtype) -> np.ndarray:
     return np.arange(info.min, info.max + 1, dtype=np.int64)
 
 
-def stored_values(ds: Dataset) -> Stored:
-    """Check and decode ``ds``; its pixels as stored, with their display table."""
+def _header_dtype(ds: Dataset) -> np.dtype:
+    """The stored values' type as the header declares it (for a frame left encoded)."""
+    bits = int(ds.get("BitsAllocated", 0) or 0)
+    signed = int(ds.get("PixelRepresentation", 0) or 0) == 1
+    if bits not in (8, 16):
+        raise PreprocessError(f"BitsAllocated {bits}; 8 or 16 expected")
+    return np.dtype(f"{'i' if signed else 'u'}{bits // 8}")
+
+
+def stored_values(ds: Dataset, defer: frozenset[str] = frozenset()) -> Stored:
+    """Check ``ds`` and decode it (unless its transfer syntax is in ``defer``: left to the
+    device's decoder); its pixels as stored, with their display table."""
     if "PixelData" not in ds:
         raise PreprocessError("no Pixel Data")
     if int(ds.get("SamplesPerPixel", 1)) != 1:
@@ -137,16 +152,24 @@ def stored_values(ds: Dataset) -> Stored:
     budget = over_budget(ds)
     if budget:
         raise PreprocessError(budget)
-    try:
-        stored = _decode(ds)
-    except Exception as e:  # decoders raise many types; all mean the same to the operator
-        raise PreprocessError(f"pixel data cannot be decoded: {e}") from None
-    stored = stored.astype(stored.dtype.newbyteorder("="), copy=False)  # Big Endian: native
-    if stored.dtype not in _STORED_TYPES:  # CR and DX allocate 8 or 16 bits (PS3.3 C.8.11.3)
-        raise PreprocessError(f"{stored.dtype} pixels; 8 or 16 bits allocated expected")
+    syntax = getattr(ds, "file_meta", Dataset()).get("TransferSyntaxUID")
+    stored: np.ndarray | None = None
+    encoded: bytes | None = None
+    if syntax in defer:
+        dtype = _header_dtype(ds)
+        encoded = next(generate_frames(ds.PixelData, number_of_frames=1))
+    else:
+        try:
+            stored = _decode(ds)
+        except Exception as e:  # decoders raise many types; all mean the same to the operator
+            raise PreprocessError(f"pixel data cannot be decoded: {e}") from None
+        stored = stored.astype(stored.dtype.newbyteorder("="), copy=False)  # Big Endian: native
+        dtype = stored.dtype
+    if dtype not in _STORED_TYPES:  # CR and DX allocate 8 or 16 bits (PS3.3 C.8.11.3)
+        raise PreprocessError(f"{dtype} pixels; 8 or 16 bits allocated expected")
     for keyword in ("RescaleSlope", "RescaleIntercept", "WindowCenter", "WindowWidth"):
         _check_finite(ds, keyword)
-    domain = _domain(stored.dtype)
+    domain = _domain(dtype)
     values = np.asarray(apply_modality_lut(domain, ds), dtype=np.float64)
 
     full_range = False
@@ -166,7 +189,10 @@ def stored_values(ds: Dataset) -> Stored:
     if padding is not None and not domain[0] <= padding <= domain[-1]:
         padding = None  # no stored value can equal it
     finish = Finish(full_range, photometric == "MONOCHROME1", padding)
-    return Stored(np.ascontiguousarray(stored), int(domain[0]), values, finish)
+    shape = (int(ds.Rows), int(ds.Columns))
+    if stored is not None:
+        stored = np.ascontiguousarray(stored)
+    return Stored(stored, int(domain[0]), values, finish, dtype, shape, encoded)
 
 
 def grey_image_file(path: Path) -> Stored:
@@ -187,11 +213,13 @@ def grey_image_file(path: Path) -> Stored:
         pixels = colour[:, :, 0]
     if pixels.dtype == np.uint8:
         table = _domain(pixels.dtype).astype(np.float32)
-        return Stored(np.ascontiguousarray(pixels), 0, table, None)
-    if pixels.dtype in (np.uint16, np.int32) and pixels.min() >= 0 and pixels.max() <= 65535:
+    elif pixels.dtype in (np.uint16, np.int32) and pixels.min() >= 0 and pixels.max() <= 65535:
         table = _domain(np.dtype(np.uint16)).astype(np.float32) * np.float32(255 / 65535)
-        return Stored(np.ascontiguousarray(pixels, dtype=np.uint16), 0, table, None)
-    raise PreprocessError(f"{path.name}: {pixels.dtype} image; 8- or 16-bit grey expected")
+        pixels = pixels.astype(np.uint16)
+    else:
+        raise PreprocessError(f"{path.name}: {pixels.dtype} image; 8- or 16-bit grey expected")
+    pixels = np.ascontiguousarray(pixels)
+    return Stored(pixels, 0, table, None, pixels.dtype, pixels.shape)
 
 
 def load_dataset(path: Path) -> Dataset:
@@ -211,13 +239,14 @@ class Read:
     seconds: float
 
 
-def read(path: Path) -> Read:
-    """Everything the host does for one file: read, check, decode, tabulate."""
+def read(path: Path, defer: frozenset[str] = frozenset()) -> Read:
+    """Everything the host does for one file: read, check, decode (unless its transfer syntax
+    is in ``defer``), tabulate."""
     started = time.perf_counter()
     if path.suffix.lower() in IMAGE_SUFFIXES:
         return Read(grey_image_file(path), None, time.perf_counter() - started)
     header = load_dataset(path)
-    stored = stored_values(header)
+    stored = stored_values(header, defer)
     del header.PixelData
     return Read(stored, header, time.perf_counter() - started)
 

@@ -16,6 +16,7 @@ so a number is computed the same way wherever it is shown.
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import os
 import time
@@ -24,18 +25,22 @@ from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
+from functools import partial
 from multiprocessing.connection import Connection
 from pathlib import Path
 from types import TracebackType
 
+import torch
 from pydicom.dataset import Dataset
 
 from ai.decode import Read, read, ready
+from ai.device_decode import SYNTAXES, DeviceDecoder
 from ai.errors import PreprocessError
 from ai.model import AgeModel
 from ai.preprocess import tensors
 from ai.processes import cause_of, die_with_parent
 
+log = logging.getLogger("xrayage.engine")
 _SPAWN = multiprocessing.get_context("spawn")  # no threads or locks of this process inherited
 Submitted = tuple["Future[Read]", ProcessPoolExecutor]
 
@@ -93,11 +98,20 @@ class Engine:
     """Files in, outcomes out. Holds its decoding processes until :meth:`close` (or the end of
     a ``with`` block), so that a node pays their start once, not once a batch."""
 
-    def __init__(self, model: AgeModel, batch_size: int = 8, workers: int | None = None) -> None:
+    def __init__(
+        self,
+        model: AgeModel,
+        batch_size: int = 8,
+        workers: int | None = None,
+        decoder: DeviceDecoder | None = None,
+    ) -> None:
         self.model = model
         self.batch_size = batch_size
         self.workers = workers or default_workers()
         self._pool: ProcessPoolExecutor | None = None
+        # With a device decoder the host leaves JPEG 2000 encoded (ai/device_decode.py).
+        self.decoder = decoder
+        self._read = partial(read, defer=SYNTAXES if decoder is not None else frozenset())
 
     def __enter__(self) -> Engine:
         return self
@@ -144,11 +158,11 @@ class Engine:
     def _submit(self, path: Path) -> Submitted:
         pool = self._decoders()
         try:
-            return pool.submit(read, path), pool
+            return pool.submit(self._read, path), pool
         except BrokenProcessPool:
             self._forget(pool)
             pool = self._decoders()
-            return pool.submit(read, path), pool
+            return pool.submit(self._read, path), pool
 
     def _forget(self, pool: ProcessPoolExecutor) -> None:
         """Drop a broken pool (the next submit starts fresh processes), once."""
@@ -168,21 +182,53 @@ class Engine:
         except PreprocessError as e:
             return str(e)
 
+    def _decode_on_device(
+        self, batch: list[tuple[Path, Read | str]]
+    ) -> tuple[list[tuple[Path, Read | str]], list[torch.Tensor | None]]:
+        """Decode the frames the host left encoded; a frame the device decoder cannot make is
+        read again with the CPU decoders (in a process of its own, as any decode)."""
+        decoded: list[torch.Tensor | None] = [None] * len(batch)
+        todo = [
+            i for i, (_, r) in enumerate(batch)
+            if not isinstance(r, str) and r.stored.encoded is not None
+        ]  # fmt: skip
+        if self.decoder is None or not todo:
+            return batch, decoded
+        try:
+            images = self.decoder.decode([batch[i][1].stored for i in todo])  # type: ignore[union-attr]
+        except Exception as e:  # the whole batch: each file goes the CPU way
+            log.warning("device decoder failed on a batch (%s): decoding it on the CPU", e)
+            images = [None] * len(todo)
+        batch = list(batch)
+        for i, image in zip(todo, images, strict=True):
+            decoded[i] = image
+            if image is None:
+                path = batch[i][0]
+                try:
+                    batch[i] = (path, read_alone(path))
+                except PreprocessError as e:
+                    batch[i] = (path, str(e))
+        return batch, decoded
+
     def _predict(self, batch: list[tuple[Path, Read | str]]) -> Iterator[Outcome]:
+        started = time.perf_counter()
+        batch, decoded = self._decode_on_device(batch)
         outcomes = [
             Outcome(path, error=r)
             if isinstance(r, str)
             else Outcome(path, header=r.header, seconds={"decode": r.seconds})
             for path, r in batch
         ]
-        reads = [r for _, r in batch if not isinstance(r, str)]
-        if reads:
-            started = time.perf_counter()
-            x = tensors([r.stored for r in reads], self.model.card.input_size, self.model.device)
+        ok = [i for i, (_, r) in enumerate(batch) if not isinstance(r, str)]
+        if ok:
+            x = tensors(
+                [batch[i][1].stored for i in ok],  # type: ignore[union-attr]
+                self.model.card.input_size, self.model.device, [decoded[i] for i in ok],
+            )  # fmt: skip
             prepared = time.perf_counter()
             ages = iter(self.model.predict(x))
             model_seconds = time.perf_counter() - prepared
-            share = (prepared - started) / len(reads)
+            share = (prepared - started) / len(ok)
             for outcome in outcomes:
                 if outcome.error is None:
                     outcome.xray_age = next(ages)

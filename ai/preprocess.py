@@ -36,6 +36,8 @@ def _on_device(stored: Stored, device: torch.device) -> torch.Tensor:
     """The stored pixels on ``device`` as they are (2 bytes a pixel for a radiograph); uint16
     travels as int16, which every torch device handles, and is read back by :func:`_indices`."""
     pixels = stored.pixels
+    if pixels is None:
+        raise ValueError("the pixels are still encoded: decode them on the device first")
     if pixels.dtype == np.uint16:
         pixels = pixels.view(np.int16)
     return torch.from_numpy(pixels).to(device, non_blocking=True)
@@ -44,7 +46,7 @@ def _on_device(stored: Stored, device: torch.device) -> torch.Tensor:
 def _indices(pixels: torch.Tensor, stored: Stored) -> torch.Tensor:
     """Row of the table for each pixel."""
     index = pixels.to(torch.int32)
-    if stored.pixels.dtype == np.uint16:
+    if stored.dtype == np.uint16:
         index &= 0xFFFF
     return index - stored.offset if stored.offset else index
 
@@ -73,11 +75,10 @@ def display_table(stored: Stored, pixels: torch.Tensor) -> torch.Tensor:
     return values.float()
 
 
-def _square(stored: Stored, device: torch.device) -> torch.Tensor:
+def _square(stored: Stored, pixels: torch.Tensor) -> torch.Tensor:
     """The centre square in torchxrayvision's scale, 1 x 1 x side x side: ``normalize(img,
     255)`` to [-1024, 1024] (``load_image``), then ``XRayCenterCrop``, its offset rounding
     included (a non-square image is cropped, not padded)."""
-    pixels = _on_device(stored, device)
     scaled = (2.0 * (display_table(stored, pixels) / 255.0) - 1.0) * 1024.0
     h, w = pixels.shape
     side = min(h, w)
@@ -86,16 +87,23 @@ def _square(stored: Stored, device: torch.device) -> torch.Tensor:
     return scaled.index_select(0, index.reshape(-1)).view(1, 1, side, side)
 
 
-def tensors(batch: Sequence[Stored], input_size: int, device: torch.device) -> torch.Tensor:
+def tensors(
+    batch: Sequence[Stored],
+    input_size: int,
+    device: torch.device,
+    decoded: Sequence[torch.Tensor | None] | None = None,
+) -> torch.Tensor:
     """N x 3 x size x size float32 model input on ``device``, in the published weights'
     convention: the documented input path of the RIKEN weights, torchxrayvision's ``AgeModel``
     example, after the crop: the model's own ``fix_resolution`` (``interpolate(size,
     mode="bilinear", antialias=True)``), ``(x + 1024) / 2048`` and ImageNet normalisation on 3
-    channels."""
+    channels. ``decoded[i]``, when given, holds the pixels of ``batch[i]`` decoded on the device
+    (int16 for uint16 values, as :func:`_on_device` hands them over)."""
     size = (input_size, input_size)
     squares = []
-    for stored in batch:
-        x = _square(stored, device)
+    for i, stored in enumerate(batch):
+        pixels = decoded[i] if decoded is not None else None
+        x = _square(stored, pixels if pixels is not None else _on_device(stored, device))
         if x.shape[-2:] != size:
             x = F.interpolate(x, size=size, mode="bilinear", antialias=True)
         squares.append(x)

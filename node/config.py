@@ -136,6 +136,9 @@ class ModelSection(_Section):
     # 0: an idle worker starts at once (latency); batches still fill while a batch runs.
     max_wait_ms: float = Field(0.0, ge=0)
     preprocess_workers: int | None = Field(None, ge=1)  # default: CPU count, at most 8
+    # JPEG 2000 decoded on the model's GPU by nvImageCodec (the extra `gpu`); "auto": when the
+    # extra is installed and the model runs on CUDA, else the CPU decoders (ai/device_decode.py).
+    device_decode: Literal["auto", "off"] = "auto"
     # A claimed batch comes back to the queue if its worker has not finished it by then (a worker
     # on another host died); longer than the slowest batch. A restart on the same host does not
     # wait: it takes back its dead predecessor's jobs at once.

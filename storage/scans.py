@@ -138,6 +138,14 @@ def close_scan(
     return scan
 
 
+def study_known(session: Session, study_uid: str) -> bool:
+    """Whether any instance of the study is in the node (an indexed look-up)."""
+    found = session.scalars(
+        select(Instance.id).where(Instance.study_instance_uid == study_uid).limit(1)
+    ).first()
+    return found is not None
+
+
 def triage(
     session: Session, sop_uids: list[str], model_sha256: str
 ) -> tuple[list[str], int, list[Instance]]:

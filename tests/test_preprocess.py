@@ -17,8 +17,9 @@ from ai.preprocess import IMAGENET_MEAN, IMAGENET_STD, tensors
 
 def _tensor(display: np.ndarray) -> torch.Tensor:
     """The model input for 8-bit display values, as an image file gives them."""
-    table = np.arange(256, dtype=np.float32)
-    return tensors([Stored(display.astype(np.uint8), 0, table, None)], 320, torch.device("cpu"))[0]
+    pixels = display.astype(np.uint8)
+    stored = Stored(pixels, 0, np.arange(256, dtype=np.float32), None, pixels.dtype, pixels.shape)
+    return tensors([stored], 320, torch.device("cpu"))[0]
 
 
 def load_image_file(path: Path) -> np.ndarray:

@@ -17,7 +17,7 @@ from rich.table import Column, Table
 
 from ai.evaluate import agreement, plot_agreement, read_labels
 from node.cli.support import ConfigOption, DeviceOption, WeightsOption, load_model, user_errors
-from node.config import ConfigError, load_settings
+from node.config import ConfigError, ModelSection, load_settings
 from node.report.patient_age import chronological_age
 
 if TYPE_CHECKING:
@@ -48,15 +48,19 @@ def collect_files(paths: Iterable[Path]) -> list[Path]:
     return files
 
 
-def _run(model: AgeModel, files: list[Path], batch_size: int) -> Iterator[Outcome]:
+def _run(
+    model: AgeModel, files: list[Path], batch_size: int, cfg: ModelSection
+) -> Iterator[Outcome]:
     """The engine's outcomes with a progress bar on a terminal's stderr."""
-    from ai.engine import Engine  # torch loads here, not for every command
+    from ai.device_decode import device_decoder  # torch loads here, not for every command
+    from ai.engine import Engine
 
     columns = ("{task.description}", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     console = Console(stderr=True)
     with Progress(*columns, console=console, disable=not console.is_terminal) as progress:
         task = progress.add_task("X-ray age", total=len(files))
-        with Engine(model, batch_size) as engine:
+        decoder = device_decoder(model.device, cfg.device_decode)
+        with Engine(model, batch_size, cfg.preprocess_workers, decoder) as engine:
             for outcome in engine.run(files):
                 progress.advance(task)
                 yield outcome
@@ -102,7 +106,7 @@ def infer(
     if not files:
         raise ConfigError("no files found")
     batch = batch_size or settings.model.batch_size
-    rows = [_row(o, model) for o in _run(model, files, batch)]
+    rows = [_row(o, model) for o in _run(model, files, batch, settings.model)]
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
     elif as_csv:
@@ -156,7 +160,7 @@ def evaluate(
     if not files:
         raise ConfigError(f"no file under {images} matches a name in {labels}")
     batch = batch_size or settings.model.batch_size
-    outcomes = list(_run(model, files, batch))
+    outcomes = list(_run(model, files, batch, settings.model))
     done = [o for o in outcomes if o.xray_age is not None]
     predicted = [o.xray_age for o in done]
     actual = [table.ages[o.path.stem] for o in done]

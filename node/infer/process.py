@@ -48,6 +48,7 @@ _SPAWN = multiprocessing.get_context("spawn")
 METRICS_ENV = "PROMETHEUS_MULTIPROC_DIR"
 _ENVIRONMENT = threading.Lock()
 BACKOFF_MAX_SECONDS = 60.0
+INFERENCE_NICENESS = 10
 
 
 def event() -> Any:
@@ -226,6 +227,9 @@ def run_child(
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent
     signal.signal(signal.SIGTERM, lambda *_: stop.set())  # decides; a plain kill stops cleanly
     die_with_parent()  # a child of a killed serve must not go on claiming jobs
+    # Below the receiver when the cores are short (its decoding processes inherit this): a
+    # C-STORE or a retro-scan's retrieve is never slowed by the model; idle cores are shared.
+    os.nice(INFERENCE_NICENESS)
     from ai.model import AgeModel  # torch loads here, in the child only
     from node.infer.worker import InferenceWorker
     from node.logs import configure_logging

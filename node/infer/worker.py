@@ -27,6 +27,7 @@ from pydicom.dataset import Dataset
 from sqlalchemy.orm import Session
 
 from ai import AgeModel, Engine
+from ai.device_decode import device_decoder
 from node.components import Signal, WorkerThread
 from node.config import ModelSection, ReportConfig
 from node.metrics import BATCH_SIZE, INFERENCE_SECONDS, INFERRED, STAGE_SECONDS
@@ -71,7 +72,8 @@ class InferenceWorker(WorkerThread):
         self.model = model
         card = model.card
         self.identity = ModelIdentity(card.name, card.version, card.sha256)
-        self.engine = Engine(model, cfg.batch_size, cfg.preprocess_workers)
+        decoder = device_decoder(model.device, cfg.device_decode)
+        self.engine = Engine(model, cfg.batch_size, cfg.preprocess_workers, decoder)
         self.host = socket.gethostname()
         self.owner = f"{self.host}:{os.getpid()}"
         self.lease = dt.timedelta(seconds=cfg.lease_seconds)

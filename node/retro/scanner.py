@@ -3,10 +3,13 @@
 Query/Retrieve, Study Root (PS3.4 Annex C): C-FIND at STUDY level for studies in a date range
 with CR or DX among their modalities (range matching on StudyDate, C.2.2.2.5; ModalitiesInStudy
 is matched by the peers that support it, and the SERIES level filters again), then SERIES
-(Modality, BodyPartExamined), then IMAGE (SOP Instance and Class UIDs). What is missing is
-retrieved at IMAGE level with a list of UIDs (C.4.2.2.1): C-MOVE to this node's own AE title, so
-the images arrive through the receive path like any routed one, or C-GET on the query
-association for peers that cannot route back. Either way they are marked ``retro``.
+(Modality, BodyPartExamined, NumberOfSeriesRelatedInstances). A study of which the node holds
+nothing is wanted whole: each of its chest CR/DX series is retrieved at SERIES level, with no
+IMAGE-level query. Otherwise IMAGE (SOP Instance and Class UIDs) says what is missing, retrieved
+at IMAGE level with a list of UIDs (C.4.2.2.1). Retrieval is a C-MOVE to this node's own AE
+title, so the images arrive through the receive path like any routed one, or a C-GET on the
+query association for peers that cannot route back; either way they are marked ``retro``.
+``[retro] max_concurrent_moves`` retrievers each hold one association for study after study.
 
 The scan's studies are its cursor in the database (:mod:`storage.scans`): a study is marked done
 only once all of it was handled, so a scan stopped by the window's end, the nightly image budget
@@ -51,6 +54,7 @@ from storage.scans import (
     requeue,
     resumable_scans,
     study_done,
+    study_known,
     take_over,
     triage,
 )
@@ -194,10 +198,11 @@ class SeriesPlan:
     fetch: list[str]
     already_done: int
     again: list[int]  # instances reported by another model: queued again from the stored file
-    # The archive listed fewer instances than the series holds (its C-FIND result limit): the
-    # series is retrieved whole, ``whole`` instances at least, and the gate sorts them.
+    # Retrieved at SERIES level, ``whole`` instances at least, the gate sorting them: when the
+    # node holds nothing of the study (no need to list the instances), or when the archive
+    # listed fewer than the series holds (``listed``: its C-FIND result limit).
     whole: int = 0
-    listed: int = 0
+    listed: int | None = None
 
     @property
     def count(self) -> int:
@@ -275,6 +280,8 @@ class RetroScanner:
         """The series of a study that may hold frontal chest radiographs, triaged."""
         body_parts = self.body_parts
         plans = []
+        with self.db.session() as s:
+            known = study_known(s, study_uid)
         found, complete = self.archive.find(
             assoc, "SERIES", StudyInstanceUID=study_uid, SeriesInstanceUID="",
             Modality="", BodyPartExamined="", NumberOfSeriesRelatedInstances="",
@@ -291,32 +298,44 @@ class RetroScanner:
             ):
                 continue  # no body part: fetched, and the gate decides from the full header
             series_uid = str(series.SeriesInstanceUID)
-            images, complete = self.archive.find(
-                assoc, "IMAGE", StudyInstanceUID=study_uid, SeriesInstanceUID=series_uid,
-                SOPInstanceUID="", SOPClassUID="",
-            )  # fmt: skip
-            size = series.get("NumberOfSeriesRelatedInstances")  # optional for the archive
-            if not complete or (size is not None and len(images) < int(size)):
-                whole = max(int(size or 0), len(images))
-                plans.append(
-                    SeriesPlan(study_uid, study_date, series_uid, [], 0, [], whole, len(images))
-                )
+            count = str(series.get("NumberOfSeriesRelatedInstances") or "").strip()  # optional
+            size = int(count) if count.isdigit() else None
+            if not known and size:
+                # Every instance is wanted (nothing of the study is here, nothing can be fetched
+                # twice): one SERIES-level retrieve, no IMAGE-level C-FIND.
+                plans.append(SeriesPlan(study_uid, study_date, series_uid, [], 0, [], size))
                 continue
-            wanted = [
-                str(i.SOPInstanceUID)
-                for i in images
-                if i.get("SOPClassUID") in (None, "", *RETRIEVED_CLASSES)
-            ]
-            if not wanted:
-                continue
-            with self.db.session() as s:
-                fetch, done, again = triage(s, wanted, self.model_sha256)
-                plans.append(
-                    SeriesPlan(
-                        study_uid, study_date, series_uid, fetch, done, [i.id for i in again]
-                    )
-                )
+            plan = self.plan_series(assoc, study_uid, study_date, series_uid, size)
+            if plan is not None:
+                plans.append(plan)
         return plans
+
+    def plan_series(
+        self,
+        assoc: Association,
+        study_uid: str,
+        study_date: str | None,
+        series_uid: str,
+        size: int | None,
+    ) -> SeriesPlan | None:
+        """A series planned from its IMAGE-level list (None: nothing in it to fetch)."""
+        images, complete = self.archive.find(
+            assoc, "IMAGE", StudyInstanceUID=study_uid, SeriesInstanceUID=series_uid,
+            SOPInstanceUID="", SOPClassUID="",
+        )  # fmt: skip
+        if not complete or (size is not None and len(images) < size):
+            whole = max(size or 0, len(images))
+            return SeriesPlan(study_uid, study_date, series_uid, [], 0, [], whole, len(images))
+        wanted = [
+            str(i.SOPInstanceUID)
+            for i in images
+            if i.get("SOPClassUID") in (None, "", *RETRIEVED_CLASSES)
+        ]
+        if not wanted:
+            return None
+        with self.db.session() as s:
+            fetch, done, again = triage(s, wanted, self.model_sha256)
+            return SeriesPlan(study_uid, study_date, series_uid, fetch, done, [i.id for i in again])
 
     def dry_run(self, date_from: dt.date, date_to: dt.date) -> list[SeriesPlan]:
         """What a scan of these dates would do, changing nothing."""
@@ -363,23 +382,32 @@ class RetroScanner:
             self.on_progress(done, total, 0)
             stopped: list[str] = []
             lock = threading.Lock()
+            studies = iter(pending)
 
-            def one(study: RetroStudy) -> None:
+            def work() -> None:
+                """One retriever: one association, reused for study after study."""
                 nonlocal done, fetched
-                why = self._stop_reason(budget, deadline)
-                if why:
-                    stopped.append(why)
-                    return
-                got, complete = self._study(study, budget)
-                with lock:
-                    fetched += got
-                    done += complete
-                    self.on_progress(done, total, fetched)
-                if not complete:
-                    stopped.append("nightly image budget spent")
+                with self.archive.association() as assoc:
+                    while True:
+                        with lock:
+                            study = next(studies, None)
+                        if study is None:
+                            return
+                        why = self._stop_reason(budget, deadline)
+                        if why:
+                            stopped.append(why)
+                            return
+                        got, complete = self._study(assoc, study, budget)
+                        with lock:
+                            fetched += got
+                            done += complete
+                            self.on_progress(done, total, fetched)
+                        if not complete:
+                            stopped.append("nightly image budget spent")
 
-            with ThreadPoolExecutor(self.retro.max_concurrent_moves) as pool:
-                futures = [pool.submit(one, study) for study in pending]
+            workers = min(self.retro.max_concurrent_moves, len(pending))
+            with ThreadPoolExecutor(max(workers, 1)) as pool:
+                futures = [pool.submit(work) for _ in range(workers)]
                 try:
                     for future in futures:
                         future.result()
@@ -407,34 +435,44 @@ class RetroScanner:
             return "nightly image budget spent"
         return None
 
-    def _study(self, study: RetroStudy, budget: Budget) -> tuple[int, bool]:
+    def _study(
+        self, assoc: Association, study: RetroStudy, budget: Budget
+    ) -> tuple[int, bool]:
         """Fetch what a study lacks; returns the images fetched and whether all of it was handled
         (only then is the study marked done)."""
         fetched = done = again = 0
         notes = []
-        with self.archive.association() as assoc:
-            for plan in self.plan_study(assoc, study.study_instance_uid, study.study_date):
-                done += plan.already_done
-                if plan.again:
-                    with self.db.session() as s:
-                        requeue(s, plan.again, "retro-scan")
-                    again += len(plan.again)
-                granted = budget.take(plan.count, all_or_none=bool(plan.whole))
-                if granted:
-                    uids = None if plan.whole else plan.fetch[:granted]
-                    ok, bad = self.archive.retrieve(assoc, plan.study_uid, plan.series_uid, uids)
-                    with self.db.session() as s:
-                        count_retrieved(s, study.id, ok, bad)
-                    fetched += ok
-                    if plan.whole:
-                        notes.append(
-                            f"series {plan.series_uid}: the archive listed {plan.listed} of "
-                            f"{plan.whole}+ instances; retrieved whole"
-                        )
-                    if bad:
-                        notes.append(f"series {plan.series_uid}: {bad} not retrieved")
-                if granted < plan.count:
-                    return fetched, False
+        for planned in self.plan_study(assoc, study.study_instance_uid, study.study_date):
+            plan: SeriesPlan | None = planned
+            if planned.listed is None and planned.whole and budget.left < planned.whole:
+                # Tonight's budget cannot take the whole series: list it, to fetch part of it.
+                plan = self.plan_series(
+                    assoc, planned.study_uid, planned.study_date, planned.series_uid,
+                    planned.whole,
+                )  # fmt: skip
+                if plan is None:
+                    continue
+            done += plan.already_done
+            if plan.again:
+                with self.db.session() as s:
+                    requeue(s, plan.again, "retro-scan")
+                again += len(plan.again)
+            granted = budget.take(plan.count, all_or_none=bool(plan.whole))
+            if granted:
+                uids = None if plan.whole else plan.fetch[:granted]
+                ok, bad = self.archive.retrieve(assoc, plan.study_uid, plan.series_uid, uids)
+                with self.db.session() as s:
+                    count_retrieved(s, study.id, ok, bad)
+                fetched += ok
+                if plan.listed is not None:
+                    notes.append(
+                        f"series {plan.series_uid}: the archive listed {plan.listed} of "
+                        f"{plan.whole}+ instances; retrieved whole"
+                    )
+                if bad:
+                    notes.append(f"series {plan.series_uid}: {bad} not retrieved")
+            if granted < plan.count:
+                return fetched, False
         if again:
             notes.insert(0, f"{again} queued again from the store")
         with self.db.session() as s:
