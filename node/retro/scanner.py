@@ -4,9 +4,11 @@ Query/Retrieve, Study Root (PS3.4 Annex C): C-FIND at STUDY level for studies in
 with CR or DX among their modalities (range matching on StudyDate, C.2.2.2.5; ModalitiesInStudy
 is matched by the peers that support it, and the SERIES level filters again), then SERIES
 (Modality, BodyPartExamined, NumberOfSeriesRelatedInstances). A study of which the node holds
-nothing is wanted whole: each of its chest CR/DX series is retrieved at SERIES level, with no
-IMAGE-level query. Otherwise IMAGE (SOP Instance and Class UIDs) says what is missing, retrieved
-at IMAGE level with a list of UIDs (C.4.2.2.1). Retrieval is a C-MOVE to this node's own AE
+nothing, all of whose series are chest CR/DX, is wanted whole: such studies are retrieved
+together, up to 32 in one STUDY-level request with a list of UIDs (C.4.2.2.1), with no
+IMAGE-level query; a chest series of such a study beside other series is retrieved at SERIES
+level. Otherwise IMAGE (SOP Instance and Class UIDs) says what is missing, retrieved at IMAGE
+level with a list of UIDs. Retrieval is a C-MOVE to this node's own AE
 title, so the images arrive through the receive path like any routed one, or a C-GET on the
 query association for peers that cannot route back; either way they are marked ``retro``.
 ``[retro] max_concurrent_moves`` retrievers each hold one association for study after study.
@@ -159,11 +161,25 @@ class Archive:
     ) -> tuple[int, int]:
         """Fetch these instances, or the whole series (``sop_uids`` None); returns how many
         arrived and how many failed."""
+        if sop_uids is None:
+            return self._retrieve(assoc, "SERIES", StudyInstanceUID=study_uid,
+                                  SeriesInstanceUID=series_uid)  # fmt: skip
+        ok, _ = self._retrieve(
+            assoc, "IMAGE", StudyInstanceUID=study_uid, SeriesInstanceUID=series_uid,
+            SOPInstanceUID=sop_uids,
+        )  # fmt: skip
+        return ok, len(sop_uids) - ok
+
+    def retrieve_studies(self, assoc: Association, study_uids: list[str]) -> tuple[int, int]:
+        """Fetch whole studies with one request (a list of UIDs at STUDY level, PS3.4
+        C.4.2.2.1): one association from the archive for all of them, as ``movescu`` gets."""
+        return self._retrieve(assoc, "STUDY", StudyInstanceUID=study_uids)
+
+    def _retrieve(self, assoc: Association, level: str, **keys: str | list[str]) -> tuple[int, int]:
         query = Dataset()
-        query.QueryRetrieveLevel = "SERIES" if sop_uids is None else "IMAGE"
-        query.StudyInstanceUID, query.SeriesInstanceUID = study_uid, series_uid
-        if sop_uids is not None:
-            query.SOPInstanceUID = sop_uids
+        query.QueryRetrieveLevel = level
+        for keyword, value in keys.items():
+            setattr(query, keyword, value)
         responses = (
             assoc.send_c_get(query, StudyRootQueryRetrieveInformationModelGet)
             if self.use_get
@@ -183,9 +199,7 @@ class Archive:
             raise ArchiveError(
                 f"{what} refused: 0x{code:04X} {RETRIEVE_FAILURES.get(code, 'unable to process')}"
             )
-        if sop_uids is None:
-            return done + warned, int(final.get("NumberOfFailedSuboperations", 0))  # type: ignore[union-attr]
-        return done + warned, len(sop_uids) - done - warned
+        return done + warned, int(final.get("NumberOfFailedSuboperations", 0))  # type: ignore[union-attr]
 
 
 @dataclass
@@ -226,8 +240,16 @@ class Budget:
             self.left -= granted
             return granted
 
+    def give(self, images: int) -> None:
+        """Give back images taken but not fetched."""
+        with self.lock:
+            self.left += images
+
 
 Progress = Callable[[int, int, int], None]  # studies done, studies in the scan, images fetched
+# Studies wanted whole that one STUDY-level retrieve asks for: one association from the archive
+# for all of them (a C-MOVE), where one retrieve per study costs one each.
+STUDIES_PER_RETRIEVE = 32
 
 
 class RetroScanner:
@@ -276,8 +298,10 @@ class RetroScanner:
 
     def plan_study(
         self, assoc: Association, study_uid: str, study_date: str | None
-    ) -> list[SeriesPlan]:
-        """The series of a study that may hold frontal chest radiographs, triaged."""
+    ) -> tuple[list[SeriesPlan], bool]:
+        """The series of a study that may hold frontal chest radiographs, triaged; and whether
+        the study is wanted whole (the node holds nothing of it, and every series is one to
+        fetch whole)."""
         body_parts = self.body_parts
         plans = []
         with self.db.session() as s:
@@ -291,11 +315,13 @@ class RetroScanner:
                 f"the archive ended the series list of study {study_uid} at {len(found)} series "
                 "(its C-FIND result limit): raise that limit"
             )
+        whole = not known and bool(found)
         for series in found:
             body_part = str(series.get("BodyPartExamined") or "").upper()
             if series.get("Modality") not in MODALITIES or (
                 body_part and body_part not in body_parts
             ):
+                whole = False
                 continue  # no body part: fetched, and the gate decides from the full header
             series_uid = str(series.SeriesInstanceUID)
             count = str(series.get("NumberOfSeriesRelatedInstances") or "").strip()  # optional
@@ -305,10 +331,11 @@ class RetroScanner:
                 # twice): one SERIES-level retrieve, no IMAGE-level C-FIND.
                 plans.append(SeriesPlan(study_uid, study_date, series_uid, [], 0, [], size))
                 continue
+            whole = False
             plan = self.plan_series(assoc, study_uid, study_date, series_uid, size)
             if plan is not None:
                 plans.append(plan)
-        return plans
+        return plans, whole
 
     def plan_series(
         self,
@@ -343,7 +370,7 @@ class RetroScanner:
         with self.archive.association() as assoc:
             studies = self.find_studies(assoc, date_from, date_to)
             for i, (uid, date) in enumerate(studies, 1):
-                plans.extend(self.plan_study(assoc, uid, date))
+                plans.extend(self.plan_study(assoc, uid, date)[0])
                 self.on_progress(i, len(studies), 0)
         return plans
 
@@ -384,24 +411,38 @@ class RetroScanner:
             lock = threading.Lock()
             studies = iter(pending)
 
-            def work() -> None:
-                """One retriever: one association, reused for study after study."""
+            def tally(got: int, complete: int) -> None:
                 nonlocal done, fetched
+                with lock:
+                    fetched += got
+                    done += complete
+                    self.on_progress(done, total, fetched)
+
+            def work() -> None:
+                """One retriever: one association, reused for study after study; studies
+                wanted whole are gathered and fetched STUDIES_PER_RETRIEVE at a time."""
+                whole: list[tuple[RetroStudy, int]] = []
                 with self.archive.association() as assoc:
                     while True:
                         with lock:
                             study = next(studies, None)
-                        if study is None:
-                            return
-                        why = self._stop_reason(budget, deadline)
+                        why = None if study is None else self._stop_reason(budget, deadline)
+                        if study is None or why or len(whole) == STUDIES_PER_RETRIEVE:
+                            if not why and not self._retrieve_whole(assoc, whole, budget, tally):
+                                stopped.append("nightly image budget spent")
+                            whole = []  # after a stop they stay pending, to resume
                         if why:
                             stopped.append(why)
+                        if study is None or why:
                             return
-                        got, complete = self._study(assoc, study, budget)
-                        with lock:
-                            fetched += got
-                            done += complete
-                            self.on_progress(done, total, fetched)
+                        plans, wanted_whole = self.plan_study(
+                            assoc, study.study_instance_uid, study.study_date
+                        )
+                        if wanted_whole:
+                            whole.append((study, sum(p.whole for p in plans)))
+                            continue
+                        got, complete = self._study(assoc, study, budget, plans)
+                        tally(got, complete)
                         if not complete:
                             stopped.append("nightly image budget spent")
 
@@ -435,14 +476,52 @@ class RetroScanner:
             return "nightly image budget spent"
         return None
 
+    def _retrieve_whole(
+        self,
+        assoc: Association,
+        batch: list[tuple[RetroStudy, int]],
+        budget: Budget,
+        tally: Callable[[int, int], None],
+    ) -> bool:
+        """Fetch studies wanted whole (with their sizes) in one STUDY-level retrieve, as many as
+        tonight's budget takes whole; the rest, or all of them if the archive reports a failure
+        (which study lacks what, it does not say), study by study. Whether all were handled."""
+        fits, rest = [], []
+        for study, size in batch:
+            (fits if budget.take(size, all_or_none=True) else rest).append((study, size))
+        if fits:
+            expected = sum(size for _, size in fits)
+            ok, bad = self.archive.retrieve_studies(assoc, [s.study_instance_uid for s, _ in fits])
+            if bad == 0 and ok >= expected:
+                with self.db.session() as s:
+                    for study, size in fits:
+                        count_retrieved(s, study.id, size, 0)
+                        study_done(s, study.id, 0, None)
+                tally(ok, len(fits))
+            else:  # planned again one by one: what did arrive is known to the node now
+                budget.give(max(expected - ok, 0))
+                rest = fits + rest
+        complete = True
+        for study, _ in rest:
+            got, handled = self._study(assoc, study, budget)
+            tally(got, handled)
+            complete = complete and handled
+        return complete
+
     def _study(
-        self, assoc: Association, study: RetroStudy, budget: Budget
+        self,
+        assoc: Association,
+        study: RetroStudy,
+        budget: Budget,
+        plans: list[SeriesPlan] | None = None,
     ) -> tuple[int, bool]:
         """Fetch what a study lacks; returns the images fetched and whether all of it was handled
         (only then is the study marked done)."""
         fetched = done = again = 0
         notes = []
-        for planned in self.plan_study(assoc, study.study_instance_uid, study.study_date):
+        if plans is None:
+            plans, _ = self.plan_study(assoc, study.study_instance_uid, study.study_date)
+        for planned in plans:
             plan: SeriesPlan | None = planned
             if planned.listed is None and planned.whole and budget.left < planned.whole:
                 # Tonight's budget cannot take the whole series: list it, to fetch part of it.
