@@ -2,9 +2,12 @@
 inference, evaluation. Usable on its own, with no database and no network::
 
     from ai import AgeModel, Engine, resolve_weights
-    model = AgeModel.load(resolve_weights("riken-senet154"))  # or a path
-    for outcome in Engine(model, batch_size=16).run(Path("folder").rglob("*.dcm")):
-        print(outcome.path, outcome.xray_age, outcome.error)
+
+    if __name__ == "__main__":  # the engine decodes in processes of its own
+        model = AgeModel.load(resolve_weights("riken-senet154"))  # or a path
+        with Engine(model, batch_size=16) as engine:
+            for outcome in engine.run(Path("folder").rglob("*.dcm")):
+                print(outcome.path, outcome.xray_age, outcome.error)
 """
 
 from importlib import import_module

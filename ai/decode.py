@@ -234,9 +234,10 @@ class Read:
     """One file, read on the host: its pixels, and its DICOM header (without Pixel Data; None
     for image files)."""
 
-    stored: Stored
+    stored: Stored | None  # None when the decoding process made the tensor itself
     header: Dataset | None
     seconds: float
+    tensor: object = None  # the model input (a torch.Tensor) made there: a CPU model's case
 
 
 def read(path: Path, defer: frozenset[str] = frozenset()) -> Read:

@@ -21,7 +21,7 @@ import multiprocessing
 import os
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -37,11 +37,15 @@ from ai.decode import Read, read, ready
 from ai.device_decode import SYNTAXES, DeviceDecoder
 from ai.errors import PreprocessError
 from ai.model import AgeModel
-from ai.preprocess import tensors
+from ai.preprocess import cpu_decoding_process, read_tensor, tensors
 from ai.processes import cause_of, die_with_parent
 
 log = logging.getLogger("xrayage.engine")
-_SPAWN = multiprocessing.get_context("spawn")  # no threads or locks of this process inherited
+# Decoding processes are forked from a fork server that imported the decoders and torch once
+# (a fresh process: no threads or locks of this one inherited), so that each starts at once
+# rather than importing them again: 2-3 s a process on a busy 2-core machine.
+_CONTEXT = multiprocessing.get_context("forkserver")
+_CONTEXT.set_forkserver_preload(["ai.decoding_server"])
 Submitted = tuple["Future[Read]", ProcessPoolExecutor]
 
 
@@ -51,8 +55,9 @@ class Outcome:
     xray_age: float | None = None
     error: str | None = None
     header: Dataset | None = None  # the DICOM header without Pixel Data; None for image files
-    # Wall seconds of "decode" (host: file to stored values and table), "preprocess" (device:
-    # its share of the batch's tensor steps) and "model" (the whole batch it ran in).
+    # Wall seconds of "decode" (a decoding process: file to stored values and table, and with
+    # a CPU model on to the tensor), "preprocess" (its share of the batch's steps in the
+    # model's process: tensor steps on the device) and "model" (the whole batch it ran in).
     seconds: dict[str, float] = field(default_factory=dict)
 
 
@@ -61,7 +66,7 @@ def _message(path: Path, e: BaseException) -> str:
 
 
 def _read_into(path: Path, conn: Connection) -> None:
-    die_with_parent()
+    die_with_parent(check=False)
     try:
         conn.send(read(path))
     except Exception as e:  # any way a file can be malformed: its outcome, not ours
@@ -71,8 +76,8 @@ def _read_into(path: Path, conn: Connection) -> None:
 def read_alone(path: Path) -> Read:
     """:func:`ai.decode.read` in a process of its own: a decoder that ends it is this file's
     error, with the signal or status it ended with."""
-    receive, send = _SPAWN.Pipe(duplex=False)
-    proc = _SPAWN.Process(target=_read_into, args=(path, send), name="xrayage-decode")
+    receive, send = _CONTEXT.Pipe(duplex=False)
+    proc = _CONTEXT.Process(target=_read_into, args=(path, send), name="xrayage-decode")
     proc.start()
     send.close()
     try:
@@ -109,9 +114,17 @@ class Engine:
         self.batch_size = batch_size
         self.workers = workers or default_workers()
         self._pool: ProcessPoolExecutor | None = None
-        # With a device decoder the host leaves JPEG 2000 encoded (ai/device_decode.py).
+        # With a device decoder the host leaves JPEG 2000 encoded (ai/device_decode.py). With
+        # the model on the CPU, the tensor steps run in the decoding processes too: on every
+        # core, rather than all in this process beside the model (bench/preprocess.py).
         self.decoder = decoder
-        self._read = partial(read, defer=SYNTAXES if decoder is not None else frozenset())
+        self._read: Callable[[Path], Read] = partial(
+            read, defer=SYNTAXES if decoder is not None else frozenset()
+        )
+        self._initializer: Callable[[], None] = partial(die_with_parent, check=False)
+        if model.device.type == "cpu" and decoder is None:
+            self._read = partial(read_tensor, input_size=model.card.input_size)
+            self._initializer = cpu_decoding_process
 
     def __enter__(self) -> Engine:
         return self
@@ -135,7 +148,7 @@ class Engine:
     def _decoders(self) -> ProcessPoolExecutor:
         if self._pool is None:
             self._pool = ProcessPoolExecutor(
-                self.workers, mp_context=_SPAWN, initializer=die_with_parent
+                self.workers, mp_context=_CONTEXT, initializer=self._initializer
             )
         return self._pool
 
@@ -190,7 +203,7 @@ class Engine:
         decoded: list[torch.Tensor | None] = [None] * len(batch)
         todo = [
             i for i, (_, r) in enumerate(batch)
-            if not isinstance(r, str) and r.stored.encoded is not None
+            if not isinstance(r, str) and r.stored is not None and r.stored.encoded is not None
         ]  # fmt: skip
         if self.decoder is None or not todo:
             return batch, decoded
@@ -219,16 +232,24 @@ class Engine:
             else Outcome(path, header=r.header, seconds={"decode": r.seconds})
             for path, r in batch
         ]
-        ok = [i for i, (_, r) in enumerate(batch) if not isinstance(r, str)]
-        if ok:
-            x = tensors(
-                [batch[i][1].stored for i in ok],  # type: ignore[union-attr]
-                self.model.card.input_size, self.model.device, [decoded[i] for i in ok],
-            )  # fmt: skip
+        reads = [r for _, r in batch if not isinstance(r, str)]
+        if reads:
+            made = [r.tensor for r in reads]  # by a decoding process (a CPU model), or here:
+            todo = [k for k, r in enumerate(reads) if r.tensor is None]
+            if todo:
+                on_device = [d for (_, r), d in zip(batch, decoded, strict=True)
+                             if not isinstance(r, str)]  # fmt: skip
+                x = tensors(
+                    [reads[k].stored for k in todo],  # type: ignore[misc]
+                    self.model.card.input_size, self.model.device, [on_device[k] for k in todo],
+                )  # fmt: skip
+                for k, tensor in zip(todo, x, strict=True):
+                    made[k] = tensor
+            x = torch.stack(made)  # type: ignore[arg-type]
             prepared = time.perf_counter()
             ages = iter(self.model.predict(x))
             model_seconds = time.perf_counter() - prepared
-            share = (prepared - started) / len(ok)
+            share = (prepared - started) / len(reads)
             for outcome in outcomes:
                 if outcome.error is None:
                     outcome.xray_age = next(ages)

@@ -19,14 +19,18 @@ done on every pixel (tests/test_reference_parity.py), for a fraction of the work
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from pydicom.dataset import Dataset
 
-from ai.decode import Stored, stored_values
+from ai.decode import Read, Stored, read, stored_values
+from ai.processes import die_with_parent
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -125,3 +129,22 @@ def display_values(ds: Dataset) -> np.ndarray:
 def preprocess(ds: Dataset, input_size: int = 320) -> torch.Tensor:
     """3 x size x size model input for one dataset, on the CPU."""
     return tensors([stored_values(ds)], input_size, torch.device("cpu"))[0]
+
+
+def cpu_decoding_process() -> None:
+    """The start of a decoding process that also makes tensors (:func:`read_tensor`): one
+    torch thread, as there is one such process per core."""
+    die_with_parent(check=False)
+    torch.set_num_threads(1)
+
+
+def read_tensor(path: Path, input_size: int) -> Read:
+    """What a decoding process does when the model runs on the CPU as well: :func:`ai.decode.read`,
+    then the tensor steps there, one core per process, rather than all of them in the model's
+    process; 3 x size x size floats go back instead of the stored pixels."""
+    got = read(path)
+    assert got.stored is not None
+    started = time.perf_counter()
+    x = tensors([got.stored], input_size, torch.device("cpu"))[0]
+    seconds = got.seconds + time.perf_counter() - started
+    return replace(got, stored=None, tensor=x, seconds=seconds)

@@ -11,14 +11,15 @@ Per transfer syntax (the files of bench/decode.py), the median over ``--iters`` 
   table) plus the hand-over to the device process (a pickle round trip, as the decoding
   processes send it);
 - ``device_ms``: the tensor steps on the model's device (``ai.preprocess.tensors``), per image
-  of a batch of ``--batch``; CUDA is synchronised before the clock stops. ``device`` says which.
+  of a batch of 8; CUDA is synchronised before the clock stops. ``device`` says which.
 
-Then ``xrayage infer`` on 1 and on ``--images`` + 1 copies of the uncompressed chest CR (the
-small untrained test network, CPU): the marginal wall time per image against ``floor_ms``, in
-the same run, on this machine's cores; and the same less the network's own time per image
-(``model_ms_per_image``, batch 8), which no preprocessing can take away.
+Then ``xrayage infer`` on 1, 17 and ``--images`` + 1 copies of the uncompressed chest CR (the
+small untrained test network, CPU, batch 8): the marginal wall time per image between the two
+larger runs (every decoding process started in both) against ``floor_ms``, in the same run, on
+this machine's cores; and the same less the network's own time per image
+(``model_ms_per_image``, batch 8, nothing else running), which no preprocessing can take away.
 
-    python bench/preprocess.py --iters 5 --images 16
+    python bench/preprocess.py --iters 5 --images 64
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ import pydicom
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+BATCH = 8  # the node's default [model] batch_size
 sys.path.insert(0, str(ROOT))
 from ai.decode import read  # noqa: E402
 from ai.model import AgeModel  # noqa: E402
@@ -99,8 +101,7 @@ def _row(
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--iters", type=int, default=5)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--images", type=int, default=16, help="extra images for xrayage infer")
+    p.add_argument("--images", type=int, default=64, help="extra images for xrayage infer")
     p.add_argument("--before", default="1152923", help="git revision of the path before")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
@@ -110,7 +111,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         files = encoded_files(Path(tmp))
         for name, path in files.items():
-            rows.append(_row(name, path, before, device, args.batch, args.iters))
+            rows.append(_row(name, path, before, device, BATCH, args.iters))
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
 
         weights = Path(tmp) / "model" / "seresnet.pt"
@@ -120,21 +121,25 @@ def main() -> None:
             copies.append(Path(tmp) / "infer" / f"chest{i}.dcm")
             copies[-1].parent.mkdir(exist_ok=True)
             shutil.copy(files["explicit-le"], copies[-1])
-        one = statistics.median(_infer_seconds(copies[:1], weights) for _ in range(3))
-        many = statistics.median(_infer_seconds(copies, weights) for _ in range(3))
+        # 1 file; 2 batches + 1 (every decoding process started); all of them.
+        sizes = (1, 2 * BATCH + 1, args.images + 1)
+        walls = [statistics.median(_infer_seconds(copies[:n], weights) for _ in range(3))
+                 for n in sizes]  # fmt: skip
         model = AgeModel.load(weights, "cpu")
-        batch = torch.zeros(8, 3, 320, 320)
-        model_ms = _median_ms(lambda: model.predict(batch), args.iters, lambda: None) / 8
+        batch = torch.zeros(BATCH, 3, 320, 320)
+        model_ms = _median_ms(lambda: model.predict(batch), args.iters, lambda: None) / BATCH
     floor: float = rows[0]["floor_ms"]  # type: ignore[assignment]
-    marginal = (many - one) / args.images * 1000
+    # Between the two larger runs: per image once the processes run, their start left out.
+    marginal = (walls[2] - walls[1]) / (sizes[2] - sizes[1]) * 1000
     infer = {
-        "images": [1, args.images + 1],
-        "wall_s": [round(one, 2), round(many, 2)],
+        "images": sizes,
+        "wall_s": [round(w, 2) for w in walls],
         "marginal_ms_per_image": round(marginal, 1),
         "floor_ms": floor,
         "marginal_over_floor": round(marginal / floor, 2),
         "target_over_floor": 3.0,
-        # The network alone, batch 8, same threads: what no preprocessing can take away.
+        # The network alone, same batch, same threads, nothing else running: what no
+        # preprocessing can take away.
         "model_ms_per_image": round(model_ms, 1),
         "marginal_without_model_over_floor": round((marginal - model_ms) / floor, 2),
     }
@@ -145,7 +150,7 @@ def main() -> None:
         "device_name": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "torch_threads": torch.get_num_threads(),
         "before": args.before,
-        "batch": args.batch,
+        "batch": BATCH,
         "results": rows,
         "infer": infer,
     }, indent=1))  # fmt: skip

@@ -54,6 +54,19 @@ def _inference_children(pid: int) -> list[int]:
     return [c for c in children if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
 
 
+def _descendants(pid: int) -> list[int]:
+    """Every process under ``pid`` but multiprocessing's resource tracker: the inference
+    process's fork server and the decoding processes forked from it."""
+    tasks = Path(f"/proc/{pid}/task").iterdir()
+    children = [int(c) for t in tasks for c in (t / "children").read_text().split()]
+    return [
+        d
+        for c in children
+        if b"resource_tracker" not in Path(f"/proc/{c}/cmdline").read_bytes()
+        for d in [c, *_descendants(c)]
+    ]
+
+
 def _running(pid: int) -> bool:
     try:  # a zombie has died; whoever inherited it may not have reaped it yet
         return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
@@ -137,8 +150,8 @@ def test_an_image_that_kills_the_decoder_does_not_take_the_node_down(
         assert f"inference process {inference} killed by SIGKILL" in deaths()[0]
         wait_until(node.ready, 60, "ready again")
         (inference,) = _inference_children(serving)
-        decoders = _inference_children(inference)
-        assert decoders  # started with the model, before the first image
+        decoders = _descendants(inference)
+        assert len(decoders) >= 2  # the fork server and a decoding process, before any image
 
         # A killed `serve` takes its inference process with it (its successor would otherwise
         # wait a lease for the jobs that one holds), and that one its decoding processes.
