@@ -4,7 +4,8 @@ while the device turns the previous batch into tensors and runs the model.
 Decoding is CPU work that holds the GIL in the Python parts of pydicom and its plugins, so
 threads would share one core; processes do not (bench/preprocess.py). What comes back from a
 process is the stored pixels (2 bytes a pixel) and their display table (:mod:`ai.decode`); the
-rest of preprocessing runs on the model's device (:mod:`ai.preprocess`).
+rest of preprocessing runs on the model's device (:mod:`ai.preprocess`), in this process. With
+the model on the CPU, the decoding processes make the tensors too, one core each.
 
 A decoder can end the process it runs in (GDCM aborts on some malformed JPEG-LS streams). The
 files that were in flight are then read again, each alone in a fresh process: the one that ends

@@ -13,6 +13,10 @@ Per transfer syntax (the files of bench/decode.py), the median over ``--iters`` 
 - ``device_ms``: the tensor steps on the model's device (``ai.preprocess.tensors``), per image
   of a batch of 8; CUDA is synchronised before the clock stops. ``device`` says which.
 
+On CUDA with the extra ``gpu``, JPEG 2000 rows add ``host_deferred_ms`` (the host leaves the
+frame encoded) and ``device_decode_and_tensor_ms`` (nvImageCodec's batch decode and the tensor
+steps); ``device_decode`` says why they are missing otherwise.
+
 Then ``xrayage infer`` on 1, 17 and ``--images`` + 1 copies of the uncompressed chest CR (the
 small untrained test network, CPU, batch 8): the marginal wall time per image between the two
 larger runs (every decoding process started in both) against ``floor_ms``, in the same run, on
@@ -46,6 +50,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BATCH = 8  # the node's default [model] batch_size
 sys.path.insert(0, str(ROOT))
 from ai.decode import read  # noqa: E402
+from ai.device_decode import SYNTAXES, DeviceDecoder  # noqa: E402
 from ai.model import AgeModel  # noqa: E402
 from ai.preprocess import tensors  # noqa: E402
 from ai.untrained import build_untrained_model  # noqa: E402
@@ -81,14 +86,41 @@ def _infer_seconds(files: list[Path], weights: Path) -> float:
     return time.perf_counter() - started
 
 
+def _device_decode(device: torch.device) -> DeviceDecoder | str:
+    """nvImageCodec on ``device`` (the extra ``gpu``), or why its path is not measured here."""
+    if device.type != "cuda":
+        return "not measured: no CUDA device (the CPU decoders run in the decoding processes)"
+    try:
+        return DeviceDecoder(device)
+    except ImportError:
+        return "not measured: the extra `gpu` (nvImageCodec) is not installed"
+
+
 def _row(
-    name: str, path: Path, before: ModuleType, device: torch.device, batch: int, iters: int
+    name: str,
+    path: Path,
+    before: ModuleType,
+    device: torch.device,
+    batch: int,
+    iters: int,
+    decoder: DeviceDecoder | str,
 ) -> dict[str, object]:
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     syntax = str(pydicom.dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID)
     stored = [read(path).stored] * batch
     tensors(stored, 320, device)  # warm-up: kernels, allocator
-    return {
+    extra: dict[str, object] = {}
+    if syntax in SYNTAXES and isinstance(decoder, DeviceDecoder):
+        # The host leaves the frame encoded; the device decodes the batch, then the same steps.
+        deferred = [read(path, SYNTAXES)] * batch
+        encoded = [r.stored for r in deferred]
+        extra["host_deferred_ms"] = _median_ms(
+            lambda: pickle.loads(pickle.dumps(read(path, SYNTAXES), 5)), iters, sync
+        )
+        extra["device_decode_and_tensor_ms"] = _median_ms(
+            lambda: tensors(encoded, 320, device, decoder.decode(encoded)), iters, sync
+        ) / batch
+    return extra | {
         "encoding": name,
         "transfer_syntax": syntax,
         "floor_ms": _median_ms(lambda: pydicom.dcmread(path).pixel_array, iters, sync),
@@ -107,11 +139,12 @@ def main() -> None:
     args = p.parse_args()
     device = torch.device(args.device)
     before = _module_at(args.before, "ai/preprocess.py")
+    decoder = _device_decode(device)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         files = encoded_files(Path(tmp))
         for name, path in files.items():
-            rows.append(_row(name, path, before, device, BATCH, args.iters))
+            rows.append(_row(name, path, before, device, BATCH, args.iters, decoder))
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
 
         weights = Path(tmp) / "model" / "seresnet.pt"
@@ -148,6 +181,7 @@ def main() -> None:
         "cpus": os.cpu_count(),
         "device": str(device),
         "device_name": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "device_decode": "nvImageCodec" if isinstance(decoder, DeviceDecoder) else decoder,
         "torch_threads": torch.get_num_threads(),
         "before": args.before,
         "batch": BATCH,

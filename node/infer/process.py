@@ -1,13 +1,15 @@
 """The inference worker in a process of its own, supervised by the one that answers C-STORE.
 
-Decoders and the model are the parts of the node that a single image can break: GDCM throws a
-C++ exception that aborts the process (SIGABRT) on a JPEG-LS stream that disagrees with its
-header, and a header can claim more memory than the host has. Here that ends the inference
-process, not the receiver: associations, C-ECHO and C-STORE go on. The supervisor gives the
-dead process's jobs back to the queue with the cause (``killed by SIGABRT``), audits the death,
-and starts a new process after a backoff (1, 2, 4 ... 60 s). A job of a dead process is then
-claimed alone, and after ``[model] max_attempts`` deaths it is ``failed`` with that cause
-(storage/queue.py), so one bad image costs its own attempts and no other image's.
+The model, and the decoders under it, are the parts of the node that a single image can break:
+GDCM throws a C++ exception that aborts the process (SIGABRT) on a JPEG-LS stream that disagrees
+with its header, and a header can claim more memory than the host has. Decoding runs in the
+engine's own decoding processes (:mod:`ai.engine`), so such an image ends one of those and is
+failed with that cause; whatever ends the inference process itself (the OOM killer, a crash in
+the model) ends it, not the receiver: associations, C-ECHO and C-STORE go on. The supervisor
+gives the dead process's jobs back to the queue with the cause (``killed by SIGKILL``), audits
+the death, and starts a new process after a backoff (1, 2, 4 ... 60 s). A job of a dead process
+is then claimed alone, and after ``[model] max_attempts`` deaths it is ``failed`` with that
+cause (storage/queue.py), so one bad image costs its own attempts and no other image's.
 
 The child is started with ``spawn`` (a fresh interpreter: no threads or sockets of the parent
 inherited), receives its config sections (pickled), opens its own database connection and file
