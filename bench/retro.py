@@ -4,7 +4,8 @@ Orthanc holds ``--images`` copies of the 7 MB chest CR ``RG1_UNCR.dcm``, each it
 (fresh UIDs, one study date), stored there with DCMTK storescu. The node (``xrayage serve``, every
 role in one process, SQLite, local storage, the model on the CPU) has Orthanc as its retro-scan
 peer and its delivery destination. ``xrayage rescan --from D --to D`` finds the studies with
-C-FIND and fetches them with C-MOVE (``[retro] max_concurrent_moves``, default 2); each image
+C-FIND and fetches them with C-MOVE (``[retro] max_concurrent_moves``: ``--moves``, default 2,
+the node's default); each image
 then takes the routed path: durable receive, gate, queue, model, SR, C-STORE to Orthanc.
 
 Measured from the rescan's start: ``fetched_s`` when the rescan command returns (every C-MOVE
@@ -79,7 +80,8 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, object]:
     )
     peer = f'{{ ae_title = "{pacs.aet}", host = "127.0.0.1", port = {pacs.dicom_port} }}'
     config = node_config(
-        work, node_port, weights, pacs, retro=f"peer = {peer}", report="secondary_capture = false"
+        work, node_port, weights, pacs, retro=f"peer = {peer}\nmax_concurrent_moves = {args.moves}",
+        report="secondary_capture = false",
     )
     node = NodeProcess(config, node_port, work / "node.log", http_port=http)
     rows: dict[str, dict[str, float]] = {}
@@ -128,6 +130,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, object]:
         "megabytes": round(megabytes),
         "cpus": os.cpu_count(),
         "model": {"architecture": args.arch, "input_size": args.input_size, "device": "cpu"},
+        "max_concurrent_moves": args.moves,
         "runs": rows,
         "ratio_node_fetch_to_movescu": round(
             rows["node"]["fetch_images_per_s"] / rows["movescu"]["images_per_s"], 2
@@ -139,6 +142,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=500)
     parser.add_argument("--arch", default="seresnet18")
+    parser.add_argument("--moves", type=int, default=2, help="[retro] max_concurrent_moves")
     parser.add_argument("--input-size", type=int, default=320)
     parser.add_argument("--work", type=Path, default=None, help="scratch folder (default: /tmp)")
     args = parser.parse_args()
