@@ -39,7 +39,7 @@ from ai.device_decode import SYNTAXES, DeviceDecoder
 from ai.errors import PreprocessError
 from ai.model import AgeModel
 from ai.preprocess import cpu_decoding_process, read_tensor, tensors
-from ai.processes import cause_of, die_with_parent
+from ai.processes import cause_of, decoding_process, die_with_parent
 
 log = logging.getLogger("xrayage.engine")
 # Decoding processes are forked from a fork server that imported the decoders and torch once
@@ -122,7 +122,7 @@ class Engine:
         self._read: Callable[[Path], Read] = partial(
             read, defer=SYNTAXES if decoder is not None else frozenset()
         )
-        self._initializer: Callable[[], None] = partial(die_with_parent, check=False)
+        self._initializer: Callable[[], None] = decoding_process
         if model.device.type == "cpu" and decoder is None:
             self._read = partial(read_tensor, input_size=model.card.input_size)
             self._initializer = cpu_decoding_process

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from pydicom.dataset import Dataset
 
 from ai.decode import Read, Stored, read, stored_values
-from ai.processes import die_with_parent
+from ai.processes import decoding_process
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -134,7 +134,7 @@ def preprocess(ds: Dataset, input_size: int = 320) -> torch.Tensor:
 def cpu_decoding_process() -> None:
     """The start of a decoding process that also makes tensors (:func:`read_tensor`): one
     torch thread, as there is one such process per core."""
-    die_with_parent(check=False)
+    decoding_process()
     torch.set_num_threads(1)
 
 

@@ -54,7 +54,9 @@ def _run(
     """The engine's outcomes with a progress bar on a terminal's stderr."""
     from ai.device_decode import device_decoder  # torch loads here, not for every command
     from ai.engine import Engine
+    from ai.processes import keep_freed_memory
 
+    keep_freed_memory()  # the model runs in this process (ai/processes.py)
     columns = ("{task.description}", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     console = Console(stderr=True)
     with Progress(*columns, console=console, disable=not console.is_terminal) as progress:

@@ -36,7 +36,7 @@ from typing import Any
 from sqlalchemy.exc import SQLAlchemyError
 
 from ai.errors import ModelLoadError
-from ai.processes import cause_of, die_with_parent
+from ai.processes import cause_of, die_with_parent, keep_freed_memory
 from node.components import STOP_SECONDS
 from node.config import LoggingSection, ModelSection, ReportConfig, StorageSection
 from storage import Database, record_event
@@ -232,6 +232,7 @@ def run_child(
     # Below the receiver when the cores are short (its decoding processes inherit this): a
     # C-STORE or a retro-scan's retrieve is never slowed by the model; idle cores are shared.
     os.nice(INFERENCE_NICENESS)
+    keep_freed_memory()  # the model's and the batches' tensors reuse memory (ai/processes.py)
     from ai.model import AgeModel  # torch loads here, in the child only
     from node.infer.worker import InferenceWorker
     from node.logs import configure_logging
