@@ -233,16 +233,15 @@ class Engine:
             else Outcome(path, header=r.header, seconds={"decode": r.seconds})
             for path, r in batch
         ]
-        reads = [r for _, r in batch if not isinstance(r, str)]
+        # Each file read, with its pixels if the device decoded them.
+        reads = [(r, d) for (_, r), d in zip(batch, decoded, strict=True) if not isinstance(r, str)]
         if reads:
-            made = [r.tensor for r in reads]  # by a decoding process (a CPU model), or here:
-            todo = [k for k, r in enumerate(reads) if r.tensor is None]
+            made = [r.tensor for r, _ in reads]  # by a decoding process (a CPU model), or here:
+            todo = [k for k, (r, _) in enumerate(reads) if r.tensor is None]
             if todo:
-                on_device = [d for (_, r), d in zip(batch, decoded, strict=True)
-                             if not isinstance(r, str)]  # fmt: skip
                 x = tensors(
-                    [reads[k].stored for k in todo],  # type: ignore[misc]
-                    self.model.card.input_size, self.model.device, [on_device[k] for k in todo],
+                    [reads[k][0].stored for k in todo],  # type: ignore[misc]
+                    self.model.card.input_size, self.model.device, [reads[k][1] for k in todo],
                 )  # fmt: skip
                 for k, tensor in zip(todo, x, strict=True):
                     made[k] = tensor
