@@ -4,12 +4,12 @@
 The import is the only code multiprocessing runs in its fork server, so it does two things
 there: it binds the fork server's life to the engine's process (killed with it, so that a
 ``kill -9`` of the node leaves no fork server and no decoding processes behind; those die with
-the fork server, :func:`ai.preprocess.cpu_decoding_process`), and it loads the decoders and torch
+the fork server, :func:`ai.processes.fork_server`), and it loads the decoders and torch
 once, for every decoding process forked later.
 """
 
-from ai.processes import die_with_parent
+from ai.processes import fork_server
 
-die_with_parent(check=False)  # its parent is the engine's process
+fork_server()
 
 import ai.preprocess  # noqa: E402, F401  (loaded once, here, for every decoding process)

@@ -39,7 +39,7 @@ from ai.device_decode import SYNTAXES, DeviceDecoder
 from ai.errors import PreprocessError
 from ai.model import AgeModel
 from ai.preprocess import cpu_decoding_process, read_tensor, tensors
-from ai.processes import cause_of, decoding_process, die_with_parent
+from ai.processes import cause_of, decoding_process
 
 log = logging.getLogger("xrayage.engine")
 # Decoding processes are forked from a fork server that imported the decoders and torch once
@@ -67,7 +67,6 @@ def _message(path: Path, e: BaseException) -> str:
 
 
 def _read_into(path: Path, conn: Connection) -> None:
-    die_with_parent(check=False)
     try:
         conn.send(read(path))
     except Exception as e:  # any way a file can be malformed: its outcome, not ours

@@ -13,17 +13,41 @@ PR_SET_PDEATHSIG = 1  # linux/prctl.h
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc malloc.h
 
 
-def die_with_parent(check: bool = True) -> None:
+def die_with_parent(parent: int | None) -> None:
     """Be killed with the process that started this one (Linux ``PR_SET_PDEATHSIG``): a child
     must not outlive a ``kill -9`` of its parent, holding work (the node's inference process
     holds jobs) or memory (a decoding process). Elsewhere, a child notices through its pipes.
-    ``check``: exit now if the parent that started this process is gone already (not for a
-    forkserver's children, whose parent is the fork server, not the process that asked)."""
-    parent = multiprocessing.parent_process()
+    ``parent``: the pid this process was started by, when known; if it is not the parent any
+    more, it died before the call (too early for the signal), and this process exits now."""
     if sys.platform.startswith("linux"):
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    if check and parent is not None and os.getppid() != parent.pid:  # it died before the call
+    if parent is not None and os.getppid() != parent:
         os._exit(1)
+
+
+def spawned_child() -> None:
+    """The start of a child that multiprocessing spawned: it dies with its parent."""
+    parent = multiprocessing.parent_process()
+    die_with_parent(parent.pid if parent is not None else None)
+
+
+def fork_server() -> None:
+    """The start of the engine's fork server (:mod:`ai.decoding_server`). It dies with the
+    engine's process (whose pid it is not told: had that one died already, the fork server's
+    alive pipe would be closed, and it would exit on reading it). Each process forked from it
+    dies with it from the fork on: were that left to the pool's initializer, a fork server
+    killed while a new decoding process is still starting would leave that process waiting
+    forever on its queue (a CI run caught one)."""
+    die_with_parent(None)
+    server = os.getpid()
+    forked_here = [True]  # the children's copy is set False, so their own forks are left alone
+
+    def forked() -> None:
+        if forked_here[0]:
+            forked_here[0] = False
+            die_with_parent(server)
+
+    os.register_at_fork(after_in_child=forked)
 
 
 def keep_freed_memory() -> None:
@@ -43,8 +67,8 @@ def keep_freed_memory() -> None:
 
 
 def decoding_process() -> None:
-    """The start of each of the engine's decoding processes."""
-    die_with_parent(check=False)
+    """The start of each of the engine's decoding processes (they die with the fork server
+    from the fork on: :func:`fork_server`)."""
     keep_freed_memory()
 
 

@@ -108,13 +108,25 @@ def _dead(owners: Iterable[str | None], host: str, alive: Callable[[int], bool])
     }
 
 
-def requeue_orphans(session: Session, host: str, alive: Callable[[int], bool] = pid_alive) -> int:
+def requeue_orphans(
+    session: Session, host: str, alive: Callable[[int], bool] = pid_alive, *, counted: bool = True
+) -> int:
     """Give back at once the jobs that a dead process on this host held (owner ``host:pid``),
     so that a restart after ``kill -9`` does not wait for their leases to expire. Jobs of other
-    hosts, and of PIDs reused by a live process, still come back when their lease expires."""
+    hosts, and of PIDs reused by a live process, still come back when their lease expires.
+
+    ``counted``: whether that death counts as an attempt on the jobs' images (the poison
+    ceiling, :func:`fail_exhausted`). It does where the dead process read the images itself,
+    since one of them may have killed it. It does not where the dead process was an inference
+    process that ended with its node: its own deaths are counted by its supervisor at once
+    (:func:`requeue_owner`), and restarting a node must not fail the images in flight. Three
+    ``kill -9`` during a backlog failed one in tests/test_crash.py."""
     running = select(Job.owner).where(Job.state == JobState.RUNNING)
     owners = _dead(session.scalars(running), host, alive)
-    return sum(requeue_owner(session, owner, f"worker process {owner} died") for owner in owners)
+    return sum(
+        requeue_owner(session, owner, f"worker process {owner} died", counted=counted)
+        for owner in owners
+    )
 
 
 def requeue_orphan_deliveries(
@@ -135,14 +147,18 @@ def requeue_orphan_deliveries(
     )
 
 
-def requeue_owner(session: Session, owner: str, cause: str) -> int:
+def requeue_owner(session: Session, owner: str, cause: str, *, counted: bool = True) -> int:
     """Give back the running jobs of ``owner`` (``host:pid``), a process known to be dead, with
-    ``cause`` as their error: what :func:`fail_exhausted` quotes if the image keeps killing it."""
+    ``cause`` as their error: what :func:`fail_exhausted` quotes if the image keeps killing it.
+    Not ``counted``: the claim's attempt is given back too (:func:`requeue_orphans`)."""
+    attempts = Job.attempts if counted else Job.attempts - 1  # a running job was claimed once
     return len(
         session.scalars(
             update(Job)
             .where(Job.state == JobState.RUNNING, Job.owner == owner)
-            .values(state=JobState.QUEUED, owner=None, lease_until=None, error=cause)
+            .values(
+                state=JobState.QUEUED, owner=None, lease_until=None, error=cause, attempts=attempts
+            )
             .returning(Job.id)
         ).all()
     )

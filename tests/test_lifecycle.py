@@ -17,7 +17,7 @@ from sqlalchemy import select
 from ai.presets import model_card
 from storage import AuditEvent, Database, Instance, InstanceState, Job, JobState, Result
 from storage.lifecycle import INSTANCE_TRANSITIONS, IllegalTransition, change_state
-from storage.queue import claim_jobs, fail_exhausted, requeue_orphans
+from storage.queue import claim_jobs, fail_exhausted, requeue_orphans, requeue_owner
 from tests.conftest import node_config, node_in_process, small_chests, storescu
 from tests.servers import XRAYAGE, NodeProcess, PostgreSQL, echo, free_port, wait_until
 
@@ -85,9 +85,10 @@ def test_an_illegal_move_is_refused_loudly_and_a_legal_one_is_audited(tmp_path: 
 def test_an_image_that_kills_its_worker_fails_after_max_attempts_and_costs_others_nothing(
     tmp_path: Path,
 ) -> None:
-    """Each claim's worker dies (a dead PID on this host); a restart gives its jobs back. The
-    jobs of the first, batched claim are then claimed alone; the poison one ends failed at the
-    ceiling, the others are claimed once more each and done."""
+    """Each claim's worker dies (a dead PID on this host); its supervisor, or a restart of a
+    node that reads images in its own process, gives its jobs back. The jobs of the first,
+    batched claim are then claimed alone; the poison one ends failed at the ceiling, the others
+    are claimed once more each and done."""
     db = Database.sqlite_in(tmp_path)
     db.create_schema()
     poison, *others = _instances(db, 3)
@@ -99,9 +100,15 @@ def test_an_image_that_kills_its_worker_fails_after_max_attempts_and_costs_other
         with db.session() as s:
             return [j.instance_id for j in claim_jobs(s, owner, limit, LEASE, max_attempts=3)]
 
+    deaths = iter([
+        lambda s: requeue_owner(s, owner, f"worker process {owner} died"),  # the supervisor
+        lambda s: requeue_orphans(s, "ward"),  # a restart, inference in the node's process
+        lambda s: requeue_owner(s, owner, f"worker process {owner} died"),
+    ])  # fmt: skip
+
     def die() -> None:
         with db.session() as s:
-            requeue_orphans(s, "ward")
+            next(deaths)(s)
 
     assert claim() == [poison, *others]  # one batch
     die()
@@ -122,6 +129,28 @@ def test_an_image_that_kills_its_worker_fails_after_max_attempts_and_costs_other
         assert s.scalar(select(Job.attempts).where(Job.instance_id == others[0])) == 2
         audited = s.scalars(select(AuditEvent.detail).where(AuditEvent.event == "failed")).all()
         assert audited == [inst.reason]
+    db.dispose()
+
+
+def test_restarts_of_a_node_cost_the_images_in_flight_no_attempt(tmp_path: Path) -> None:
+    """An inference process that ended with its node (``kill -9`` of ``serve``, three times
+    during a backlog) was not killed by its images: they stay in batches, and none reaches the
+    poison ceiling."""
+    db = Database.sqlite_in(tmp_path)
+    db.create_schema()
+    images = _instances(db, 3)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    owner = f"ward:{dead.pid}"
+    for _ in range(3):
+        with db.session() as s:
+            claimed = claim_jobs(s, owner, 8, LEASE, max_attempts=3)
+            assert [j.instance_id for j in claimed] == images  # one batch, not one at a time
+        with db.session() as s:
+            assert requeue_orphans(s, "ward", counted=False) == 3
+    with db.session() as s:
+        assert fail_exhausted(s, 3) == []
+        assert set(s.scalars(select(Job.attempts))) == {0}
     db.dispose()
 
 

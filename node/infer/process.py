@@ -36,7 +36,7 @@ from typing import Any
 from sqlalchemy.exc import SQLAlchemyError
 
 from ai.errors import ModelLoadError
-from ai.processes import cause_of, die_with_parent, keep_freed_memory
+from ai.processes import cause_of, keep_freed_memory, spawned_child
 from node.components import STOP_SECONDS
 from node.config import LoggingSection, ModelSection, ReportConfig, StorageSection
 from storage import Database, record_event
@@ -112,7 +112,7 @@ class InferenceProcess:
             ),
             name="xrayage-infer",
             # Not a daemon: it starts decoding processes, which a daemon may not. It stops with
-            # stop(), or at its parent's death (die_with_parent).
+            # stop(), or at its parent's death (spawned_child).
             daemon=False,
         )
         with _ENVIRONMENT:  # for the child only: a later subprocess of ours must not count there
@@ -228,7 +228,7 @@ def run_child(
     death (a child of a killed ``serve`` must not go on claiming jobs)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent
     signal.signal(signal.SIGTERM, lambda *_: stop.set())  # decides; a plain kill stops cleanly
-    die_with_parent()  # a child of a killed serve must not go on claiming jobs
+    spawned_child()  # dies with its parent: a child of a killed serve must not claim jobs
     # Below the receiver when the cores are short (its decoding processes inherit this): a
     # C-STORE or a retro-scan's retrieve is never slowed by the model; idle cores are shared.
     os.nice(INFERENCE_NICENESS)
@@ -246,7 +246,7 @@ def run_child(
         raise SystemExit(1) from None
     errors.close()
     worker = InferenceWorker(
-        cfg, reports, db, storage.open_file_store(), model, on_reported=reported.set, wake=wake
+        cfg, reports, db, storage.open_file_store(), model, reported.set, wake, in_own_process=True
     )
     worker.start()
     ready.set()

@@ -62,8 +62,13 @@ class InferenceWorker(WorkerThread):
         model: AgeModel,
         on_reported: Callable[[], None] | None = None,
         wake: Signal | None = None,
+        in_own_process: bool = False,
     ) -> None:
+        """``in_own_process``: this worker runs in the node's inference process, which ends
+        with the node; a predecessor's jobs found at start are not counted against their images
+        (:func:`storage.queue.requeue_orphans`)."""
         super().__init__("xrayage-infer", wake)
+        self.in_own_process = in_own_process
         self.on_reported = on_reported or (lambda: None)
         self.cfg = cfg
         self.reports = reports
@@ -89,7 +94,7 @@ class InferenceWorker(WorkerThread):
             " - UNTRAINED weights" if card.untrained else "",
         )
         with self.db.session() as s:
-            orphans = requeue_orphans(s, self.host)
+            orphans = requeue_orphans(s, self.host, counted=not self.in_own_process)
         if orphans:
             log.info("requeued %d jobs held by a stopped process on this host", orphans)
         self.engine.warm_up()  # the first image does not wait for decoding processes to start
