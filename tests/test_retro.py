@@ -18,7 +18,7 @@ from pydicom.uid import generate_uid
 from sqlalchemy import select
 
 from node.config import load_settings
-from node.retro.scanner import Budget, RetroScanner
+from node.retro.scanner import ArchiveError, Budget, RetroScanner
 from node.schedule import detach
 from node.service import NodeService
 from storage import Database, Instance, InstanceState
@@ -281,6 +281,28 @@ def test_a_move_the_archive_cannot_complete_pauses_the_scan_with_its_status(
     assert re.match(r"archive: C-MOVE refused: 0x[AC][0-9A-F]{3} ", scan.detail or ""), scan.detail
     with db.session() as s:
         assert resumable_scans(s, socket.gethostname()) != []
+    db.dispose()
+
+
+def test_an_association_the_archive_ended_is_said_plainly(
+    tmp_path: Path, archive: Archive
+) -> None:
+    """A retriever's association ended under it (the archive closed it, or a network timeout):
+    an ArchiveError naming the archive, which pauses the scan, never pynetdicom's RuntimeError."""
+    pacs = archive.pacs
+    settings = load_settings(
+        None, storage={"path": tmp_path},
+        retro={"peer": {"ae_title": pacs.aet, "host": "127.0.0.1", "port": pacs.dicom_port}},
+    )  # fmt: skip
+    db = Database.sqlite_in(tmp_path)
+    scanner = RetroScanner(settings.retro, settings.gate, "XRAYAGE", db, "0" * 64)
+    ended = f"the association with {pacs.aet}@127.0.0.1:{pacs.dicom_port} ended"
+    with scanner.archive.association() as assoc:
+        assoc.abort()
+        with pytest.raises(ArchiveError, match=ended):
+            scanner.archive.find(assoc, "STUDY", StudyInstanceUID="")
+        with pytest.raises(ArchiveError, match=ended):
+            scanner.archive.retrieve_studies(assoc, ["1.2.3"])
     db.dispose()
 
 

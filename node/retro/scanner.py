@@ -137,10 +137,7 @@ class Archive:
         ends with Cancel (0xFE00, "matching terminated", PS3.4 C.4.1.1.4) after the matches it
         sent (Orthanc's ``LimitFindResults``/``LimitFindInstances``, DCMTK's ``--max-results``).
         """
-        query = Dataset()
-        query.QueryRetrieveLevel = level
-        for keyword, value in keys.items():
-            setattr(query, keyword, value)
+        query = self._query(assoc, level, keys)
         matches = []
         for status, identifier in assoc.send_c_find(
             query, StudyRootQueryRetrieveInformationModelFind
@@ -175,11 +172,23 @@ class Archive:
         C.4.2.2.1): one association from the archive for all of them, as ``movescu`` gets."""
         return self._retrieve(assoc, "STUDY", StudyInstanceUID=study_uids)
 
-    def _retrieve(self, assoc: Association, level: str, **keys: str | list[str]) -> tuple[int, int]:
+    def _query(self, assoc: Association, level: str, keys: dict[str, str | list[str]]) -> Dataset:
+        """The identifier; ArchiveError if the association was ended meanwhile (by the peer,
+        or by a network timeout): pynetdicom would raise RuntimeError on it."""
+        if not assoc.is_established:
+            peer = self.peer
+            raise ArchiveError(
+                f"the association with {peer.ae_title}@{peer.host}:{peer.port} ended "
+                "(closed by the archive, or the network timed out)"
+            )
         query = Dataset()
         query.QueryRetrieveLevel = level
         for keyword, value in keys.items():
             setattr(query, keyword, value)
+        return query
+
+    def _retrieve(self, assoc: Association, level: str, **keys: str | list[str]) -> tuple[int, int]:
+        query = self._query(assoc, level, keys)
         responses = (
             assoc.send_c_get(query, StudyRootQueryRetrieveInformationModelGet)
             if self.use_get
