@@ -263,18 +263,22 @@ def test_an_unreachable_archive_or_a_stopped_node_is_said_plainly(
     ), out.stdout
 
 
-def test_a_move_the_archive_cannot_complete_pauses_the_scan_with_its_status(
-    tmp_path: Path, archive: Archive, weights: Path
-) -> None:
-    """No node listens where the archive sends (the node's port is closed in this test)."""
-    pacs = archive.pacs
+def _scanner(tmp_path: Path, pacs: Orthanc) -> tuple[Database, RetroScanner]:
+    """A scanner of ``pacs`` with a fresh database, built in-process."""
     settings = load_settings(
         None, storage={"path": tmp_path},
         retro={"peer": {"ae_title": pacs.aet, "host": "127.0.0.1", "port": pacs.dicom_port}},
     )  # fmt: skip
     db = Database.sqlite_in(tmp_path)
     db.create_schema()
-    scanner = RetroScanner(settings.retro, settings.gate, "XRAYAGE", db, "0" * 64)
+    return db, RetroScanner(settings.retro, settings.gate, "XRAYAGE", db, "0" * 64)
+
+
+def test_a_move_the_archive_cannot_complete_pauses_the_scan_with_its_status(
+    tmp_path: Path, archive: Archive, weights: Path
+) -> None:
+    """No node listens where the archive sends (the node's port is closed in this test)."""
+    db, scanner = _scanner(tmp_path, archive.pacs)
     scan_id = scanner.start("test", dt.date(2026, 11, 10), dt.date(2026, 11, 10))
     scan = scanner.run(scan_id, "test", Budget(10), None)
     assert scan.state == ScanState.PAUSED and scan.fetched == 0
@@ -290,12 +294,7 @@ def test_an_association_the_archive_ended_is_said_plainly(
     """A retriever's association ended under it (the archive closed it, or a network timeout):
     an ArchiveError naming the archive, which pauses the scan, never pynetdicom's RuntimeError."""
     pacs = archive.pacs
-    settings = load_settings(
-        None, storage={"path": tmp_path},
-        retro={"peer": {"ae_title": pacs.aet, "host": "127.0.0.1", "port": pacs.dicom_port}},
-    )  # fmt: skip
-    db = Database.sqlite_in(tmp_path)
-    scanner = RetroScanner(settings.retro, settings.gate, "XRAYAGE", db, "0" * 64)
+    db, scanner = _scanner(tmp_path, pacs)
     ended = f"the association with {pacs.aet}@127.0.0.1:{pacs.dicom_port} ended"
     with scanner.archive.association() as assoc:
         assoc.abort()
