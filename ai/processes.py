@@ -40,11 +40,12 @@ def fork_server() -> None:
     forever on its queue (a CI run caught one)."""
     die_with_parent(None)
     server = os.getpid()
-    forked_here = [True]  # the children's copy is set False, so their own forks are left alone
+    forked_here = True  # a child's copy is set False, so that its own forks are left alone
 
     def forked() -> None:
-        if forked_here[0]:
-            forked_here[0] = False
+        nonlocal forked_here
+        if forked_here:
+            forked_here = False
             die_with_parent(server)
 
     os.register_at_fork(after_in_child=forked)

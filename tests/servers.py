@@ -37,6 +37,15 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def running(pid: int) -> bool:
+    """Whether ``pid`` runs: a zombie has died, though whoever inherited it may not have reaped
+    it yet."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 def wait_until(check, timeout: float, what: str, interval: float = 0.2):  # type: ignore[no-untyped-def]
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -22,7 +22,7 @@ from ai import AgeModel, Engine
 from storage import Database, Instance, InstanceState
 from storage.tables import AuditEvent
 from tests.conftest import node_config, small_chests, storescu
-from tests.servers import NodeProcess, echo, free_port, wait_until
+from tests.servers import NodeProcess, echo, free_port, running, wait_until
 
 
 def jpeg_ls_that_aborts(source: Path, out: Path) -> Path:
@@ -65,13 +65,6 @@ def _descendants(pid: int) -> list[int]:
         if b"resource_tracker" not in Path(f"/proc/{c}/cmdline").read_bytes()
         for d in [c, *_descendants(c)]
     ]
-
-
-def _running(pid: int) -> bool:
-    try:  # a zombie has died; whoever inherited it may not have reaped it yet
-        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 def test_the_crasher_aborts_a_process(tmp_path: Path, chest_ds: pydicom.Dataset) -> None:
@@ -157,8 +150,8 @@ def test_an_image_that_kills_the_decoder_does_not_take_the_node_down(
         # wait a lease for the jobs that one holds), and that one its decoding processes.
         node.proc.kill()
         node.proc.wait()
-        wait_until(lambda: not _running(inference), 0.5, "the inference process to die")
-        wait_until(lambda: not any(map(_running, decoders)), 10, "its decoders to end")
+        wait_until(lambda: not running(inference), 0.5, "the inference process to die")
+        wait_until(lambda: not any(map(running, decoders)), 10, "its decoders to end")
     finally:
         node.stop()
         db.dispose()

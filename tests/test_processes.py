@@ -8,11 +8,10 @@ import os
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-from tests.servers import wait_until
+from tests.servers import running, wait_until
 
 PROBE = """
 import sys
@@ -58,13 +57,6 @@ time.sleep(60)
 """
 
 
-def _running(pid: int) -> bool:
-    try:  # a zombie has died; whoever inherited it may not have reaped it yet
-        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG")
 def test_a_process_forked_by_the_fork_server_dies_with_it_from_the_fork_on() -> None:
     server = subprocess.Popen([sys.executable, "-c", FORK_SERVER], stdout=subprocess.PIPE)
@@ -73,10 +65,10 @@ def test_a_process_forked_by_the_fork_server_dies_with_it_from_the_fork_on() -> 
     try:
         server.kill()
         server.wait()
-        wait_until(lambda: not _running(forked), 10, "the forked process to die")
-        assert _running(grandchild)  # its own children are its affair, not the fork server's
+        wait_until(lambda: not running(forked), 10, "the forked process to die")
+        assert running(grandchild)  # its own children are its affair, not the fork server's
     finally:
         server.kill()
         for pid in (forked, grandchild):
-            if _running(pid):
+            if running(pid):
                 os.kill(pid, signal.SIGKILL)
