@@ -12,8 +12,10 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from xrayage.errors import UserError
 
-class ModelCardError(ValueError):
+
+class ModelCardError(UserError, ValueError):
     pass
 
 

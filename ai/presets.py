@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ai.card import ModelCard, card_path, file_sha256, load_card
+from xrayage.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -78,7 +79,7 @@ def default_cache_dir() -> Path:
     return Path(base) / "xrayage" / "models"
 
 
-class WeightsNotFound(FileNotFoundError):
+class WeightsNotFound(UserError, FileNotFoundError):
     pass
 
 

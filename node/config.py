@@ -30,10 +30,11 @@ from pydantic_settings import (
 
 from storage.db import Database
 from storage.filestore import FileStore
+from xrayage.errors import UserError
 
 
-class ConfigError(ValueError):
-    pass
+class ConfigError(UserError, ValueError):
+    """A config file, key or environment variable that cannot be used."""
 
 
 class _Section(BaseModel):

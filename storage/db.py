@@ -11,6 +11,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from storage import schema
+from xrayage.errors import UserError
 
 
 def _sqlite_pragmas(dbapi_connection, busy_ms: int) -> None:  # type: ignore[no-untyped-def]
@@ -25,7 +26,7 @@ def _sqlite_pragmas(dbapi_connection, busy_ms: int) -> None:  # type: ignore[no-
     cur.close()
 
 
-class DatabaseUnavailable(Exception):
+class DatabaseUnavailable(UserError):
     """The database cannot be opened or reached; the message names it (password hidden)."""
 
 

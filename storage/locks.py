@@ -12,11 +12,13 @@ from typing import IO
 
 from sqlalchemy import Connection, text
 
+from xrayage.errors import UserError
+
 # pg_advisory_lock's key for the scheduler: any constant, the same in every process.
 SCHEDULER_LOCK_KEY = 0x78726179  # "xray"
 
 
-class FolderInUse(RuntimeError):
+class FolderInUse(UserError, RuntimeError):
     """Another process holds the data folder."""
 
 

@@ -22,6 +22,7 @@ from storage.tables import (
     JobState,
     utcnow,
 )
+from xrayage.errors import UserError
 
 
 def _claimable(now: dt.datetime) -> ColumnElement[bool]:
@@ -187,7 +188,7 @@ def claim_deliveries(
     return due
 
 
-class NotRetriable(ValueError):
+class NotRetriable(UserError, ValueError):
     """A delivery ID that does not exist or has not failed."""
 
 

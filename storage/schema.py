@@ -17,10 +17,12 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, inspect
 
+from xrayage.errors import UserError
+
 _MIGRATIONS = Path(__file__).parent / "migrations"
 
 
-class SchemaError(RuntimeError):
+class SchemaError(UserError, RuntimeError):
     pass
 
 

@@ -87,6 +87,28 @@ def _imports(folder: str) -> set[str]:
 def test_folders_import_only_what_the_architecture_allows() -> None:
     assert not _imports("ai") & {"node", "storage"}
     assert not _imports("storage") & {"node", "ai"}
+    assert not _imports("xrayage") & {"node", "ai", "storage"}  # the leaf every layer imports
+
+
+def test_every_user_error_is_one_type() -> None:
+    """The CLI catches UserError alone: each layer's errors of a user's making derive from it."""
+    from ai.card import ModelCardError
+    from ai.errors import DownloadError, LabelsError, ModelLoadError, PreprocessError
+    from ai.presets import WeightsNotFound
+    from node.cli.support import UsageError
+    from node.cohort.inputs import CohortError
+    from node.config import ConfigError
+    from storage.db import DatabaseUnavailable
+    from storage.locks import FolderInUse
+    from storage.queue import NotRetriable
+    from storage.schema import SchemaError
+    from xrayage.errors import CannotListen, UserError
+
+    for kind in (ModelCardError, DownloadError, LabelsError, ModelLoadError, PreprocessError,
+                 WeightsNotFound, UsageError, CohortError, ConfigError, DatabaseUnavailable,
+                 FolderInUse, NotRetriable, SchemaError, CannotListen):  # fmt: skip
+        assert issubclass(kind, UserError), kind
+    assert not issubclass(CohortError, ConfigError)  # a cohort's file is not the node's config
 
 
 def test_reports_are_built_as_objects_and_nothing_else(

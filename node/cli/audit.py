@@ -11,12 +11,13 @@ import typer
 from node.cli.support import (
     ConfigOption,
     Format,
+    UsageError,
     open_database,
     parse_time,
     print_rows,
     user_errors,
 )
-from node.config import ConfigError, load_settings
+from node.config import load_settings
 from storage import utcnow
 from storage.audit import EVENTS, FIELDS, AuditQuery, as_dict, purge_events, run_query
 
@@ -38,7 +39,7 @@ def audit(
 ) -> None:
     """Events of the audit log, newest first. The query itself is logged too."""
     if event is not None and event not in EVENTS:
-        raise ConfigError(f"--event: {event!r} is not an event; events: {', '.join(EVENTS)}")
+        raise UsageError(f"--event: {event!r} is not an event; events: {', '.join(EVENTS)}")
     query = AuditQuery(
         since=parse_time(since, "--since"),
         until=parse_time(until, "--until"),

@@ -11,15 +11,15 @@ from typing import Annotated, Any
 import typer
 
 from ai.card import DEFAULT_AGE_RANGE
-from node.cli.support import ConfigOption, open_database, user_errors
+from node.cli.support import ConfigOption, UsageError, open_database, user_errors
 from node.cohort.inputs import FROM_RESULTS, CohortError, image, read_outcomes
-from node.config import ConfigError, load_settings
+from node.config import load_settings
 
 
 def _names(value: str, option: str) -> tuple[str, ...]:
     names = tuple(n.strip() for n in value.split(",") if n.strip())
     if len(set(names)) != len(names):
-        raise ConfigError(f"{option}: a column is named twice in {value!r}")
+        raise UsageError(f"{option}: a column is named twice in {value!r}")
     return names
 
 
@@ -28,9 +28,9 @@ def _age_range(value: str | None, config: Path | None) -> tuple[float, float]:
         try:
             low, high = (float(v) for v in value.split(","))
         except ValueError:
-            raise ConfigError(f"--age-range: {value!r} is not LOW,HIGH in years") from None
+            raise UsageError(f"--age-range: {value!r} is not LOW,HIGH in years") from None
         if not 0 <= low < high:
-            raise ConfigError(f"--age-range: {value!r} is not LOW,HIGH with 0 <= LOW < HIGH")
+            raise UsageError(f"--age-range: {value!r} is not LOW,HIGH with 0 <= LOW < HIGH")
         return low, high
     if config is not None:
         settings = load_settings(config)
@@ -130,16 +130,16 @@ def cohort(
         ("--groups", groups, ("gap-sign", "tertiles")),
     ):
         if value not in allowed:
-            raise ConfigError(f"{option}: {value!r} is not one of {', '.join(allowed)}")
+            raise UsageError(f"{option}: {value!r} is not one of {', '.join(allowed)}")
     if demo is not None:  # the demo's own files, analysed as the README shows
         results, outcomes = _write_demo(demo)
         out = out or demo / "report"
         index, adjust = "nearest", "age,sex,egfr,anaemia"
         comorbidities = "hypertension,atrial_fibrillation"
     if outcomes is None or out is None:
-        raise ConfigError("--outcomes CSV and --out DIR are needed (or --demo DIR)")
+        raise UsageError("--outcomes CSV and --out DIR are needed (or --demo DIR)")
     if results is not None and config is not None:
-        raise ConfigError("--results and --config are two sources of results: give one")
+        raise UsageError("--results and --config are two sources of results: give one")
     plan = Plan(
         exposure, _names(adjust, "--adjust"), _names(comorbidities, "--comorbidities"), groups
     )  # type: ignore[arg-type]

@@ -16,8 +16,15 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemaining
 from rich.table import Column, Table
 
 from ai.evaluate import agreement, plot_agreement, read_labels
-from node.cli.support import ConfigOption, DeviceOption, WeightsOption, load_model, user_errors
-from node.config import ConfigError, ModelSection, load_settings
+from node.cli.support import (
+    ConfigOption,
+    DeviceOption,
+    UsageError,
+    WeightsOption,
+    load_model,
+    user_errors,
+)
+from node.config import ModelSection, load_settings
 from node.report.patient_age import chronological_age
 
 if TYPE_CHECKING:
@@ -44,7 +51,7 @@ def collect_files(paths: Iterable[Path]) -> list[Path]:
         elif path.exists():
             files.append(path)
         else:
-            raise ConfigError(f"no such file or folder: {path}")
+            raise UsageError(f"no such file or folder: {path}")
     return files
 
 
@@ -101,12 +108,12 @@ def infer(
     """Estimate X-ray age for files and folders (recursive), with the node's preprocessing and
     model, no service. Exit status 1 when some file could not be analysed."""
     if as_json and as_csv:
-        raise ConfigError("--json and --csv exclude each other")
+        raise UsageError("--json and --csv exclude each other")
     settings = load_settings(config)
     model = load_model(settings, weights, device)
     files = collect_files(paths)
     if not files:
-        raise ConfigError("no files found")
+        raise UsageError("no files found")
     batch = batch_size or settings.model.batch_size
     rows = [_row(o, model) for o in _run(model, files, batch, settings.model)]
     if as_json:
@@ -154,13 +161,13 @@ def evaluate(
     """Agreement of X-ray age with chronological age: MAE, Pearson r, mean bias and 95 % limits
     of agreement, with bootstrap 95 % CIs; writes scatter and Bland-Altman plots as PNG."""
     if not images.is_dir():
-        raise ConfigError(f"not a folder: {images}")
+        raise UsageError(f"not a folder: {images}")
     table = read_labels(labels)
     settings = load_settings(config)
     model = load_model(settings, weights, device)
     files = [p for p in collect_files([images]) if p.stem in table.ages]
     if not files:
-        raise ConfigError(f"no file under {images} matches a name in {labels}")
+        raise UsageError(f"no file under {images} matches a name in {labels}")
     batch = batch_size or settings.model.batch_size
     outcomes = list(_run(model, files, batch, settings.model))
     done = [o for o in outcomes if o.xray_age is not None]

@@ -24,10 +24,10 @@ from node.cli.model import model_app
 from node.cli.rescan import rescan
 from node.cli.results import results
 from node.cli.retry import retry
-from node.cli.support import ConfigOption, check_listen, make_folder, user_errors
+from node.cli.support import ConfigOption, UsageError, check_listen, make_folder, user_errors
 from node.cli.train import train
 from node.cli.validation import validation
-from node.config import ConfigError, load_settings
+from node.config import load_settings
 from node.logs import configure_logging
 from storage.locks import lock_folder
 
@@ -85,7 +85,7 @@ def serve(
     from node.service import ROLES, NodeService
 
     if role not in (*ROLES, "all"):
-        raise ConfigError(f"--role must be one of {', '.join(ROLES)} or all, not {role!r}")
+        raise UsageError(f"--role must be one of {', '.join(ROLES)} or all, not {role!r}")
     settings = load_settings(config)
     folder = settings.storage.path
     # SQLite has one writer: a second serve on the folder would run a second scheduler and
@@ -120,7 +120,7 @@ def _default_demo_file() -> Path:
     try:
         import data_store  # the pydicom-data package, installed by the [demo] extra
     except ImportError:
-        raise ConfigError(
+        raise UsageError(
             "no FILE given and pydicom-data is not installed: pass a DICOM file "
             "or `pip install 'xrayage[demo]'`"
         ) from None
@@ -141,11 +141,11 @@ def demo(
     """First look, no PACS and no trained weights: send FILE to a node running here, show the SR."""
     source = file or _default_demo_file()
     if not source.is_file():
-        raise ConfigError(f"not a file: {source}")
+        raise UsageError(f"not a file: {source}")
     try:
         uid = str(pydicom.dcmread(source, stop_before_pixels=True).SOPInstanceUID)
     except (InvalidDicomError, AttributeError):
-        raise ConfigError(
+        raise UsageError(
             f"{source}: not a DICOM image with a SOP Instance UID; the demo sends DICOM to the "
             f"node (for a PNG or JPEG: xrayage infer {source} --weights ...)"
         ) from None
@@ -179,7 +179,7 @@ def _demo(source: Path, uid: str, folder: Path, timeout: float) -> None:
     try:
         error = send_files("DEMO", "XRAYAGE", "127.0.0.1", port, [source])[0]
         if error:
-            raise ConfigError(f"{source}: not stored by the node: {error}")
+            raise UsageError(f"{source}: not stored by the node: {error}")
         deadline = time.monotonic() + timeout
         while True:
             with node.db.session() as s:
@@ -189,7 +189,7 @@ def _demo(source: Path, uid: str, folder: Path, timeout: float) -> None:
             if state in ("reported", "delivered", "skipped", "failed"):
                 break
             if time.monotonic() > deadline:
-                raise ConfigError(f"no report after {timeout:g} s (state {state})")
+                raise UsageError(f"no report after {timeout:g} s (state {state})")
             time.sleep(0.2)
     finally:
         node.stop()

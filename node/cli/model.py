@@ -22,8 +22,8 @@ from ai import PRESETS, default_cache_dir
 from ai.card import card_path
 from ai.download import pull as download
 from ai.presets import Preset, model_card
-from node.cli.support import ConfigOption, user_errors
-from node.config import ConfigError, load_settings
+from node.cli.support import ConfigOption, UsageError, user_errors
+from node.config import load_settings
 
 model_app = typer.Typer(
     help="Weights: download presets, list and describe them.", rich_markup_mode="markdown"
@@ -43,7 +43,7 @@ def _cache(cache: Path | None, config: Path | None) -> Path:
 
 def _preset(name: str) -> Preset:
     if name not in PRESETS:
-        raise ConfigError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
+        raise UsageError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
     return PRESETS[name]
 
 
@@ -128,7 +128,7 @@ def info(
     else:
         path = Path(name)
         if not path.is_file():
-            raise ConfigError(f"neither a preset ({', '.join(PRESETS)}) nor a file: {name}")
+            raise UsageError(f"neither a preset ({', '.join(PRESETS)}) nor a file: {name}")
         card = model_card(path)
         extra = {"path": str(path), "card": str(card_path(path))}
     typer.echo(json.dumps({**asdict(card), **extra}, indent=2))

@@ -15,7 +15,7 @@ from rich.table import Table
 
 from ai import resolve_weights
 from ai.presets import model_card
-from node.cli.support import ConfigOption, open_database, user_errors
+from node.cli.support import ConfigOption, UsageError, open_database, user_errors
 from node.config import ConfigError, Settings, load_settings
 from node.dicom.scp import Receiver
 from node.retro.scanner import Budget, RetroScanner, SeriesPlan
@@ -28,7 +28,7 @@ def _date(value: str | None, name: str) -> dt.date | None:
     try:
         return dt.date.fromisoformat(value)
     except ValueError:
-        raise ConfigError(f"{name}: {value!r} is not a date (YYYY-MM-DD)") from None
+        raise UsageError(f"{name}: {value!r} is not a date (YYYY-MM-DD)") from None
 
 
 def _node_listening(settings: Settings) -> None:
@@ -38,7 +38,7 @@ def _node_listening(settings: Settings) -> None:
     try:
         socket.create_connection((host, node.port), timeout=3).close()
     except OSError:
-        raise ConfigError(
+        raise UsageError(
             f"no node listening on {host}:{node.port}: start `xrayage serve` first "
             '(C-MOVE sends the images to it), or set [retro] retrieve = "get"'
         ) from None
@@ -63,10 +63,10 @@ def rescan(
     logging.getLogger("xrayage.retro").setLevel(logging.ERROR)  # the outcome is printed below
     first, last = _date(date_from, "--from"), _date(date_to, "--to")
     if resume == (first is not None):
-        raise ConfigError("give --from DATE [--to DATE], or --resume")
+        raise UsageError("give --from DATE [--to DATE], or --resume")
     last = last or first
     if first is not None and last is not None and last < first:
-        raise ConfigError("--to is before --from")
+        raise UsageError("--to is before --from")
     if settings.retro.peer is None:
         raise ConfigError("no [retro] peer in the config: which archive should be scanned?")
     if not settings.model.weights:

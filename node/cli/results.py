@@ -10,8 +10,15 @@ from typing import Annotated
 
 import typer
 
-from node.cli.support import ConfigOption, open_database, parse_time, print_rows, user_errors
-from node.config import ConfigError, load_settings
+from node.cli.support import (
+    ConfigOption,
+    UsageError,
+    open_database,
+    parse_time,
+    print_rows,
+    user_errors,
+)
+from node.config import load_settings
 from node.results.export import as_parquet, export, plain, read_key
 from storage import InstanceState
 from storage.results import RESULT_COLUMNS, ResultsQuery
@@ -31,7 +38,7 @@ def parse_state(value: str | None) -> InstanceState | None:
         return InstanceState(value)
     except ValueError:
         known = ", ".join(s.value for s in InstanceState)
-        raise ConfigError(f"--state: {value!r} is not a state (one of {known})") from None
+        raise UsageError(f"--state: {value!r} is not a state (one of {known})") from None
 
 
 @user_errors

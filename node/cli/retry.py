@@ -9,10 +9,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from node.cli.support import ConfigOption, open_database, user_errors
-from node.config import ConfigError, load_settings
+from node.cli.support import ConfigOption, UsageError, open_database, user_errors
+from node.config import load_settings
 from storage import Delivery
-from storage.queue import NotRetriable, failed_deliveries, retry_deliveries
+from storage.queue import failed_deliveries, retry_deliveries
 
 
 @user_errors
@@ -25,18 +25,15 @@ def retry(
 ) -> None:
     """Queue failed deliveries again; with no ID and no --all-failed, list them."""
     if ids and all_failed:
-        raise ConfigError("give delivery IDs or --all-failed, not both")
+        raise UsageError("give delivery IDs or --all-failed, not both")
     db = open_database(load_settings(config))
     try:
         with db.session() as s:
             if not ids and not all_failed:
                 _show(failed_deliveries(s))
                 return
-            try:
-                actor = f"cli:{getpass.getuser()}"
-                queued = retry_deliveries(s, None if all_failed else ids, actor)
-            except NotRetriable as e:
-                raise ConfigError(str(e)) from None
+            actor = f"cli:{getpass.getuser()}"
+            queued = retry_deliveries(s, None if all_failed else ids, actor)
             typer.echo(
                 f"queued {len(queued)} deliveries again; a running node sends them within seconds"
             )

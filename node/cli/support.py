@@ -14,46 +14,23 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
-from pydantic import ValidationError
-from pydicom.errors import InvalidDicomError
 from rich.console import Console
 from rich.table import Table
 from sqlalchemy.exc import OperationalError
 
-from ai.card import ModelCardError
-from ai.errors import (
-    DownloadError,
-    LabelsError,
-    ModelLoadError,
-    PreprocessError,
-    UnknownArchitecture,
-)
-from ai.presets import WeightsNotFound, resolve_weights
+from ai.presets import resolve_weights
 from node.config import ConfigError, Settings
 from storage import Database
-from storage.db import DatabaseUnavailable
-from storage.locks import FolderInUse
-from storage.schema import SchemaError
+from xrayage.errors import CannotListen, UserError
 
 if TYPE_CHECKING:
     from ai.model import AgeModel
 
 F = TypeVar("F", bound=Callable[..., Any])
-USER_ERRORS = (
-    ConfigError,
-    DatabaseUnavailable,
-    DownloadError,
-    LabelsError,
-    ModelLoadError,
-    ModelCardError,
-    PreprocessError,
-    UnknownArchitecture,
-    ValidationError,
-    InvalidDicomError,
-    SchemaError,
-    WeightsNotFound,
-    FolderInUse,
-)
+
+class UsageError(UserError):
+    """A command's arguments or options that cannot be used together or as given."""
+
 
 ConfigOption = Annotated[
     Path | None, typer.Option("--config", "-c", help="TOML config file", dir_okay=False)
@@ -66,13 +43,15 @@ DeviceOption = Annotated[str | None, typer.Option(help="auto, cpu or cuda")]
 
 
 def user_errors(func: F) -> F:
-    """A user's mistake ends in ``xrayage: error: ...`` on stderr and exit status 2."""
+    """A user's mistake (:class:`xrayage.errors.UserError`, from any layer) ends in
+    ``xrayage: error: ...`` on stderr and exit status 2; so do a database server that refuses
+    and a file the system cannot open, which the message names."""
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return func(*args, **kwargs)
-        except USER_ERRORS as e:
+        except UserError as e:
             typer.echo(f"xrayage: error: {e}", err=True)
             raise typer.Exit(2) from None
         except OperationalError as e:  # the database server refused or is unreachable
@@ -120,7 +99,7 @@ def check_listen(key: str, host: str, port: int) -> None:
         try:
             s.bind((host, port))
         except OSError as e:
-            raise ConfigError(
+            raise CannotListen(
                 f"{key} = {port}: cannot listen on {host}:{port} ({e.strerror or e}): another "
                 f"program (another xrayage serve?) holds it; stop it or change {key}"
             ) from None
@@ -140,7 +119,7 @@ def parse_time(value: str | None, name: str) -> dt.datetime | None:
     try:
         parsed = dt.datetime.fromisoformat(value)
     except ValueError:
-        raise ConfigError(f"{name}: {value!r} is not a date (YYYY-MM-DD[THH:MM[:SS]][Z])") from None
+        raise UsageError(f"{name}: {value!r} is not a date (YYYY-MM-DD[THH:MM[:SS]][Z])") from None
     return parsed.replace(tzinfo=dt.UTC) if parsed.tzinfo is None else parsed
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from node.config import ConfigError
+from xrayage.errors import UserError
 
 Index = Literal["first", "last", "nearest"]
 OUTCOME_COLUMNS = ("patient_id", "followup_days", "event")
@@ -27,7 +27,7 @@ FROM_RESULTS = ("age", "sex")  # covariates read from the results, not the outco
 _TRUE, _FALSE = {"1", "yes", "true", "y"}, {"0", "no", "false", "n"}
 
 
-class CohortError(ConfigError):
+class CohortError(UserError, ValueError):
     """Input that cannot be analysed: one line naming the file, row or column."""
 
 

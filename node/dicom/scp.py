@@ -43,7 +43,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 
 from node.compat import copy_contexts_cheaply, register_server
-from node.config import ConfigError, GateSection, NodeSection
+from node.config import GateSection, NodeSection
 from node.dicom.guard import GuardedServer
 from node.dicom.statuses import (
     CANNOT_UNDERSTAND,
@@ -68,6 +68,7 @@ from storage import (
 )
 from storage.filestore import ConflictingContent
 from storage.lifecycle import change_state
+from xrayage.errors import CannotListen
 
 log = logging.getLogger("xrayage.receive")
 
@@ -369,7 +370,7 @@ class Receiver:
                 ssl_context=server_context(node.tls) if node.tls else None,
             )
         except OSError as e:  # `serve` checked the port; another program took it since
-            raise ConfigError(
+            raise CannotListen(
                 f"[node] port = {node.port}: cannot listen on {node.host}:{node.port} "
                 f"({e.strerror or e})"
             ) from None

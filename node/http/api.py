@@ -26,13 +26,13 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import desc, func, select, text
 
-from node.config import ConfigError
 from node.metrics import registry_for
 from node.results.export import export, plain
 from node.results.validation import Validation, ValidationCollector
 from storage import Database, Instance, InstanceState, record_event
 from storage.audit import AuditQuery, as_dict, run_query
 from storage.results import RESULT_COLUMNS, ResultsQuery, latest_ages
+from xrayage.errors import CannotListen
 
 MAX_PAGE = 1000
 log = logging.getLogger("xrayage.http")
@@ -289,7 +289,9 @@ class HttpServer:
         while not self.server.started:  # a port already in use ends the thread at once
             if not self.thread.is_alive():
                 config = self.server.config
-                raise ConfigError(f"[http] cannot listen on {config.host}:{config.port}")
+                raise CannotListen(
+                    f"[http] port = {config.port}: cannot listen on {config.host}:{config.port}"
+                )
             time.sleep(0.05)
         log.info("HTTP on %s:%d", self.server.config.host, self.server.config.port)
 
