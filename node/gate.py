@@ -11,26 +11,22 @@ the instance is skipped naming the attribute, never a failed C-STORE.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from pydicom.dataset import Dataset
 from pydicom.uid import (
-    Comprehensive3DSRStorage,
     ComputedRadiographyImageStorage,
     DigitalXRayImageStorageForPresentation,
     DigitalXRayImageStorageForProcessing,
-    SecondaryCaptureImageStorage,
 )
 
 from ai.limits import over_budget
 from node.config import GateSection
-from node.report.patient_age import chronological_age
+from node.dicom.header import Unreadable, chronological_age, integer
+from node.dicom.header import value as _get
 
-MANUFACTURER = "xrayage"
 RADIOGRAPHS = {ComputedRadiographyImageStorage, DigitalXRayImageStorageForPresentation}
-# What the node writes (node/report): its SR and SC, with its Manufacturer. A radiograph that a
-# modality happens to label "xrayage" is still a radiograph.
-OWN_CLASSES = {Comprehensive3DSRStorage, SecondaryCaptureImageStorage}
 
 
 @dataclass(frozen=True)
@@ -42,29 +38,6 @@ class Decision:
 
 def _skip(code: str, reason: str) -> Decision:
     return Decision(False, reason, code)
-
-
-class Unreadable(ValueError):
-    """A header value the gate needs cannot be read."""
-
-    def __init__(self, keyword: str, value: object) -> None:
-        super().__init__(f"{keyword} cannot be read ({str(value)[:32]!r})")
-
-
-def _get(ds: Dataset, keyword: str, default: object = "") -> object:
-    """``ds.get``, with a value pydicom cannot convert raised as :class:`Unreadable`."""
-    try:
-        return ds.get(keyword, default)
-    except Exception as e:  # pydicom's conversions raise many kinds
-        raise Unreadable(keyword, getattr(ds.get_item(keyword), "value", "?")) from e
-
-
-def _int(ds: Dataset, keyword: str) -> int:
-    value = _get(ds, keyword, 1) or 1
-    try:
-        return int(value)  # type: ignore[call-overload]
-    except (TypeError, ValueError):
-        raise Unreadable(keyword, value) from None
 
 
 def _descriptions(ds: Dataset) -> str:
@@ -94,50 +67,60 @@ def _view(ds: Dataset, gate: GateSection) -> str | None:
     return "no ViewPosition, and no description names a frontal view"
 
 
-def decide(ds: Dataset, gate: GateSection, age_range: tuple[float, float]) -> Decision:
-    try:
-        return _decide(ds, gate, age_range)
-    except Unreadable as e:
-        return _skip("unreadable", str(e))
+@dataclass(frozen=True)
+class Gate:
+    """The rules under ``[gate]``, the model's validated ``age_range``, and what the node's own
+    output is (``is_own_output``, given by the reports that write it)."""
 
+    section: GateSection
+    age_range: tuple[float, float]
+    is_own_output: Callable[[Dataset], bool]
 
-def _decide(ds: Dataset, gate: GateSection, age_range: tuple[float, float]) -> Decision:
-    sop_class = str(_get(ds, "SOPClassUID"))
-    if sop_class in OWN_CLASSES and str(_get(ds, "Manufacturer")) == MANUFACTURER:
-        return _skip("own-output", "the node's own output")
-    if sop_class == DigitalXRayImageStorageForProcessing:
-        return _skip(
-            "for-processing", "DX For Processing (raw detector image, not for presentation)"
-        )
-    if sop_class not in RADIOGRAPHS:
-        name = getattr(ds.SOPClassUID, "name", sop_class) if "SOPClassUID" in ds else "missing"
-        return _skip("sop-class", f"SOP class {name} is not CR or DX For Presentation")
-    if str(_get(ds, "PresentationIntentType")).upper() == "FOR PROCESSING":
-        return _skip("for-processing", "PresentationIntentType FOR PROCESSING")
-    image_type = [str(v).upper() for v in (_get(ds, "ImageType", None) or [])]  # type: ignore[attr-defined]
-    if len(image_type) >= 2 and image_type[1] == "SECONDARY":
-        return _skip("secondary", "ImageType SECONDARY (derived or captured image)")
-    if image_type[:1] == ["DERIVED"] and not gate.accept_derived_primary:
-        return _skip("derived", "ImageType DERIVED")
-    if "PixelData" not in ds:
-        return _skip("no-pixels", "no Pixel Data")
-    for keyword in ("Rows", "Columns", "SamplesPerPixel", "NumberOfFrames"):
-        _int(ds, keyword)  # a number, or Unreadable naming it
-    budget = over_budget(ds)
-    if budget:
-        return _skip("too-large", budget)
-    if _int(ds, "SamplesPerPixel") != 1:
-        return _skip("colour", f"colour image ({_get(ds, 'PhotometricInterpretation', '?')})")
-    if _int(ds, "NumberOfFrames") != 1:
-        return _skip("multi-frame", "multi-frame image")
-    for code, check in (("body-part", _body_part), ("view", _view)):
-        reason = check(ds, gate)
-        if reason:
-            return _skip(code, reason)
-    age = chronological_age(ds)
-    low, high = age_range
-    if age is not None and not low <= age <= high:
-        return _skip(
-            "age-range", f"patient age {age:g} outside the model's validated range {low:g}-{high:g}"
-        )
-    return Decision(True)
+    def decide(self, ds: Dataset) -> Decision:
+        try:
+            return self._decide(ds)
+        except Unreadable as e:
+            return _skip("unreadable", str(e))
+
+    def _decide(self, ds: Dataset) -> Decision:
+        gate = self.section
+        sop_class = str(_get(ds, "SOPClassUID"))
+        if self.is_own_output(ds):
+            return _skip("own-output", "the node's own output")
+        if sop_class == DigitalXRayImageStorageForProcessing:
+            return _skip(
+                "for-processing", "DX For Processing (raw detector image, not for presentation)"
+            )
+        if sop_class not in RADIOGRAPHS:
+            name = getattr(ds.SOPClassUID, "name", sop_class) if "SOPClassUID" in ds else "missing"
+            return _skip("sop-class", f"SOP class {name} is not CR or DX For Presentation")
+        if str(_get(ds, "PresentationIntentType")).upper() == "FOR PROCESSING":
+            return _skip("for-processing", "PresentationIntentType FOR PROCESSING")
+        image_type = [str(v).upper() for v in (_get(ds, "ImageType", None) or [])]  # type: ignore[attr-defined]
+        if len(image_type) >= 2 and image_type[1] == "SECONDARY":
+            return _skip("secondary", "ImageType SECONDARY (derived or captured image)")
+        if image_type[:1] == ["DERIVED"] and not gate.accept_derived_primary:
+            return _skip("derived", "ImageType DERIVED")
+        if "PixelData" not in ds:
+            return _skip("no-pixels", "no Pixel Data")
+        for keyword in ("Rows", "Columns", "SamplesPerPixel", "NumberOfFrames"):
+            integer(ds, keyword)  # a number, or Unreadable naming it
+        budget = over_budget(ds)
+        if budget:
+            return _skip("too-large", budget)
+        if integer(ds, "SamplesPerPixel") != 1:
+            return _skip("colour", f"colour image ({_get(ds, 'PhotometricInterpretation', '?')})")
+        if integer(ds, "NumberOfFrames") != 1:
+            return _skip("multi-frame", "multi-frame image")
+        for code, check in (("body-part", _body_part), ("view", _view)):
+            reason = check(ds, gate)
+            if reason:
+                return _skip(code, reason)
+        age = chronological_age(ds)
+        low, high = self.age_range
+        if age is not None and not low <= age <= high:
+            return _skip(
+                "age-range",
+                f"patient age {age:g} outside the model's validated range {low:g}-{high:g}",
+            )
+        return Decision(True)

@@ -31,12 +31,14 @@ from node.components import Component, Signal
 from node.config import ReportConfig, Settings
 from node.delivery.deliverer import Deliverer
 from node.dicom.scp import Receiver
+from node.gate import Gate
 from node.http.api import HttpServer, create_app
 from node.infer.process import InferenceProcess, event
+from node.report.identity import is_own_output
 from node.results.validation import Validation
 from node.retro.scanner import RetroScanner, next_at
 from node.schedule import ScheduledJob, Scheduler
-from storage import record_event
+from storage import Database, FileStore, record_event
 from storage.audit import purge_events
 from storage.schema import SchemaError, check
 from storage.tables import utcnow
@@ -102,9 +104,7 @@ class NodeService:
         )
 
     def receiver(self) -> Receiver:
-        s = self.settings
-        age_range = self.card.age_range if self.card else (0.0, 200.0)
-        return Receiver(s.node, s.gate, self.db, self.store, age_range, self.queued.set)
+        return receiver_for(self.settings, self.db, self.store, self.card, self.queued.set)
 
     def deliverer(self) -> Deliverer | None:
         s = self.settings
@@ -231,6 +231,20 @@ class NodeService:
         stop.wait()
         log.info("stopping")
         self.stop()
+
+
+def receiver_for(
+    settings: Settings,
+    db: Database,
+    store: FileStore,
+    card: ModelCard | None,
+    on_queued: Callable[[], None] = lambda: None,
+) -> Receiver:
+    """The receive path, with the gate of ``card``'s validated age range (any age without a
+    model) that never lets the node's own output through."""
+    age_range = card.age_range if card else (0.0, 200.0)
+    gate = Gate(settings.gate, age_range, is_own_output)
+    return Receiver(settings.node, gate, db, store, on_queued)
 
 
 Build = Callable[[NodeService], Component | None]

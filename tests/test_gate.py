@@ -11,9 +11,14 @@ from pydicom.uid import (
 )
 
 from node.config import GateSection
-from node.gate import decide
+from node.gate import Gate
+from node.report.identity import is_own_output
 
 ADULT = (18.0, 100.0)
+
+
+def decide(ds: pydicom.Dataset, gate: GateSection, age_range: tuple[float, float]):  # type: ignore[no-untyped-def]
+    return Gate(gate, age_range, is_own_output).decide(ds)
 
 
 def reason(ds: pydicom.Dataset, gate: GateSection | None = None) -> str | None:

@@ -3,7 +3,7 @@ from __future__ import annotations
 import pydicom
 import pytest
 
-from node.report.patient_age import chronological_age
+from node.dicom.header import chronological_age
 
 
 def ds(**attrs: str) -> pydicom.Dataset:

@@ -25,7 +25,7 @@ from node.cli.support import (
     user_errors,
 )
 from node.config import ModelSection, load_settings
-from node.report.patient_age import chronological_age
+from node.dicom.header import chronological_age
 
 if TYPE_CHECKING:
     from ai.engine import Outcome

@@ -14,10 +14,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from ai import resolve_weights
+from ai.card import ModelCard
 from ai.presets import model_card
 from node.cli.support import ConfigOption, UsageError, open_database, user_errors
 from node.config import ConfigError, Settings, load_settings
-from node.dicom.scp import Receiver
 from node.retro.scanner import Budget, RetroScanner, SeriesPlan
 from storage import Database, record_event
 
@@ -79,7 +79,7 @@ def rescan(
             task = progress.add_task("studies", total=None, fetched=0)
             scanner = RetroScanner(
                 settings.retro, settings.gate, settings.node.ae_title, db, card.sha256,
-                _store_handler(settings, db, card.age_range),
+                _store_handler(settings, db, card),
                 on_progress=lambda done, total, fetched: progress.update(
                     task, completed=done, total=total, fetched=fetched
                 ),
@@ -126,12 +126,13 @@ def _progress() -> Progress:
     )  # fmt: skip
 
 
-def _store_handler(settings: Settings, db: Database, age_range: tuple[float, float]):  # type: ignore[no-untyped-def]
+def _store_handler(settings: Settings, db: Database, card: ModelCard):  # type: ignore[no-untyped-def]
     """For C-GET, this process receives the images, through the node's own receive path."""
     if settings.retro.retrieve != "get":
         return None
-    store = settings.storage.open_file_store()
-    return Receiver(settings.node, settings.gate, db, store, age_range).handle_store
+    from node.service import receiver_for
+
+    return receiver_for(settings, db, settings.storage.open_file_store(), card).handle_store
 
 
 def _show_plan(plans: list[SeriesPlan]) -> None:

@@ -23,18 +23,10 @@ from __future__ import annotations
 import logging
 import threading
 import time
-import zlib
 from collections.abc import Callable
-from io import BytesIO
-from typing import BinaryIO
 
-from pydicom.datadict import dictionary_has_tag, dictionary_VR
-from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
-from pydicom.filereader import read_dataset
 from pydicom.uid import UID
-from pydicom.valuerep import VR
-from pydicom.values import convert_SQ
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 from pynetdicom.dsutils import encode_file_meta
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
@@ -43,8 +35,9 @@ from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 
 from node.compat import copy_contexts_cheaply, register_server
-from node.config import GateSection, NodeSection
+from node.config import NodeSection
 from node.dicom.guard import GuardedServer
+from node.dicom.header import TooLarge, parse_da, read_received, text
 from node.dicom.statuses import (
     CANNOT_UNDERSTAND,
     DOES_NOT_MATCH,
@@ -53,9 +46,8 @@ from node.dicom.statuses import (
     SUCCESS,
 )
 from node.dicom.tls import server_context
-from node.gate import Decision, decide
+from node.gate import Decision, Gate
 from node.metrics import RECEIVED, SKIPPED, STAGE_SECONDS
-from node.report.patient_age import parse_da
 from storage import (
     Database,
     FileStore,
@@ -73,90 +65,20 @@ from xrayage.errors import CannotListen
 log = logging.getLogger("xrayage.receive")
 
 
-class TooLarge(ValueError):
-    """A data set past a bound: ``max_dataset_bytes`` once inflated, ``MAX_NESTING``."""
-
-
-def inflate(data: memoryview, ceiling: int) -> BytesIO:
-    """A Deflated Explicit VR Little Endian data set inflated (PS3.5 A.5: raw deflate, RFC
-    1951), a megabyte at a time and never past ``ceiling``: a 1 MB stream can claim a GB."""
-    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
-    out = BytesIO()
-    pending: bytes | memoryview = data
-    while True:
-        part = inflater.decompress(pending, 1 << 20)
-        out.write(part)
-        if out.tell() > ceiling:
-            raise TooLarge(f"deflated data set inflates past {ceiling:,} bytes (max_dataset_bytes)")
-        pending = inflater.unconsumed_tail
-        if not pending and not part:
-            break
-    out.seek(0)
-    return out
-
-
-# Sequence levels a received data set may nest (a TID 1500 SR needs about 6): pydicom reads a
-# defined-length sequence lazily, one level at a time, each a copy of what it contains, so
-# 250 levels around a radiograph's pixels grew a process past 3.5 GB when a report copied them.
-MAX_NESTING = 16
-
-
-def check_nesting(ds: Dataset, stream: BinaryIO, syntax: UID, depth: int = 0) -> None:
-    """Read every sequence of ``ds`` to ``MAX_NESTING`` levels; TooLarge past it. A sequence
-    that ``_header`` deferred is read from ``stream``, where it was received."""
-    for tag in list(ds.keys()):
-        elem = ds.get_item(tag, keep_deferred=True)
-        vr = elem.VR or (dictionary_VR(tag) if dictionary_has_tag(tag) else None)
-        if vr != VR.SQ:
-            continue
-        if depth >= MAX_NESTING:
-            raise TooLarge(f"sequences nested deeper than {MAX_NESTING} levels")
-        if isinstance(elem, RawDataElement) and elem.value is None and elem.length:
-            stream.seek(elem.value_tell)
-            value = stream.read(elem.length)
-            items = convert_SQ(value, syntax.is_implicit_VR, syntax.is_little_endian)
-        else:
-            items = ds[tag].value
-        for item in items:
-            check_nesting(item, stream, syntax, depth + 1)
-
-
 def _header(event: evt.Event, ceiling: int) -> Dataset:
-    """The received dataset with values over 4 KB deferred: the handler needs attributes only,
-    and reading the pixels of a large radiograph would cost a copy of them (the inference worker
-    decodes them from the stored file). Its sequences are read here, to their bounded depth:
-    what is stored must be readable whole later."""
-    syntax = UID(event.context.transfer_syntax)
-    stream = event.request.DataSet
-    if syntax.is_deflated:
-        stream = inflate(stream.getbuffer(), ceiling)
-    stream.seek(0)
-    ds = read_dataset(stream, syntax.is_implicit_VR, syntax.is_little_endian, defer_size=4096)
-    check_nesting(ds, stream, syntax)
-    return ds
-
-
-def _text(ds: Dataset, keyword: str, limit: int = 64) -> str | None:
-    """The value as text, None when absent or unreadable (the gate names what it needs)."""
-    try:
-        value = ds.get(keyword)
-    except Exception:  # a value pydicom cannot convert to its VR
-        return None
-    return str(value)[:limit] if value not in (None, "") else None
+    return read_received(event.request.DataSet, UID(event.context.transfer_syntax), ceiling)
 
 
 class Receiver:
-    """The SCP under ``[node]``: C-STORE handling with the ``[gate]`` rules (the model's
-    ``age_range``); ``on_queued`` wakes the inference worker. The retro-scan's C-GET uses
-    :meth:`handle_store` alone."""
+    """The SCP under ``[node]``: C-STORE handling with the ``gate``'s rules; ``on_queued``
+    wakes the inference worker. The retro-scan's C-GET uses :meth:`handle_store` alone."""
 
     def __init__(
         self,
         node: NodeSection,
-        gate: GateSection,
+        gate: Gate,
         db: Database,
         store: FileStore,
-        age_range: tuple[float, float],
         on_queued: Callable[[], None] = lambda: None,
     ) -> None:
         self.node = node
@@ -164,7 +86,6 @@ class Receiver:
         self.server: GuardedServer | None = None
         self.db = db
         self.store = store
-        self.age_range = age_range
         self.on_queued = on_queued
 
     def _audit_failure(self, event: str, calling: str, detail: str) -> None:
@@ -302,16 +223,16 @@ class Receiver:
             inst = Instance(
                 sop_instance_uid=uid,
                 sop_class_uid=str(ds.SOPClassUID),
-                study_instance_uid=_text(ds, "StudyInstanceUID"),
-                series_instance_uid=_text(ds, "SeriesInstanceUID"),
-                patient_id=_text(ds, "PatientID"),
-                accession_number=_text(ds, "AccessionNumber", 16),
-                modality=_text(ds, "Modality", 16),
-                patient_sex=_text(ds, "PatientSex", 16),
-                study_date=parse_da(_text(ds, "StudyDate")),
-                manufacturer=_text(ds, "Manufacturer"),
-                manufacturer_model_name=_text(ds, "ManufacturerModelName"),
-                view_position=_text(ds, "ViewPosition", 16),
+                study_instance_uid=text(ds, "StudyInstanceUID"),
+                series_instance_uid=text(ds, "SeriesInstanceUID"),
+                patient_id=text(ds, "PatientID"),
+                accession_number=text(ds, "AccessionNumber", 16),
+                modality=text(ds, "Modality", 16),
+                patient_sex=text(ds, "PatientSex", 16),
+                study_date=parse_da(text(ds, "StudyDate")),
+                manufacturer=text(ds, "Manufacturer"),
+                manufacturer_model_name=text(ds, "ManufacturerModelName"),
+                view_position=text(ds, "ViewPosition", 16),
                 path=path,
                 sha256=digest,
                 size=size,
@@ -326,7 +247,7 @@ class Receiver:
                 s, "received", actor=calling, instance=inst,
                 detail="retro-scan" if origin == "retro" else None,
             )  # fmt: skip
-            decision = decide(ds, self.gate, self.age_range)
+            decision = self.gate.decide(ds)
             if not decision.analyse:
                 change_state(s, inst, InstanceState.SKIPPED, reason=decision.reason)
                 return decision

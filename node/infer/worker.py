@@ -30,10 +30,10 @@ from ai import AgeModel, Engine
 from ai.device_decode import device_decoder
 from node.components import Signal, WorkerThread
 from node.config import ModelSection, ReportConfig
+from node.dicom.header import chronological_age, parse_da
 from node.metrics import BATCH_SIZE, INFERENCE_SECONDS, INFERRED, STAGE_SECONDS
 from node.report.build import build_reports
 from node.report.findings import EarlierAge, Findings
-from node.report.patient_age import chronological_age, parse_da
 from storage import Database, FileStore, InstanceState, Job, JobState, utcnow
 from storage.lifecycle import change_state
 from storage.queue import backlog, claim_jobs, fail_exhausted, requeue_orphans

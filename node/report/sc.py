@@ -14,9 +14,9 @@ from matplotlib import font_manager
 from PIL import Image, ImageDraw, ImageFont
 from pydicom.dataset import Dataset
 
-from node.gate import MANUFACTURER
+from node.report.evidence import character_set, keep_character_set, usable_header
 from node.report.findings import EarlierAge, Findings
-from node.report.header import character_set, keep_character_set, usable_header
+from node.report.identity import MANUFACTURER
 from node.report.uids import ReportUIDs
 
 SIZE = 1024

@@ -21,9 +21,9 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
 from node.compat import entry_descriptors
-from node.gate import MANUFACTURER
+from node.report.evidence import character_set, keep_character_set, usable_header
 from node.report.findings import Findings
-from node.report.header import character_set, keep_character_set, usable_header
+from node.report.identity import MANUFACTURER
 from node.report.uids import ReportUIDs, device_uid
 
 SCHEME = "99XRAYAGE"

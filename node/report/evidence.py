@@ -10,7 +10,7 @@ from __future__ import annotations
 from pydicom.dataset import Dataset
 from pydicom.valuerep import DA
 
-from node.report.patient_age import is_age_string
+from node.dicom.header import is_age_string
 
 # Patient and study attributes of Type 2 that highdicom reads from the evidence unconditionally;
 # a non-conformant source may lack them, and the SR then carries them empty (PS3.3 C.7.1.1).

@@ -1,0 +1,165 @@
+"""Reading a received header, defensively, in one place: the receiver, the gate, inference and
+the reports all read through it.
+
+Senders' headers break the standard in every way seen (values a VR cannot hold, dates that are
+not dates, ages without a unit, deflated streams that claim gigabytes, sequences hundreds of
+levels deep). Each reader here says what it does with such a value: None, a named
+:class:`Unreadable`, or a :class:`TooLarge` bound.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+import zlib
+from io import BytesIO
+from typing import BinaryIO
+
+from pydicom.datadict import dictionary_has_tag, dictionary_VR
+from pydicom.dataelem import RawDataElement
+from pydicom.dataset import Dataset
+from pydicom.filereader import read_dataset
+from pydicom.uid import UID
+from pydicom.valuerep import VR
+from pydicom.values import convert_SQ
+
+# -- values ------------------------------------------------------------------------------------
+
+
+class Unreadable(ValueError):
+    """A header value that is needed cannot be read as its VR says."""
+
+    def __init__(self, keyword: str, value: object) -> None:
+        super().__init__(f"{keyword} cannot be read ({str(value)[:32]!r})")
+
+
+def value(ds: Dataset, keyword: str, default: object = "") -> object:
+    """``ds.get``, with a value pydicom cannot convert raised as :class:`Unreadable`."""
+    try:
+        return ds.get(keyword, default)
+    except Exception as e:  # pydicom's conversions raise many kinds
+        raise Unreadable(keyword, getattr(ds.get_item(keyword), "value", "?")) from e
+
+
+def integer(ds: Dataset, keyword: str) -> int:
+    """An IS/US value, 1 when absent (the counts the gate reads); :class:`Unreadable` else."""
+    found = value(ds, keyword, 1) or 1
+    try:
+        return int(found)  # type: ignore[call-overload]
+    except (TypeError, ValueError):
+        raise Unreadable(keyword, found) from None
+
+
+def text(ds: Dataset, keyword: str, limit: int = 64) -> str | None:
+    """The value as text cut to ``limit`` (a column's width), None when absent or unreadable:
+    what the node records of an instance never stops it being recorded."""
+    try:
+        found = ds.get(keyword)
+    except Exception:  # a value pydicom cannot convert to its VR
+        return None
+    return str(found)[:limit] if found not in (None, "") else None
+
+
+# -- dates and ages ----------------------------------------------------------------------------
+
+# PS3.5 6.2 AS: nnnD, nnnW, nnnM or nnnY. A value without its unit ("062") is ambiguous
+# (years? months?) and is treated as unknown rather than guessed.
+_AS = re.compile(r"^(\d{3})([DWMY])$")
+_DAYS = {"D": 1.0, "W": 7.0, "M": 365.25 / 12, "Y": 365.25}
+
+
+def parse_da(found: object) -> dt.date | None:
+    """A DA value (PS3.5 6.2) as a date; None when absent or not a date."""
+    try:
+        return dt.datetime.strptime(str(found).strip()[:8], "%Y%m%d").date()
+    except ValueError:
+        return None
+
+
+def is_age_string(found: object) -> bool:
+    """Whether ``found`` is a valid AS value (PS3.5 6.2), e.g. ``062Y``."""
+    return bool(_AS.match(str(found or "").strip()))
+
+
+def chronological_age(ds: Dataset) -> float | None:
+    """Years at the time of the study, from PatientAge, else from PatientBirthDate and the
+    study (or acquisition, or content) date; None when the header does not tell it."""
+    m = _AS.match(str(ds.get("PatientAge", "") or "").strip())
+    if m:
+        return round(int(m.group(1)) * _DAYS[m.group(2)] / 365.25, 2)
+    birth = parse_da(ds.get("PatientBirthDate", ""))
+    when = next(
+        (
+            d
+            for k in ("StudyDate", "AcquisitionDate", "ContentDate")
+            if (d := parse_da(ds.get(k, "")))
+        ),
+        None,
+    )
+    if birth is None or when is None or when < birth:
+        return None
+    return round((when - birth).days / 365.25, 2)
+
+
+# -- bounds on what a data set may make the node hold ------------------------------------------
+
+
+class TooLarge(ValueError):
+    """A data set past a bound: ``max_dataset_bytes`` once inflated, :data:`MAX_NESTING`."""
+
+
+def inflate(data: memoryview, ceiling: int) -> BytesIO:
+    """A Deflated Explicit VR Little Endian data set inflated (PS3.5 A.5: raw deflate, RFC
+    1951), a megabyte at a time and never past ``ceiling``: a 1 MB stream can claim a GB."""
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    out = BytesIO()
+    pending: bytes | memoryview = data
+    while True:
+        part = inflater.decompress(pending, 1 << 20)
+        out.write(part)
+        if out.tell() > ceiling:
+            raise TooLarge(f"deflated data set inflates past {ceiling:,} bytes (max_dataset_bytes)")
+        pending = inflater.unconsumed_tail
+        if not pending and not part:
+            break
+    out.seek(0)
+    return out
+
+
+# Sequence levels a received data set may nest (a TID 1500 SR needs about 6): pydicom reads a
+# defined-length sequence lazily, one level at a time, each a copy of what it contains, so
+# 250 levels around a radiograph's pixels grew a process past 3.5 GB when a report copied them.
+MAX_NESTING = 16
+
+
+def check_nesting(ds: Dataset, stream: BinaryIO, syntax: UID, depth: int = 0) -> None:
+    """Read every sequence of ``ds`` to ``MAX_NESTING`` levels; TooLarge past it. A sequence
+    that :func:`read_received` deferred is read from ``stream``, where it was received."""
+    for tag in list(ds.keys()):
+        elem = ds.get_item(tag, keep_deferred=True)
+        vr = elem.VR or (dictionary_VR(tag) if dictionary_has_tag(tag) else None)
+        if vr != VR.SQ:
+            continue
+        if depth >= MAX_NESTING:
+            raise TooLarge(f"sequences nested deeper than {MAX_NESTING} levels")
+        if isinstance(elem, RawDataElement) and elem.value is None and elem.length:
+            stream.seek(elem.value_tell)
+            items = convert_SQ(stream.read(elem.length), syntax.is_implicit_VR,
+                               syntax.is_little_endian)  # fmt: skip
+        else:
+            items = ds[tag].value
+        for item in items:
+            check_nesting(item, stream, syntax, depth + 1)
+
+
+def read_received(stream: BytesIO, syntax: UID, ceiling: int) -> Dataset:
+    """A received data set's header, values over 4 KB deferred: the receiver needs attributes
+    only, and reading the pixels of a large radiograph would cost a copy of them (inference
+    decodes them from the stored file). Its sequences are read here, to their bounded depth:
+    what is stored must be readable whole later. A deflated one is inflated up to ``ceiling``."""
+    if syntax.is_deflated:
+        stream = inflate(stream.getbuffer(), ceiling)
+    stream.seek(0)
+    ds = read_dataset(stream, syntax.is_implicit_VR, syntax.is_little_endian, defer_size=4096)
+    check_nesting(ds, stream, syntax)
+    return ds
