@@ -8,6 +8,7 @@ are refused, so a typo cannot silently fall back to a default.
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Mapping
 from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
 from typing import Literal, NamedTuple
@@ -30,6 +31,7 @@ from pydantic_settings import (
 
 from storage.db import Database
 from storage.filestore import FileStore
+from storage.tables import DeliveryKind
 from xrayage.errors import UserError
 
 
@@ -175,11 +177,11 @@ class ReportSection(_Section):
 
 class ReportConfig(NamedTuple):
     """What the inference worker needs to report: the ``[report]`` section, the node's AE title
-    (the SR's device observer) and the names of the destinations to deliver to."""
+    (the SR's device observer) and each destination's name with the kinds of object it takes."""
 
     section: ReportSection
     ae_title: str
-    destinations: tuple[str, ...]
+    destinations: Mapping[str, frozenset[DeliveryKind]]
 
 
 class DeliverySection(_Section):
@@ -210,6 +212,9 @@ class Destination(_Section):
     port: int | None = Field(None, ge=1, le=65535)
     tls: DestinationTls | None = None
     stow_url: str | None = None
+    # What it takes of each result: the SR, the SC summary image (made when [report]
+    # secondary_capture is on), or both.
+    send: list[DeliveryKind] = Field(default=[DeliveryKind.SR, DeliveryKind.SC], min_length=1)
     token: str | None = None
     username: str | None = None
     password: str | None = None

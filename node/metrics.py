@@ -16,12 +16,13 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
-from sqlalchemy import desc, func, select
 
-from storage import Database, Delivery, Instance, utcnow
+from storage import Database, utcnow
+from storage.deliveries import delivery_counts
 from storage.lifecycle import STATE_CHANGES
 from storage.queue import backlog
-from storage.tables import RetroScan, RetroStudy
+from storage.results import state_counts
+from storage.scans import latest_scan
 
 RECEIVED = Counter(
     "xrayage_instances_received",
@@ -78,20 +79,9 @@ class DatabaseCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         with self.db.session() as s:
             depth, oldest = backlog(s)
-            states = s.execute(select(Instance.state, func.count()).group_by(Instance.state)).all()
-            deliveries = s.execute(
-                select(Delivery.state, func.count()).group_by(Delivery.state)
-            ).all()
-            scan = s.scalar(select(RetroScan).order_by(desc(RetroScan.id)).limit(1))
-            studies = (
-                s.execute(
-                    select(func.count(), func.count().filter(RetroStudy.done)).where(
-                        RetroStudy.scan_id == scan.id
-                    )
-                ).one()
-                if scan is not None
-                else (0, 0)
-            )
+            states = state_counts(s)
+            deliveries = delivery_counts(s)
+            latest = latest_scan(s)
         yield GaugeMetricFamily(
             "xrayage_queue_depth", "Jobs an inference worker could claim now", value=depth
         )
@@ -99,12 +89,13 @@ class DatabaseCollector(Collector):
         yield GaugeMetricFamily(
             "xrayage_queue_oldest_seconds", "Age of the oldest claimable job", value=wait
         )
-        yield _by("xrayage_instances", "Instances by state", "state", states)
-        yield _by("xrayage_deliveries_by_state", "Deliveries by state", "state", deliveries)
+        yield _by("xrayage_instances", "Instances by state", "state", states.items())
+        yield _by("xrayage_deliveries_by_state", "Deliveries by state", "state", deliveries.items())
         progress = GaugeMetricFamily(
             "xrayage_retro_scan", "The latest retro-scan: studies and images", labels=["count"]
         )
-        if scan is not None:
+        if latest is not None:
+            scan, studies = latest.scan, (latest.studies, latest.studies_done)
             for name, value in (
                 ("studies_total", studies[0]), ("studies_done", studies[1]),
                 ("images_fetched", scan.fetched), ("images_already_done", scan.already_done),
@@ -114,7 +105,7 @@ class DatabaseCollector(Collector):
         yield progress
 
 
-def _by(name: str, doc: str, label: str, rows: list[tuple[object, int]]) -> GaugeMetricFamily:
+def _by(name: str, doc: str, label: str, rows: Iterable[tuple[object, int]]) -> GaugeMetricFamily:
     family = GaugeMetricFamily(name, doc, labels=[label])
     for key, count in rows:
         family.add_metric([str(getattr(key, "value", key))], count)

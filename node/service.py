@@ -89,7 +89,8 @@ class NodeService:
         if self.weights is None:
             return None
         s = self.settings
-        reports = ReportConfig(s.report, s.node.ae_title, tuple(d.name for d in s.destinations))
+        takes = {d.name: frozenset(d.send) for d in s.destinations}
+        reports = ReportConfig(s.report, s.node.ae_title, takes)
         if self.isolated:
             return InferenceProcess(
                 s.model, reports, s.storage, s.logging, self.db, self.weights,
@@ -244,7 +245,7 @@ def receiver_for(
     model) that never lets the node's own output through."""
     age_range = card.age_range if card else (0.0, 200.0)
     gate = Gate(settings.gate, age_range, is_own_output)
-    return Receiver(settings.node, gate, db, store, on_queued)
+    return Receiver(settings.node, gate, db, store, card.sha256 if card else None, on_queued)
 
 
 Build = Callable[[NodeService], Component | None]

@@ -9,6 +9,7 @@ from storage.filestore import FileStore, InvalidUID, validate_uid
 from storage.tables import (
     AuditEvent,
     Delivery,
+    DeliveryKind,
     DeliveryState,
     Instance,
     InstanceState,
@@ -22,6 +23,7 @@ __all__ = [
     "AuditEvent",
     "Database",
     "Delivery",
+    "DeliveryKind",
     "DeliveryState",
     "FileStore",
     "Instance",

@@ -1,10 +1,12 @@
-"""The lifecycle of an instance and of a delivery: one transition table each, and
-:func:`change_state`, the one function through which every state change goes.
+"""The lifecycles of instances, jobs, deliveries and retro-scans: one transition table each, and
+the two functions through which every state change goes, :func:`change_state` (one row) and
+:func:`move_rows` (a set of rows in one UPDATE: claims, and what a dead process held).
 
-It checks the move against the table, writes the audit event and counts the move
-(``xrayage_state_changes_total``); an illegal move raises :class:`IllegalTransition`, a bug of
-the node's, never a job failure. It adds no commit of its own: the caller's transaction holds
-the change and its audit event together (receiving and gating stay one commit per C-STORE).
+Each checks the move against the table, counts it (``xrayage_state_changes_total``) and, where
+a person would ask about it, writes the audit event; an illegal move raises
+:class:`IllegalTransition`, a bug of the node's, never a job failure. Neither commits: the
+caller's transaction holds the change and its audit event together (receiving and gating stay
+one commit per C-STORE).
 
 The instance table is the state diagram of the README ("What happens to an image");
 ``tests/test_lifecycle.py`` holds one to the other.
@@ -12,17 +14,33 @@ The instance table is the state diagram of the README ("What happens to an image
 
 from __future__ import annotations
 
+import enum
 import logging
+from dataclasses import dataclass
+from typing import Any
 
 from prometheus_client import Counter
+from sqlalchemy import ColumnElement, update
 from sqlalchemy.orm import Session
 
 from storage.audit import record_event
-from storage.tables import Delivery, DeliveryState, Instance, InstanceState
+from storage.tables import (
+    Base,
+    Delivery,
+    DeliveryState,
+    Instance,
+    InstanceState,
+    Job,
+    JobState,
+    RetroScan,
+    ScanState,
+)
 
 log = logging.getLogger("xrayage.lifecycle")
-I = InstanceState  # noqa: E741 - the table reads as the diagram
+I = InstanceState  # noqa: E741 - the tables read as the diagrams
+J = JobState
 D = DeliveryState
+S = ScanState
 
 INSTANCE_TRANSITIONS: dict[InstanceState, frozenset[InstanceState]] = {
     # the gate, in the C-STORE's transaction
@@ -38,10 +56,54 @@ INSTANCE_TRANSITIONS: dict[InstanceState, frozenset[InstanceState]] = {
     I.SKIPPED: frozenset(),
 }
 
+JOB_TRANSITIONS: dict[JobState, frozenset[JobState]] = {
+    # claimed under a lease; or ended at the poison ceiling, given back by a dead worker
+    J.QUEUED: frozenset({J.RUNNING, J.FAILED}),
+    # running -> running: claimed again by another worker once the lease expired; -> queued:
+    # given back when its worker died (a supervisor, or a restart on the same host)
+    J.RUNNING: frozenset({J.RUNNING, J.QUEUED, J.DONE, J.FAILED}),
+    J.DONE: frozenset(),  # a retro-scan for another model makes a new job
+    J.FAILED: frozenset(),
+}
+
 DELIVERY_TRANSITIONS: dict[DeliveryState, frozenset[DeliveryState]] = {
     D.PENDING: frozenset({D.DELIVERED, D.FAILED}),
     D.FAILED: frozenset({D.PENDING}),  # `xrayage retry`
     D.DELIVERED: frozenset(),
+}
+
+SCAN_TRANSITIONS: dict[ScanState, frozenset[ScanState]] = {
+    # running -> running: taken over from a dead process of this host
+    S.RUNNING: frozenset({S.RUNNING, S.PAUSED, S.FINISHED, S.FAILED}),
+    S.PAUSED: frozenset({S.RUNNING}),  # resumed (next night, or `xrayage rescan --resume`)
+    S.FINISHED: frozenset(),
+    S.FAILED: frozenset(),
+}
+
+
+@dataclass(frozen=True)
+class Lifecycle:
+    """A kind of row's states: the table's name (a metric label), its transitions, and the
+    audit event of each target state (None: not audited, the instance's own event says it)."""
+
+    table: str
+    transitions: dict[Any, frozenset[Any]]
+    events: dict[Any, str | None]
+    failed: enum.Enum | None
+
+
+LIFECYCLES: dict[type[Base], Lifecycle] = {
+    Instance: Lifecycle("instances", INSTANCE_TRANSITIONS, {s: s.value for s in I}, I.FAILED),
+    Delivery: Lifecycle(
+        "deliveries",
+        DELIVERY_TRANSITIONS,
+        {D.DELIVERED: "delivered", D.FAILED: "failed", D.PENDING: "delivery-retry"},
+        D.FAILED,
+    ),
+    # A job's outcome is its instance's (inferred, reported, failed: audited there); a worker's
+    # death is audited by its supervisor.
+    Job: Lifecycle("jobs", JOB_TRANSITIONS, dict.fromkeys(J), J.FAILED),
+    RetroScan: Lifecycle("retro_scans", SCAN_TRANSITIONS, dict.fromkeys(S, "retro-scan"), S.FAILED),
 }
 
 STATE_CHANGES = Counter(
@@ -51,19 +113,23 @@ STATE_CHANGES = Counter(
     registry=None,
 )
 
-# The audit event of each target state (AuditEvent.event).
-_INSTANCE_EVENTS = {s: s.value for s in InstanceState}
-_DELIVERY_EVENTS = {D.DELIVERED: "delivered", D.FAILED: "failed", D.PENDING: "delivery-retry"}
-
 
 class IllegalTransition(RuntimeError):
     """A state change the table does not allow: a bug in the node, reported loudly."""
 
 
+def _check(cycle: Lifecycle, row_id: object, frm: enum.Enum, to: enum.Enum) -> None:
+    if to not in cycle.transitions[frm]:
+        raise IllegalTransition(
+            f"{cycle.table} row {row_id}: {frm.value} -> {to.value} is not a transition of the "
+            "lifecycle"
+        )
+
+
 def change_state(
     session: Session,
-    row: Instance | Delivery,
-    to: InstanceState | DeliveryState,
+    row: Instance | Job | Delivery | RetroScan,
+    to: enum.Enum,
     *,
     reason: str | None = None,
     detail: str | None = None,
@@ -71,42 +137,75 @@ def change_state(
     audit: bool = True,
     summary: str | None = None,
 ) -> None:
-    """Move ``row`` to ``to``, audited (``detail``, else ``reason``) unless ``audit`` is False,
-    which only a change caused by another one, audited in the same transaction, may ask for (an
-    instance becoming ``delivered`` with its last delivery). An instance's ``reason`` is set
-    with the state (None clears it). One line goes to the application log, UIDs only: with
-    ``summary`` instead of the reason where that may quote header values (a patient's name)."""
-    if isinstance(row, Instance):
-        table, allowed, events = "instances", INSTANCE_TRANSITIONS, _INSTANCE_EVENTS
-        instance = row
-    else:
-        table, allowed, events = "deliveries", DELIVERY_TRANSITIONS, _DELIVERY_EVENTS
-        instance = row.instance
-    frm = row.state
-    if to not in allowed[frm]:  # type: ignore[index]
-        raise IllegalTransition(
-            f"{table} row {row.id}: {frm.value} -> {to.value} is not a transition of the lifecycle"
-        )
+    """Move ``row`` to ``to``, audited (``detail``, else ``reason``) where its table audits that
+    state, unless ``audit`` is False, which only a change caused by another one, audited in the
+    same transaction, may ask for (an instance becoming ``delivered`` with its last delivery).
+    An instance's ``reason`` and a job's ``error`` are set with the state (None clears an
+    instance's). One line goes to the application log, UIDs only: with ``summary`` instead of
+    the reason where that may quote header values (a patient's name)."""
+    cycle = LIFECYCLES[type(row)]
+    _check(cycle, row.id, row.state, to)  # type: ignore[arg-type]
     row.state = to  # type: ignore[assignment]
     if isinstance(row, Instance):
         row.reason = reason
-    STATE_CHANGES.labels(table, to.value).inc()
-    said = summary if summary is not None else detail if detail is not None else reason
-    what = (
-        instance.sop_instance_uid
-        if isinstance(row, Instance)
-        else f"{row.sop_instance_uid} to {row.destination}"
+    elif isinstance(row, Job) and reason is not None:
+        row.error = reason
+    STATE_CHANGES.labels(cycle.table, to.value).inc()
+    instance = (
+        row if isinstance(row, Instance) else None if isinstance(row, RetroScan) else row.instance
     )
+    what = _name(row)
+    said = summary if summary is not None else detail if detail is not None else reason
     said = (said or "").removeprefix(what).strip()  # a delivery's detail starts with it
-    level = logging.WARNING if to in (I.FAILED, D.FAILED) else logging.INFO
+    event = cycle.events[to]
+    # A change that is not audited is told by another one's line (a job's by its instance's).
+    level = logging.WARNING if to == cycle.failed else logging.INFO
+    if event is None:
+        level = logging.DEBUG
     log.log(level, "%s %s%s", what, to.value, f": {said}" if said else "")
-    if audit:
-        failed = to in (I.FAILED, D.FAILED)
+    if audit and event is not None:
         record_event(
             session,
-            events[to],  # type: ignore[index]
-            outcome="failure" if failed else "success",
+            event,
+            outcome="failure" if to == cycle.failed else "success",
             actor=actor,
             instance=instance,
             detail=detail if detail is not None else reason,
         )
+
+
+def _name(row: Instance | Job | Delivery | RetroScan) -> str:
+    if isinstance(row, Instance):
+        return row.sop_instance_uid
+    if isinstance(row, Delivery):
+        return f"{row.sop_instance_uid} to {row.destination}"
+    if isinstance(row, Job):
+        return f"job {row.id} ({row.instance.sop_instance_uid})"
+    return f"retro-scan {row.id}"
+
+
+def move_rows(
+    session: Session,
+    kind: type[Job] | type[Delivery],
+    where: ColumnElement[bool],
+    to: enum.Enum,
+    **values: object,
+) -> list[int]:
+    """Move every row of ``kind`` that ``where`` selects, and whose state may move to ``to``, in
+    one UPDATE (atomic: two workers never claim the same job), setting ``values`` too; returns
+    their IDs. Rows in a state the table does not allow to move to ``to`` are left as they are.
+    Not audited: claims are not events a person asks about, and what a dead process held is
+    audited with its death."""
+    cycle = LIFECYCLES[kind]
+    sources = [s for s, targets in cycle.transitions.items() if to in targets]
+    ids = list(
+        session.scalars(
+            update(kind)
+            .where(where, kind.state.in_(sources))
+            .values(state=to, **values)
+            .returning(kind.id)
+        ).all()
+    )
+    if ids:
+        STATE_CHANGES.labels(cycle.table, to.value).inc(len(ids))
+    return ids

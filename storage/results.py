@@ -8,15 +8,16 @@ again after a crash replaces its row and adds no second delivery.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterable
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import desc, func, select
 from sqlalchemy.orm import Session
 
+from storage.deliveries import StoredObject, add_deliveries
 from storage.lifecycle import change_state
-from storage.tables import Delivery, DeliveryState, Instance, InstanceState, Result, utcnow
+from storage.tables import DeliveryKind, Instance, InstanceState, Result, utcnow
 
 
 @dataclass(frozen=True)
@@ -26,14 +27,6 @@ class ModelIdentity:
     name: str
     version: str
     sha256: str
-
-
-@dataclass(frozen=True)
-class StoredObject:
-    """A report object in the file store: its SOP Instance UID and its path."""
-
-    sop_instance_uid: str
-    path: str
 
 
 def _result(session: Session, instance: Instance, sha256: str) -> Result | None:
@@ -97,43 +90,27 @@ def record_reports(
     session: Session,
     instance: Instance,
     model_sha256: str,
-    sr: StoredObject,
-    sc: StoredObject | None,
-    destinations: Iterable[str],
+    objects: list[StoredObject],
+    destinations: Mapping[str, frozenset[DeliveryKind]],
 ) -> None:
     """Attach the stored SR (and SC) to the instance's result, make it ``reported`` and add a
-    pending delivery of each object to each destination that has none yet."""
+    pending delivery of each object to each destination that takes it
+    (:func:`storage.deliveries.add_deliveries`)."""
     result = _result(session, instance, model_sha256)
     assert result is not None, "a report follows its result"
-    result.sr_sop_instance_uid, result.sr_path = sr.sop_instance_uid, sr.path
-    if sc is not None:
-        result.sc_sop_instance_uid, result.sc_path = sc.sop_instance_uid, sc.path
+    for obj in objects:
+        if obj.kind == DeliveryKind.SR:
+            result.sr_sop_instance_uid, result.sr_path = obj.sop_instance_uid, obj.path
+        elif obj.kind == DeliveryKind.SC:
+            result.sc_sop_instance_uid, result.sc_path = obj.sop_instance_uid, obj.path
     result.reported_at = utcnow()
     change_state(
         session,
         instance,
         InstanceState.REPORTED,
-        detail=f"SR {sr.sop_instance_uid}; x-ray age {result.xray_age} a",
+        detail=f"SR {result.sr_sop_instance_uid}; x-ray age {result.xray_age} a",
     )
-    objects = [sr] if sc is None else [sr, sc]
-    for destination in destinations:
-        for obj in objects:
-            known = session.scalar(
-                select(Delivery.id).where(
-                    Delivery.sop_instance_uid == obj.sop_instance_uid,
-                    Delivery.destination == destination,
-                )
-            )
-            if known is None:
-                session.add(
-                    Delivery(
-                        instance_id=instance.id,
-                        destination=destination,
-                        sop_instance_uid=obj.sop_instance_uid,
-                        path=obj.path,
-                        state=DeliveryState.PENDING,
-                    )
-                )
+    add_deliveries(session, instance, objects, destinations)
 
 
 # The columns of a results export, in this order (README "Results"): scripts rely on it.
@@ -202,16 +179,56 @@ def earlier_ages(
     return [(d, age, chron) for d, age, chron in reversed(rows)]
 
 
-def latest_ages(session: Session, instance_ids: list[int]) -> dict[int, float]:
-    """The X-ray age of each instance, by its newest result (the current model's, usually)."""
-    ages: dict[int, float] = {}
+def state_counts(session: Session) -> dict[InstanceState, int]:
+    """How many instances are in each state (the status page, the metrics)."""
+    return dict(
+        session.execute(select(Instance.state, func.count()).group_by(Instance.state)).all()  # type: ignore[arg-type]
+    )
+
+
+@dataclass(frozen=True)
+class InstanceRow:
+    """An instance as the status page lists it, with its newest X-ray age."""
+
+    id: int
+    values: dict[str, Any]
+
+
+def instance_page(
+    session: Session, state: InstanceState | None, limit: int, before_id: int | None
+) -> list[InstanceRow]:
+    """Instances newest first, paged backwards from ``before_id``."""
+    stmt = select(Instance)
+    if state is not None:
+        stmt = stmt.where(Instance.state == state)
+    if before_id is not None:
+        stmt = stmt.where(Instance.id < before_id)
+    rows = list(session.scalars(stmt.order_by(desc(Instance.id)).limit(limit)))
+    ages: dict[int, float] = {}  # by the newest result (the current model's, usually)
     for instance_id, age in session.execute(
         select(Result.instance_id, Result.xray_age)
-        .where(Result.instance_id.in_(instance_ids))
+        .where(Result.instance_id.in_([i.id for i in rows]))
         .order_by(Result.id)
     ):
         ages[instance_id] = age
-    return ages
+    return [InstanceRow(i.id, _instance(i, ages.get(i.id))) for i in rows]
+
+
+def _instance(inst: Instance, xray_age: float | None) -> dict[str, Any]:
+    return {
+        "id": inst.id,
+        "sop_instance_uid": inst.sop_instance_uid,
+        "study_instance_uid": inst.study_instance_uid,
+        "patient_id": inst.patient_id,
+        "accession_number": inst.accession_number,
+        "modality": inst.modality,
+        "origin": inst.origin,
+        "state": inst.state.value,
+        "xray_age": xray_age,
+        "reason": inst.reason,
+        "received_at": inst.received_at.isoformat().replace("+00:00", "Z"),
+        "updated_at": inst.updated_at.isoformat().replace("+00:00", "Z"),
+    }
 
 
 def query_results(session: Session, q: ResultsQuery) -> list[ResultRow]:

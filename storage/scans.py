@@ -5,18 +5,18 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Callable
+from dataclasses import dataclass
 
-from sqlalchemy import select, update
+from sqlalchemy import desc, func, select, update
 from sqlalchemy.orm import Session
 
 from storage.audit import record_event
 from storage.lifecycle import change_state
-from storage.queue import pid_alive
+from storage.owners import dead_here, pid_alive
+from storage.queue import queue_job
 from storage.tables import (
     Instance,
     InstanceState,
-    Job,
-    JobState,
     Result,
     RetroScan,
     RetroStudy,
@@ -57,25 +57,21 @@ def resumable_scans(
     session: Session, host: str, alive: Callable[[int], bool] = pid_alive
 ) -> list[RetroScan]:
     """Paused scans, and scans left running by a dead process on this host, oldest first."""
-    found = []
-    for scan in session.scalars(
-        select(RetroScan)
-        .where(RetroScan.state.in_([ScanState.PAUSED, ScanState.RUNNING]))
-        .order_by(RetroScan.id)
-    ):
-        owner = scan.owner or ""
-        if scan.state == ScanState.PAUSED or (
-            owner.startswith(f"{host}:") and not alive(int(owner.rpartition(":")[2]))
-        ):
-            found.append(scan)
-    return found
+    scans = list(
+        session.scalars(
+            select(RetroScan)
+            .where(RetroScan.state.in_([ScanState.PAUSED, ScanState.RUNNING]))
+            .order_by(RetroScan.id)
+        )
+    )
+    dead = dead_here((scan.owner for scan in scans), host, alive)
+    return [scan for scan in scans if scan.state == ScanState.PAUSED or scan.owner in dead]
 
 
 def take_over(session: Session, scan: RetroScan, owner: str, actor: str) -> None:
-    scan.state, scan.owner = ScanState.RUNNING, owner
-    record_event(
-        session, "retro-scan", actor=actor, detail=f"scan {scan.id} resumed: {_span(scan)}"
-    )
+    scan.owner = owner
+    detail = f"scan {scan.id} resumed: {_span(scan)}"
+    change_state(session, scan, ScanState.RUNNING, actor=actor, detail=detail)
 
 
 def list_studies(session: Session, scan_id: int, studies: list[tuple[str, str | None]]) -> None:
@@ -123,18 +119,19 @@ def study_done(session: Session, study_id: int, already_done: int, detail: str |
 def close_scan(
     session: Session, scan_id: int, state: ScanState, why: str, actor: str, ok: bool = True
 ) -> RetroScan:
+    """End a run of the scan: ``paused`` (resumable), ``finished`` or ``failed``; audited with
+    its counts, as a failure where ``ok`` is False (an archive that stopped answering)."""
     scan = session.get_one(RetroScan, scan_id)
-    scan.state, scan.owner, scan.detail = state, None, why
+    scan.owner, scan.detail = None, why
     if state != ScanState.PAUSED:
         scan.finished_at = utcnow()
-    record_event(
-        session,
-        "retro-scan",
-        outcome="success" if ok and state != ScanState.FAILED else "failure",
-        actor=actor,
-        detail=f"scan {scan.id} {state.value}: {why}; fetched {scan.fetched}, already done "
-        f"{scan.already_done}, failed {scan.failed}",
+    detail = (
+        f"scan {scan.id} {state.value}: {why}; fetched {scan.fetched}, already done "
+        f"{scan.already_done}, failed {scan.failed}"
     )
+    change_state(session, scan, state, actor=actor, detail=detail, audit=ok)
+    if not ok:  # the pause is the archive's failure
+        record_event(session, "retro-scan", outcome="failure", actor=actor, detail=detail)
     return scan
 
 
@@ -179,10 +176,30 @@ def triage(
     return fetch, done, again
 
 
-def requeue(session: Session, instance_ids: list[int], actor: str) -> None:
+def requeue(session: Session, instance_ids: list[int], model_sha256: str, actor: str) -> None:
+    """Queue again, for ``model_sha256``, instances another model reported (from their files)."""
     for inst in session.scalars(select(Instance).where(Instance.id.in_(instance_ids))):
-        session.add(Job(instance_id=inst.id, state=JobState.QUEUED))
-        change_state(
-            session, inst, InstanceState.QUEUED, actor=actor,
+        queue_job(
+            session, inst, model_sha256, actor=actor,
             detail="retro-scan: queued again from the stored file for the current model",
         )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class ScanProgress:
+    scan: RetroScan
+    studies: int
+    studies_done: int
+
+
+def latest_scan(session: Session) -> ScanProgress | None:
+    """The newest scan with how many of its studies are done (the metrics)."""
+    scan = session.scalar(select(RetroScan).order_by(desc(RetroScan.id)).limit(1))
+    if scan is None:
+        return None
+    total, done = session.execute(
+        select(func.count(), func.count().filter(RetroStudy.done)).where(
+            RetroStudy.scan_id == scan.id
+        )
+    ).one()
+    return ScanProgress(scan, total, done)

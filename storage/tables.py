@@ -74,6 +74,13 @@ class DeliveryState(enum.StrEnum):
     FAILED = "failed"
 
 
+class DeliveryKind(enum.StrEnum):
+    """What a delivery carries; a destination lists the kinds it takes."""
+
+    SR = "sr"  # the TID 1500 Structured Report
+    SC = "sc"  # the Secondary Capture summary image
+
+
 def _enum(cls: type[enum.Enum]) -> Enum:
     # Plain strings in the database: readable in psql/sqlite3 and free of native enum migrations.
     return Enum(cls, native_enum=False, length=16, values_callable=lambda e: [m.value for m in e])
@@ -122,6 +129,9 @@ class Job(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     instance_id: Mapped[int] = mapped_column(ForeignKey("instances.id"), index=True)
     state: Mapped[JobState] = mapped_column(_enum(JobState), index=True)
+    # The model that is to analyse the image (its weights' SHA-256, as results name it); None:
+    # queued while no model was configured, taken by the first that claims it.
+    model_sha256: Mapped[str | None] = mapped_column(String(64))
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     owner: Mapped[str | None] = mapped_column(String(128))
     lease_until: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
@@ -167,6 +177,7 @@ class Delivery(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     instance_id: Mapped[int] = mapped_column(ForeignKey("instances.id"), index=True)
     destination: Mapped[str] = mapped_column(String(64))
+    kind: Mapped[DeliveryKind] = mapped_column(_enum(DeliveryKind))
     sop_instance_uid: Mapped[str] = mapped_column(String(64))
     path: Mapped[str] = mapped_column(Text)
     state: Mapped[DeliveryState] = mapped_column(_enum(DeliveryState), index=True)

@@ -20,7 +20,8 @@ from sqlalchemy import select
 from ai.card import file_sha256
 from node.report.uids import ReportUIDs
 from storage import Database, Delivery, DeliveryState, Job, JobState
-from storage.queue import requeue_orphan_deliveries, requeue_orphans
+from storage.deliveries import requeue_orphan_deliveries
+from storage.queue import requeue_orphans
 from storage.tables import Instance, InstanceState, utcnow
 from tests.conftest import STORESCU, node_config, require, small_chests
 from tests.servers import NodeProcess, Orthanc, free_port, wait_until

@@ -71,7 +71,7 @@ def test_the_worker_waits_for_a_full_batch(
     )
     db = Database(f"sqlite:///{tmp_path / 'x.db'}")
     db.create_schema()
-    reports = ReportConfig(settings.report, "XRAYAGE", ())
+    reports = ReportConfig(settings.report, "XRAYAGE", {})
     worker = InferenceWorker(settings.model, reports, db, FileStore(tmp_path / "dicom"), model)
     files = _variants(chest_ds, tmp_path / "in", 4)
 

@@ -99,8 +99,8 @@ def test_every_user_error_is_one_type() -> None:
     from node.cohort.inputs import CohortError
     from node.config import ConfigError
     from storage.db import DatabaseUnavailable
+    from storage.deliveries import NotRetriable
     from storage.locks import FolderInUse
-    from storage.queue import NotRetriable
     from storage.schema import SchemaError
     from xrayage.errors import CannotListen, UserError
 

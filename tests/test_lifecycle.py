@@ -98,7 +98,8 @@ def test_an_image_that_kills_its_worker_fails_after_max_attempts_and_costs_other
 
     def claim(limit: int = 8) -> list[int]:
         with db.session() as s:
-            return [j.instance_id for j in claim_jobs(s, owner, limit, LEASE, max_attempts=3)]
+            claimed = claim_jobs(s, owner, limit, LEASE, max_attempts=3, model_sha256="m")
+            return [j.instance_id for j in claimed]
 
     deaths = iter([
         lambda s: requeue_owner(s, owner, f"worker process {owner} died"),  # the supervisor
@@ -144,7 +145,7 @@ def test_restarts_of_a_node_cost_the_images_in_flight_no_attempt(tmp_path: Path)
     owner = f"ward:{dead.pid}"
     for _ in range(3):
         with db.session() as s:
-            claimed = claim_jobs(s, owner, 8, LEASE, max_attempts=3)
+            claimed = claim_jobs(s, owner, 8, LEASE, max_attempts=3, model_sha256="m")
             assert [j.instance_id for j in claimed] == images  # one batch, not one at a time
         with db.session() as s:
             assert requeue_orphans(s, "ward", counted=False) == 3

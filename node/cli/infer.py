@@ -59,17 +59,15 @@ def _run(
     model: AgeModel, files: list[Path], batch_size: int, cfg: ModelSection
 ) -> Iterator[Outcome]:
     """The engine's outcomes with a progress bar on a terminal's stderr."""
-    from ai.device_decode import device_decoder  # torch loads here, not for every command
-    from ai.engine import Engine
-    from ai.processes import keep_freed_memory
+    from ai.processes import keep_freed_memory  # torch loads here, not for every command
+    from node.infer.worker import make_engine
 
     keep_freed_memory()  # the model runs in this process (ai/processes.py)
     columns = ("{task.description}", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     console = Console(stderr=True)
     with Progress(*columns, console=console, disable=not console.is_terminal) as progress:
         task = progress.add_task("X-ray age", total=len(files))
-        decoder = device_decoder(model.device, cfg.device_decode)
-        with Engine(model, batch_size, cfg.preprocess_workers, decoder) as engine:
+        with make_engine(model, cfg, batch_size) as engine:
             for outcome in engine.run(files):
                 progress.advance(task)
                 yield outcome

@@ -12,7 +12,7 @@ from rich.table import Table
 from node.cli.support import ConfigOption, UsageError, open_database, user_errors
 from node.config import load_settings
 from storage import Delivery
-from storage.queue import failed_deliveries, retry_deliveries
+from storage.deliveries import failed_deliveries, retry_deliveries
 
 
 @user_errors

@@ -6,7 +6,12 @@ an exponential ceiling (``retry_initial_seconds * 2**(attempts - 1)``, capped at
 ``retry_max_seconds``), so that many deliveries failing together do not retry together; after
 ``max_attempts`` the delivery is ``failed`` with its last error and the instance too.
 
-Deliveries are claimed under a lease (:func:`storage.queue.claim_deliveries`), so several
+Each object answers for itself: a report file that cannot be read fails its own delivery at
+once (no retry can help), and anything a destination's sender raises (a host name that does not
+resolve, a TLS error, a library's bug) is that destination's failed attempt, recorded with the
+reason; the other destinations and objects go on in the same round.
+
+Deliveries are claimed under a lease (:func:`storage.deliveries.claim_deliveries`), so several
 deliverer processes can share one PostgreSQL database without sending an object twice.
 """
 
@@ -14,23 +19,23 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import os
 import random
-import socket
 import time
 from itertools import groupby
 from pathlib import Path
 
-from sqlalchemy import select
-
 from node.components import Signal, WorkerThread
 from node.config import DeliverySection, Destination
-from node.delivery.sender import Sender, sender_for
+from node.delivery.sender import Sender, sender_for, unreadable
 from node.metrics import DELIVERED, DELIVERY_FAILURES, STAGE_SECONDS
-from storage import Database, Delivery, DeliveryState, Instance, InstanceState, record_event
-from storage.lifecycle import change_state
-from storage.queue import claim_deliveries, requeue_orphan_deliveries
-from storage.tables import utcnow
+from storage import Database
+from storage.deliveries import (
+    Attempt,
+    claim_deliveries,
+    record_attempt,
+    requeue_orphan_deliveries,
+)
+from storage.owners import this_process
 
 log = logging.getLogger("xrayage.deliver")
 
@@ -63,8 +68,8 @@ class Deliverer(WorkerThread):
         }
         # A claim holds a delivery this long: past it, another deliverer may send it again.
         self.lease = dt.timedelta(seconds=4 * policy.timeout_seconds + 60)
-        self.host = socket.gethostname()
-        self.owner = f"{self.host}:{os.getpid()}"
+        me = this_process()
+        self.host, self.owner = me.host, str(me)
 
     def start(self) -> None:
         with self.db.session() as s:
@@ -76,86 +81,57 @@ class Deliverer(WorkerThread):
     def run_once(self) -> int:
         with self.db.session() as s:
             due = [
-                (d.id, d.destination, d.path)
+                (d.id, d.destination, Path(d.path))
                 for d in claim_deliveries(s, 64, self.lease, self.owner)
             ]
         for name, batch in groupby(sorted(due, key=lambda d: d[1]), key=lambda d: d[1]):
-            items = list(batch)
+            # Files that cannot be read fail alone and at once; the rest go in one attempt.
+            failures: dict[int, tuple[str | None, bool]] = {}
+            sendable = []
+            for delivery_id, _, path in batch:
+                problem = unreadable(path)
+                if problem is None:
+                    sendable.append((delivery_id, path))
+                else:
+                    failures[delivery_id] = (problem, True)
             started = time.perf_counter()
-            errors = self._send(name, [Path(p) for _, _, p in items])
+            errors = self._send(name, [path for _, path in sendable]) if sendable else []
             seconds = time.perf_counter() - started
-            for _ in items:  # each object waited for the whole attempt
-                STAGE_SECONDS.labels("send").observe(seconds)
-            self._record([i for i, _, _ in items], errors)
+            for (delivery_id, _), error in zip(sendable, errors, strict=True):
+                STAGE_SECONDS.labels("send").observe(seconds)  # each waited for the attempt
+                failures[delivery_id] = (error, False)
+            self._record(failures)
         return len(due)
 
     def _send(self, name: str, paths: list[Path]) -> list[str | None]:
         sender = self.senders.get(name)
         if sender is None:
             return [f"destination {name!r} is no longer configured"] * len(paths)
-        return sender.send(paths)
+        try:
+            return sender.send(paths)
+        except Exception as e:  # however a destination fails, it fails alone, with a reason
+            log.debug("sender %s raised", name, exc_info=True)
+            return [f"{type(e).__name__}: {e}"] * len(paths)
 
-    def _record(self, ids: list[int], errors: list[str | None]) -> None:
+    def _record(self, results: dict[int, tuple[str | None, bool]]) -> None:
         policy = self.policy
         with self.db.session() as s:
-            for delivery_id, error in zip(ids, errors, strict=True):
-                d = s.get_one(Delivery, delivery_id)
-                inst = s.get_one(Instance, d.instance_id)
-                d.attempts += 1
-                d.owner = None
-                if error is None:
-                    DELIVERED.labels(d.destination).inc()
-                    d.delivered_at, d.last_error = utcnow(), None
-                    change_state(
-                        s, d, DeliveryState.DELIVERED,
-                        detail=f"{d.sop_instance_uid} to {d.destination}",
-                    )  # fmt: skip
-                    pending = s.scalar(
-                        select(Delivery.id)
-                        .where(
-                            Delivery.instance_id == inst.id,
-                            Delivery.state != DeliveryState.DELIVERED,
-                        )
-                        .limit(1)
-                    )
-                    if pending is None and inst.state == InstanceState.REPORTED:
-                        # audited by the last delivery's event above
-                        change_state(s, inst, InstanceState.DELIVERED, audit=False)
+            for delivery_id, (error, final) in results.items():
+                outcome = record_attempt(
+                    s, delivery_id, error, max_attempts=policy.max_attempts,
+                    backoff=lambda n: backoff_seconds(n, policy, self.rng), final=final,
+                )  # fmt: skip
+                if outcome.attempt == Attempt.DELIVERED:
+                    DELIVERED.labels(outcome.destination).inc()
                     continue
-                DELIVERY_FAILURES.labels(d.destination).inc()
-                d.last_error = error
-                if d.attempts >= policy.max_attempts:
-                    detail = (
-                        f"{d.sop_instance_uid} to {d.destination} after "
-                        f"{d.attempts} attempts: {error}"
-                    )
-                    change_state(s, d, DeliveryState.FAILED, detail=detail)
+                DELIVERY_FAILURES.labels(outcome.destination).inc()
+                if outcome.attempt == Attempt.GAVE_UP:
                     log.warning(
                         "delivery %d gave up: %s (`xrayage retry %d` queues it again)",
-                        d.id,
-                        detail,
-                        d.id,
-                    )
-                    if inst.state != InstanceState.FAILED:  # audited by the delivery's event
-                        change_state(
-                            s, inst, InstanceState.FAILED, audit=False,
-                            reason=f"delivery to {d.destination} failed: {error}",
-                        )  # fmt: skip
+                        delivery_id, outcome.detail, delivery_id,
+                    )  # fmt: skip
                 else:
-                    wait = backoff_seconds(d.attempts, policy, self.rng)
-                    d.next_attempt_at = utcnow() + dt.timedelta(seconds=wait)
-                    record_event(
-                        s,
-                        "delivery-retry",
-                        outcome="failure",
-                        instance=inst,
-                        detail=f"{d.sop_instance_uid} to {d.destination}: {error}; "
-                        f"attempt {d.attempts}, next in {wait:.0f} s",
-                    )
                     log.warning(
-                        "delivery %d to %s failed (%s); retry in %.0f s",
-                        d.id,
-                        d.destination,
-                        error,
-                        wait,
-                    )
+                        "delivery %d failed (%s); retry in %.0f s",
+                        delivery_id, outcome.detail, outcome.wait_seconds,
+                    )  # fmt: skip

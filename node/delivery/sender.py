@@ -6,6 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Protocol
 
+import pydicom
+
 from node.config import Destination
 
 
@@ -13,6 +15,17 @@ class Sender(Protocol):
     def send(self, paths: list[Path]) -> list[str | None]:
         """Send the files in one go; an error message per file, None where it was stored."""
         ...
+
+
+def unreadable(path: Path) -> str | None:
+    """Why the report file at ``path`` cannot be sent (missing, truncated, not DICOM), or None.
+    Read whole: the senders read it whole too, and a file the node's own disk damaged must fail
+    its own delivery, not a destination's whole round."""
+    try:
+        pydicom.dcmread(path).SOPInstanceUID  # noqa: B018 - reading is the check
+    except Exception as e:  # pydicom raises many kinds for damaged files
+        return f"report file {path} cannot be read: {type(e).__name__}: {e}"
+    return None
 
 
 def sender_for(dest: Destination, ae_title: str, timeout: float) -> Sender:

@@ -31,7 +31,6 @@ from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts
 from pynetdicom.dsutils import encode_file_meta
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.utils import make_target
-from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 
 from node.compat import copy_contexts_cheaply, register_server
@@ -48,18 +47,9 @@ from node.dicom.statuses import (
 from node.dicom.tls import server_context
 from node.gate import Decision, Gate
 from node.metrics import RECEIVED, SKIPPED, STAGE_SECONDS
-from storage import (
-    Database,
-    FileStore,
-    Instance,
-    InstanceState,
-    InvalidUID,
-    Job,
-    JobState,
-    record_event,
-)
+from storage import Database, FileStore, InvalidUID, record_event
 from storage.filestore import ConflictingContent
-from storage.lifecycle import change_state
+from storage.intake import Intake, Received, record_received
 from xrayage.errors import CannotListen
 
 log = logging.getLogger("xrayage.receive")
@@ -70,8 +60,10 @@ def _header(event: evt.Event, ceiling: int) -> Dataset:
 
 
 class Receiver:
-    """The SCP under ``[node]``: C-STORE handling with the ``gate``'s rules; ``on_queued``
-    wakes the inference worker. The retro-scan's C-GET uses :meth:`handle_store` alone."""
+    """The SCP under ``[node]``: C-STORE handling with the ``gate``'s rules; images to analyse
+    are queued for the model ``model_sha256`` (None: none configured yet, the first to run
+    takes them) and ``on_queued`` wakes the inference worker. The retro-scan's C-GET uses
+    :meth:`handle_store` alone."""
 
     def __init__(
         self,
@@ -79,9 +71,11 @@ class Receiver:
         gate: Gate,
         db: Database,
         store: FileStore,
+        model_sha256: str | None = None,
         on_queued: Callable[[], None] = lambda: None,
     ) -> None:
         self.node = node
+        self.model_sha256 = model_sha256
         self.gate = gate
         self.server: GuardedServer | None = None
         self.db = db
@@ -205,55 +199,29 @@ class Receiver:
     ) -> Decision | None:
         """Record the instance, its gate decision and its job in one transaction; the decision,
         or None for a duplicate."""
+        received = Received(
+            sop_instance_uid=str(ds.SOPInstanceUID),
+            sop_class_uid=str(ds.SOPClassUID),
+            study_instance_uid=text(ds, "StudyInstanceUID"),
+            series_instance_uid=text(ds, "SeriesInstanceUID"),
+            patient_id=text(ds, "PatientID"),
+            accession_number=text(ds, "AccessionNumber", 16),
+            modality=text(ds, "Modality", 16),
+            patient_sex=text(ds, "PatientSex", 16),
+            study_date=parse_da(text(ds, "StudyDate")),
+            manufacturer=text(ds, "Manufacturer"),
+            manufacturer_model_name=text(ds, "ManufacturerModelName"),
+            view_position=text(ds, "ViewPosition", 16),
+            path=path,
+            sha256=digest,
+            size=size,
+            calling_ae=calling,
+            origin=origin,
+        )
+        decision = self.gate.decide(ds)
         with self.db.session() as s:
-            existing = s.scalar(
-                select(Instance).where(Instance.sop_instance_uid == ds.SOPInstanceUID)
-            )
-            uid = str(ds.SOPInstanceUID)
-            if existing is not None:  # same bytes again (the file store checked): no new job
-                log.info("%s received again from %s: a duplicate, no new job", uid, calling)
-                record_event(
-                    s,
-                    "received",
-                    actor=calling,
-                    instance=existing,
-                    detail="duplicate of an instance already stored",
-                )
-                return None
-            inst = Instance(
-                sop_instance_uid=uid,
-                sop_class_uid=str(ds.SOPClassUID),
-                study_instance_uid=text(ds, "StudyInstanceUID"),
-                series_instance_uid=text(ds, "SeriesInstanceUID"),
-                patient_id=text(ds, "PatientID"),
-                accession_number=text(ds, "AccessionNumber", 16),
-                modality=text(ds, "Modality", 16),
-                patient_sex=text(ds, "PatientSex", 16),
-                study_date=parse_da(text(ds, "StudyDate")),
-                manufacturer=text(ds, "Manufacturer"),
-                manufacturer_model_name=text(ds, "ManufacturerModelName"),
-                view_position=text(ds, "ViewPosition", 16),
-                path=path,
-                sha256=digest,
-                size=size,
-                calling_ae=calling,
-                origin=origin,
-                state=InstanceState.RECEIVED,
-            )
-            s.add(inst)
-            s.flush()
-            log.info("%s received from %s (%s)", uid, calling, origin)
-            record_event(
-                s, "received", actor=calling, instance=inst,
-                detail="retro-scan" if origin == "retro" else None,
-            )  # fmt: skip
-            decision = self.gate.decide(ds)
-            if not decision.analyse:
-                change_state(s, inst, InstanceState.SKIPPED, reason=decision.reason)
-                return decision
-            change_state(s, inst, InstanceState.QUEUED)
-            s.add(Job(instance_id=inst.id, state=JobState.QUEUED))
-            return decision
+            intake = record_received(s, received, decision.reason, self.model_sha256)
+        return None if intake == Intake.DUPLICATE else decision
 
     def make_ae(self) -> AE:
         node = self.node

@@ -24,14 +24,14 @@ from fastapi import Depends, FastAPI, HTTPException, Query, Request, status
 from fastapi.responses import HTMLResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from sqlalchemy import desc, func, select, text
+from sqlalchemy import text
 
 from node.metrics import registry_for
 from node.results.export import export, plain
 from node.results.validation import Validation, ValidationCollector
-from storage import Database, Instance, InstanceState, record_event
+from storage import Database, InstanceState, record_event
 from storage.audit import AuditQuery, as_dict, run_query
-from storage.results import RESULT_COLUMNS, ResultsQuery, latest_ages
+from storage.results import RESULT_COLUMNS, ResultsQuery, instance_page, state_counts
 from xrayage.errors import CannotListen
 
 MAX_PAGE = 1000
@@ -218,17 +218,9 @@ def create_app(
         limit: Limit = 100,
         before_id: BeforeId = None,
     ) -> dict[str, Any]:
-        stmt = select(Instance)
-        if state is not None:
-            stmt = stmt.where(Instance.state == state)
-        if before_id is not None:
-            stmt = stmt.where(Instance.id < before_id)
         with db.session() as s:
-            rows = list(s.scalars(stmt.order_by(desc(Instance.id)).limit(limit)))
-            ages = latest_ages(s, [i.id for i in rows])
-            counts = dict(
-                s.execute(select(Instance.state, func.count()).group_by(Instance.state)).all()
-            )
+            rows = instance_page(s, state, limit, before_id)
+            counts = state_counts(s)
             which = state.value if state else "any"
             record_event(
                 s,
@@ -238,7 +230,7 @@ def create_app(
             )
             return {
                 "counts": {k.value: v for k, v in counts.items()},
-                "instances": [_instance(i, ages.get(i.id)) for i in rows],
+                "instances": [r.values for r in rows],
                 "next": next_url(request, rows, limit),
             }
 
@@ -256,23 +248,6 @@ def _utc(value: dt.datetime | None) -> dt.datetime | None:
         raise HTTPException(
             422, f"{value.isoformat()} is outside the calendar"
         ) from None
-
-
-def _instance(inst: Instance, xray_age: float | None) -> dict[str, Any]:
-    return {
-        "id": inst.id,
-        "sop_instance_uid": inst.sop_instance_uid,
-        "study_instance_uid": inst.study_instance_uid,
-        "patient_id": inst.patient_id,
-        "accession_number": inst.accession_number,
-        "modality": inst.modality,
-        "origin": inst.origin,
-        "state": inst.state.value,
-        "xray_age": xray_age,
-        "reason": inst.reason,
-        "received_at": inst.received_at.isoformat().replace("+00:00", "Z"),
-        "updated_at": inst.updated_at.isoformat().replace("+00:00", "Z"),
-    }
 
 
 class HttpServer:

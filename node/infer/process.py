@@ -25,7 +25,6 @@ import multiprocessing
 import os
 import shutil
 import signal
-import socket
 import tempfile
 import threading
 import time
@@ -40,6 +39,7 @@ from ai.processes import cause_of, keep_freed_memory, spawned_child
 from node.components import STOP_SECONDS
 from node.config import LoggingSection, ModelSection, ReportConfig, StorageSection
 from storage import Database, record_event
+from storage.owners import this_process
 from storage.queue import requeue_owner
 
 log = logging.getLogger("xrayage.infer")
@@ -83,7 +83,6 @@ class InferenceProcess:
         self.ready = event()
         self.child_stop = event()
         self.metrics_dir = Path(tempfile.mkdtemp(prefix="xrayage-metrics-"))
-        self.host = socket.gethostname()
         self.deaths = 0
         self.last_death: str | None = None
         self._stopping = threading.Event()
@@ -176,7 +175,7 @@ class InferenceProcess:
         self.last_death = cause
         try:
             with self.db.session() as s:
-                requeued = requeue_owner(s, f"{self.host}:{proc.pid}", cause)
+                requeued = requeue_owner(s, str(this_process(proc.pid)), cause)
                 record_event(s, "node", detail=f"{cause}; {requeued} jobs requeued; restarting")
         except SQLAlchemyError as e:  # its jobs come back when their lease expires
             log.error("%s; its jobs could not be requeued now (%s); restarting it", cause, e)

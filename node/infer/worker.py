@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import os
-import socket
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -34,13 +32,22 @@ from node.dicom.header import chronological_age, parse_da
 from node.metrics import BATCH_SIZE, INFERENCE_SECONDS, INFERRED, STAGE_SECONDS
 from node.report.build import build_reports
 from node.report.findings import EarlierAge, Findings
-from storage import Database, FileStore, InstanceState, Job, JobState, utcnow
-from storage.lifecycle import change_state
-from storage.queue import backlog, claim_jobs, fail_exhausted, requeue_orphans
+from storage import Database, FileStore, InstanceState, Job, utcnow
+from storage.deliveries import StoredObject
+from storage.owners import this_process
+from storage.queue import (
+    adopt_jobs,
+    backlog,
+    claim_jobs,
+    fail_exhausted,
+    fail_job,
+    finish_job,
+    held_job,
+    requeue_orphans,
+)
 from storage.results import (
     Ages,
     ModelIdentity,
-    StoredObject,
     earlier_ages,
     record_inferred,
     record_reports,
@@ -77,10 +84,9 @@ class InferenceWorker(WorkerThread):
         self.model = model
         card = model.card
         self.identity = ModelIdentity(card.name, card.version, card.sha256)
-        decoder = device_decoder(model.device, cfg.device_decode)
-        self.engine = Engine(model, cfg.batch_size, cfg.preprocess_workers, decoder)
-        self.host = socket.gethostname()
-        self.owner = f"{self.host}:{os.getpid()}"
+        self.engine = make_engine(model, cfg)
+        me = this_process()
+        self.host, self.owner = me.host, str(me)
         self.lease = dt.timedelta(seconds=cfg.lease_seconds)
 
     def start(self) -> None:
@@ -95,8 +101,11 @@ class InferenceWorker(WorkerThread):
         )
         with self.db.session() as s:
             orphans = requeue_orphans(s, self.host, counted=not self.in_own_process)
+            adopted = adopt_jobs(s, card.sha256)
         if orphans:
             log.info("requeued %d jobs held by a stopped process on this host", orphans)
+        if adopted:
+            log.info("%d jobs queued for other weights are now this model's", adopted)
         self.engine.warm_up()  # the first image does not wait for decoding processes to start
         super().start()
 
@@ -109,7 +118,7 @@ class InferenceWorker(WorkerThread):
         cfg = self.cfg
         while True:
             with self.db.session() as s:
-                count, oldest = backlog(s)
+                count, oldest = backlog(s, self.identity.sha256)
             if count == 0:
                 return False
             waited = (utcnow() - oldest).total_seconds() if oldest else float("inf")
@@ -127,7 +136,9 @@ class InferenceWorker(WorkerThread):
         sha = self.identity.sha256
         with self.db.session() as s:
             fail_exhausted(s, cfg.max_attempts)  # logged and audited as they fail
-            jobs = claim_jobs(s, self.owner, cfg.batch_size, self.lease, cfg.max_attempts)
+            jobs = claim_jobs(
+                s, self.owner, cfg.batch_size, self.lease, cfg.max_attempts, model_sha256=sha
+            )
             # A job whose instance is `inferred` lost its worker after the model: the stored
             # age is reused, the model does not run again.
             known = {
@@ -137,7 +148,7 @@ class InferenceWorker(WorkerThread):
                 and (age := stored_age(s, job.instance_id, sha)) is not None
             }
             todo = [(job, Path(job.instance.path)) for job in jobs if job.id not in known]
-            done = [(job, Path(job.instance.path)) for job in jobs if job.id in known]
+            reuse = [(job, Path(job.instance.path)) for job in jobs if job.id in known]
         if not jobs:  # another worker claimed them first
             return 0
         claimed = utcnow()
@@ -157,7 +168,7 @@ class InferenceWorker(WorkerThread):
                 findings = self._findings(outcome.header, outcome.xray_age)
                 if self._inferred(job, findings):
                     self._report_timed(job, outcome.header, findings)
-        for job, path in done:
+        for job, path in reuse:
             header = read_header(path)
             self._report_timed(job, header, self._findings(header, known[job.id]))
         return len(jobs)
@@ -167,36 +178,31 @@ class InferenceWorker(WorkerThread):
         self._report(job, header, findings)
         STAGE_SECONDS.labels("report").observe(time.perf_counter() - started)
 
-    def _still_ours(self, s: Session, job_id: int) -> Job | None:
-        """The job, locked, if this worker still holds it: a worker that overran its lease has
-        lost the job to another and must not record a second outcome."""
-        job = s.get_one(Job, job_id, with_for_update=True)
-        if job.state == JobState.RUNNING and job.owner == self.owner:
-            return job
-        log.warning(
-            "job %d: lease lost to %s; its outcome is not recorded twice", job.id, job.owner
-        )
-        return None
+    def _held(self, s: Session, job_id: int) -> Job | None:
+        job = held_job(s, job_id, self.owner)
+        if job is None:
+            log.warning("job %d: lease lost to another worker; its outcome is not recorded twice",
+                        job_id)  # fmt: skip
+        return job
 
     def _fail(self, job: Job, reason: str, summary: str | None = None) -> None:
         """Record ``reason`` (database and audit log); the application log gets ``summary``
         instead where the reason may quote header values, which can identify the patient."""
         with self.db.session() as s:
-            held = self._still_ours(s, job.id)
+            held = self._held(s, job.id)
             if held is None:
                 return
             INFERRED.labels("failed").inc()
-            held.state, held.error = JobState.FAILED, reason
-            change_state(s, held.instance, InstanceState.FAILED, reason=reason, summary=summary)
+            fail_job(s, held, reason, summary)
 
     def _inferred(self, claimed: Job, f: Findings) -> bool:
         """Commit the model's output (``inferred``) before any report is built, so a crash
         from here on does not run the model again; False if the job is no longer ours."""
         with self.db.session() as s:
-            held = self._still_ours(s, claimed.id)
+            held = self._held(s, claimed.id)
             if held is None:
                 return False
-            ages = Ages(f.xray_age, f.chronological_age, f.difference, f.corrected_difference)
+            ages = Ages(f.xray_age, f.chronological_age, f.age_gap, f.corrected_age_gap)
             record_inferred(s, held.instance, self.identity, ages)
         return True
 
@@ -225,21 +231,26 @@ class InferenceWorker(WorkerThread):
             stored = []
             for obj in built.objects:
                 path = self.store.store_report(obj.sop_instance_uid, obj.data)
-                stored.append(StoredObject(obj.sop_instance_uid, str(path)))
+                stored.append(StoredObject(obj.kind, obj.sop_instance_uid, str(path)))
         except OSError as e:
             self._fail(claimed, f"report cannot be stored: {e}")
             return
         with self.db.session() as s:
-            held = self._still_ours(s, claimed.id)
+            held = self._held(s, claimed.id)
             if held is None:
                 return
             INFERRED.labels("reported").inc()
-            sc = stored[1] if len(stored) > 1 else None
-            record_reports(
-                s, held.instance, self.identity.sha256, stored[0], sc, self.reports.destinations
-            )
-            held.state, held.lease_until = JobState.DONE, None
+            sha = self.identity.sha256
+            record_reports(s, held.instance, sha, stored, self.reports.destinations)
+            finish_job(s, held)
         self.on_reported()
+
+
+def make_engine(model: AgeModel, cfg: ModelSection, batch_size: int | None = None) -> Engine:
+    """The batched engine of ``model`` under ``[model]`` (``batch_size`` overriding its
+    batch size), with the device decoder it allows: the node's and ``xrayage infer``'s."""
+    decoder = device_decoder(model.device, cfg.device_decode)
+    return Engine(model, batch_size or cfg.batch_size, cfg.preprocess_workers, decoder)
 
 
 def read_header(path: Path) -> Dataset:

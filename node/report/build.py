@@ -17,12 +17,14 @@ from node.report.sc import build_sc
 from node.report.sr import build_sr
 from node.report.uids import ReportUIDs
 from storage import InvalidUID, validate_uid
+from storage.tables import DeliveryKind
 
 
 @dataclass(frozen=True)
 class ReportObject:
-    """One encoded report object."""
+    """One encoded report object, of the kind a destination may take."""
 
+    kind: DeliveryKind
     sop_instance_uid: str
     data: bytes
 
@@ -51,8 +53,8 @@ def build_reports(
         sc = None
         if cfg.secondary_capture:
             made = build_sc(header, findings, uids, cfg.sc_series_number)
-            sc = ReportObject(uids.sc_instance, _encode(made))
-    return Reports(ReportObject(uids.sr_instance, _encode(sr)), sc)
+            sc = ReportObject(DeliveryKind.SC, uids.sc_instance, _encode(made))
+    return Reports(ReportObject(DeliveryKind.SR, uids.sr_instance, _encode(sr)), sc)
 
 
 # The source UIDs a report copies or references (study, series in the evidence, frame of

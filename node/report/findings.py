@@ -26,14 +26,15 @@ class Findings:
     earlier: tuple[EarlierAge, ...] = ()  # oldest first; the summary image plots them
 
     @property
-    def difference(self) -> float | None:
+    def age_gap(self) -> float | None:
+        """X-ray age minus chronological age (the SR's "Age difference")."""
         if self.chronological_age is None:
             return None
         return round(self.xray_age - self.chronological_age, 2)
 
     @property
-    def corrected_difference(self) -> float | None:
-        """The difference less its expected value at this age, by the card's bias correction."""
+    def corrected_age_gap(self) -> float | None:
+        """The age gap less its expected value at this age, by the card's bias correction."""
         correction = self.card.gap_correction
         if correction is None or self.chronological_age is None:
             return None

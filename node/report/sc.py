@@ -40,13 +40,13 @@ def _lines(f: Findings) -> list[Line]:
         lines = [("X-ray age", 52), (f"{f.xray_age:.1f} years", 96)]
         if card.reference_mae is not None:
             lines.append((f"typical error ± {card.reference_mae:.1f} years (model's MAE)", 32))
-    if f.chronological_age is not None and f.difference is not None:
+    if f.chronological_age is not None and f.age_gap is not None:
         lines += [
             (f"Chronological age  {f.chronological_age:.1f} years", 40),
-            (f"Difference  {f.difference:+.1f} years", 40),
+            (f"Difference  {f.age_gap:+.1f} years", 40),
         ]
-        if f.corrected_difference is not None:
-            lines.append((f"Bias-corrected difference  {f.corrected_difference:+.1f} years", 40))
+        if f.corrected_age_gap is not None:
+            lines.append((f"Bias-corrected difference  {f.corrected_age_gap:+.1f} years", 40))
         if not card.untrained:
             lines.append(("A positive difference: the chest looks older than the age.", 28))
     else:

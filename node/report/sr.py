@@ -128,18 +128,18 @@ def build_sr(
     measurements = [
         hd.sr.Measurement(name=XRAY_AGE, value=findings.xray_age, unit=YEARS, algorithm_id=algo)
     ]
-    if findings.chronological_age is not None and findings.difference is not None:
+    if findings.chronological_age is not None and findings.age_gap is not None:
         measurements += [
             hd.sr.Measurement(name=CHRONOLOGICAL_AGE, value=findings.chronological_age, unit=YEARS),
             hd.sr.Measurement(
-                name=AGE_DIFFERENCE, value=findings.difference, unit=YEARS, algorithm_id=algo
+                name=AGE_DIFFERENCE, value=findings.age_gap, unit=YEARS, algorithm_id=algo
             ),
         ]
-    if findings.corrected_difference is not None:
+    if findings.corrected_age_gap is not None:
         measurements.append(
             hd.sr.Measurement(
                 name=CORRECTED_DIFFERENCE,
-                value=findings.corrected_difference,
+                value=findings.corrected_age_gap,
                 unit=YEARS,
                 algorithm_id=algo,
             )
