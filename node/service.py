@@ -36,7 +36,7 @@ from node.http.api import HttpServer, create_app
 from node.infer.process import InferenceProcess, event
 from node.report.identity import is_own_output
 from node.results.validation import Validation
-from node.retro.scanner import RetroScanner, next_at
+from node.retro.runner import RetroScanner, next_at
 from node.schedule import ScheduledJob, Scheduler
 from storage import Database, FileStore, record_event
 from storage.audit import purge_events
@@ -139,8 +139,9 @@ class NodeService:
             # The C-STORE path this process's receiver would use, for C-GET retrievals.
             receiver = self.receiver()
             scanner = RetroScanner(
-                retro, s.gate, s.node.ae_title, self.db, self.card.sha256, receiver.handle_store
-            )
+                retro=retro, gate=s.gate, own_ae=s.node.ae_title, db=self.db,
+                model_sha256=self.card.sha256, store_handler=receiver.handle_store,
+            )  # fmt: skip
             # Grace: the window's length, so a run missed while the node was down still runs
             # when the node is back before the window ends, and not after.
             fire = CronTrigger.from_crontab(retro.schedule).get_next_fire_time(

@@ -251,3 +251,43 @@ def test_a_second_scheduler_on_postgresql_says_so_and_waits_for_the_first(
         wait_until(lambda: second.scheduler.scheduler.running, 30, "the second scheduler")
     finally:
         second_cm.__exit__(None, None, None)
+
+
+def test_jobs_and_scans_have_their_tables_and_illegal_moves_are_refused(tmp_path: Path) -> None:
+    """Every kind of state has its table in storage/lifecycle.py; each refuses what it lacks,
+    one row at a time (change_state) and as a set (move_rows leaves rows that may not move)."""
+    from storage.lifecycle import JOB_TRANSITIONS, LIFECYCLES, SCAN_TRANSITIONS, move_rows
+    from storage.scans import close_scan, open_scan, take_over
+    from storage.tables import Delivery, RetroScan, ScanState
+
+    assert set(LIFECYCLES) == {Instance, Job, Delivery, RetroScan}
+    for table in (JOB_TRANSITIONS, SCAN_TRANSITIONS):
+        assert all(targets <= set(table) for targets in table.values())
+    db = Database.sqlite_in(tmp_path)
+    db.create_schema()
+    (inst_id,) = _instances(db, 1)
+    with db.session() as s:
+        job = s.scalars(select(Job).where(Job.instance_id == inst_id)).one()
+        job_id = job.id
+        change_state(s, job, JobState.RUNNING)
+        change_state(s, job, JobState.DONE)
+    refused = pytest.raises(IllegalTransition, match=r"jobs row \d+: done -> running")
+    with refused, db.session() as s:
+        change_state(s, s.get_one(Job, job_id), JobState.RUNNING)
+    with db.session() as s:  # a done job is never given back to the queue
+        assert move_rows(s, Job, Job.id == job_id, JobState.QUEUED) == []
+        assert s.get_one(Job, job_id).state == JobState.DONE
+    with db.session() as s:
+        scan = open_scan(s, "test", dt.date(2026, 11, 1), dt.date(2026, 11, 2), "m", "h:1")
+        scan_id = scan.id
+        close_scan(s, scan_id, ScanState.FINISHED, "done", "test")
+    with pytest.raises(IllegalTransition, match="finished -> running"), db.session() as s:
+        take_over(s, s.get_one(RetroScan, scan_id), "h:2", "test")
+    with db.session() as s:
+        scans = select(AuditEvent).where(AuditEvent.event == "retro-scan")
+        events = [e.detail for e in s.scalars(scans)]
+    assert events == [
+        "scan 1 started: studies 2026-11-01..2026-11-02",
+        "scan 1 finished: done; fetched 0, already done 0, failed 0",
+    ]
+    db.dispose()

@@ -91,3 +91,46 @@ def test_a_database_from_before_migrations_is_refused_clearly(tmp_path: Path) ->
     engine.dispose()
     with pytest.raises(SchemaError, match="no migration history"):
         Database.sqlite_in(tmp_path).create_schema()
+
+
+def test_migration_0004_names_the_model_of_jobs_and_the_kind_of_deliveries(tmp_path: Path) -> None:
+    """On a database holding data at 0003: a done job takes its result's model, a queued one
+    none; the SC's delivery becomes `sc`, the SR's `sr`."""
+    from alembic import command
+    from sqlalchemy import text
+
+    from storage.schema import _config
+
+    db = Database.sqlite_in(tmp_path)
+    cfg = _config()
+    with db.engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "0003")
+        conn.execute(text(
+            "INSERT INTO instances (id, sop_instance_uid, sop_class_uid, path, sha256, size, "
+            "origin, state, received_at, updated_at) VALUES "
+            "(1, '1.1', '1.2', 'a', '0', 0, 'push', 'delivered', '2026-11-01', '2026-11-01'), "
+            "(2, '2.1', '1.2', 'b', '0', 0, 'push', 'queued', '2026-11-01', '2026-11-01')"
+        ))  # fmt: skip
+        conn.execute(text(
+            "INSERT INTO jobs (id, instance_id, state, attempts, created_at) VALUES "
+            "(1, 1, 'done', 1, '2026-11-01'), (2, 2, 'queued', 0, '2026-11-01')"
+        ))  # fmt: skip
+        conn.execute(text(
+            "INSERT INTO results (id, instance_id, model_name, model_version, model_sha256, "
+            "xray_age, sr_sop_instance_uid, sc_sop_instance_uid, created_at) VALUES "
+            "(1, 1, 'm', '1', 'abc', 60.0, '9.1', '9.2', '2026-11-01')"
+        ))  # fmt: skip
+        conn.execute(text(
+            "INSERT INTO deliveries (id, instance_id, destination, sop_instance_uid, path, state, "
+            "attempts, next_attempt_at) VALUES (1, 1, 'pacs', '9.1', 'sr', 'delivered', 1, "
+            "'2026-11-01'), (2, 1, 'pacs', '9.2', 'sc', 'delivered', 1, '2026-11-01')"
+        ))  # fmt: skip
+    db.create_schema()  # to head
+    assert _differences(db) == []
+    with db.engine.connect() as conn:
+        jobs = conn.execute(text("SELECT id, model_sha256 FROM jobs ORDER BY id")).all()
+        kinds = conn.execute(text("SELECT sop_instance_uid, kind FROM deliveries ORDER BY id"))
+        assert [tuple(r) for r in kinds] == [("9.1", "sr"), ("9.2", "sc")]
+    assert [tuple(r) for r in jobs] == [(1, "abc"), (2, None)]
+    db.dispose()

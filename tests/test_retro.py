@@ -18,7 +18,8 @@ from pydicom.uid import generate_uid
 from sqlalchemy import select
 
 from node.config import load_settings
-from node.retro.scanner import ArchiveError, Budget, RetroScanner
+from node.retro.archive import ArchiveError
+from node.retro.runner import Budget, RetroScanner
 from node.schedule import detach
 from node.service import NodeService
 from storage import Database, Instance, InstanceState
@@ -271,7 +272,9 @@ def _scanner(tmp_path: Path, pacs: Orthanc) -> tuple[Database, RetroScanner]:
     )  # fmt: skip
     db = Database.sqlite_in(tmp_path)
     db.create_schema()
-    return db, RetroScanner(settings.retro, settings.gate, "XRAYAGE", db, "0" * 64)
+    return db, RetroScanner(
+        retro=settings.retro, gate=settings.gate, own_ae="XRAYAGE", db=db, model_sha256="0" * 64
+    )
 
 
 def test_a_move_the_archive_cannot_complete_pauses_the_scan_with_its_status(

@@ -18,7 +18,8 @@ from ai.card import ModelCard
 from ai.presets import model_card
 from node.cli.support import ConfigOption, UsageError, open_database, user_errors
 from node.config import ConfigError, Settings, load_settings
-from node.retro.scanner import Budget, RetroScanner, SeriesPlan
+from node.retro.plan import SeriesPlan
+from node.retro.runner import Budget, RetroScanner
 from storage import Database, record_event
 
 
@@ -78,8 +79,8 @@ def rescan(
         with _progress() as progress:
             task = progress.add_task("studies", total=None, fetched=0)
             scanner = RetroScanner(
-                settings.retro, settings.gate, settings.node.ae_title, db, card.sha256,
-                _store_handler(settings, db, card),
+                retro=settings.retro, gate=settings.gate, own_ae=settings.node.ae_title, db=db,
+                model_sha256=card.sha256, store_handler=_store_handler(settings, db, card),
                 on_progress=lambda done, total, fetched: progress.update(
                     task, completed=done, total=total, fetched=fetched
                 ),
@@ -140,7 +141,7 @@ def _show_plan(plans: list[SeriesPlan]) -> None:
     for p in plans:
         table.add_row(
             p.study_date or "", p.study_uid, p.series_uid,
-            f"{p.whole}+ (series whole)" if p.whole else str(len(p.fetch)),
+            f"{p.series_size}+ (series whole)" if p.series_size else str(len(p.fetch)),
             str(p.already_done), str(len(p.again)),
         )  # fmt: skip
     Console(width=240).print(table)

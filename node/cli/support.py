@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+
 class UsageError(UserError):
     """A command's arguments or options that cannot be used together or as given."""
 

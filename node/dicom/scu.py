@@ -1,5 +1,5 @@
 """The associations this node requests: ``on_connect`` prepares each of them (here and for the
-retro-scan's query/retrieve, :mod:`node.retro.scanner`); the C-STORE SCU sends files as they
+retro-scan's query/retrieve, :mod:`node.retro.archive`); the C-STORE SCU sends files as they
 are stored, in one association per call."""
 
 from __future__ import annotations
