@@ -148,3 +148,92 @@ def test_a_failed_delivery_is_listed_and_sent_again_by_xrayage_retry(
             )
     finally:
         pacs.stop()
+
+
+def test_a_damaged_report_file_fails_its_own_delivery_and_the_others_arrive(
+    tmp_path: Path, chest_ds: pydicom.Dataset, weights: Path
+) -> None:
+    """Two SR files are damaged on the node's disk (one cut short, one gone) while their
+    deliveries wait for the PACS: those two end `failed` at once with the reason, their attempt
+    counted and audited; the other reports arrive within seconds of the PACS's return."""
+    pacs, port, config = _pacs_and_node_config(
+        tmp_path, weights,
+        "retry_initial_seconds = 1\nretry_max_seconds = 2\nmax_attempts = 100\ntimeout_seconds = 2",
+    )  # fmt: skip
+    images = small_chests(chest_ds, tmp_path / "images", 6)
+    try:
+        with node_for(config) as service:
+            assert storescu(port, *images).returncode == 0
+            wait_until(
+                lambda: len(rows := deliveries(service)) == 6 and all(d.attempts for d in rows),
+                120,
+                "a failed first attempt for each of the 6 reports",
+            )
+            cut, gone, *others = deliveries(service)
+            Path(cut.path).write_bytes(Path(cut.path).read_bytes()[:200])
+            Path(gone.path).unlink()
+            pacs.start(allowed={"XRAYAGE": "xrayage"})
+            back = time.monotonic()
+            wait_until(
+                lambda: all(
+                    d.state == DeliveryState.DELIVERED for d in deliveries(service)[2:]
+                ),
+                30,
+                "the 4 undamaged reports",
+            )
+            assert time.monotonic() - back < 15  # no round waited out a lease
+            assert sorted(pacs.sr_uids()) == sorted(d.sop_instance_uid for d in others)
+            rows = {d.id: d for d in deliveries(service)}
+            for damaged in (cut, gone):
+                row = rows[damaged.id]
+                assert row.state == DeliveryState.FAILED
+                assert row.attempts == damaged.attempts + 1  # counted once, not retried
+                assert f"report file {damaged.path} cannot be read" in (row.last_error or "")
+            with service.db.session() as s:
+                failed = s.scalars(
+                    select(AuditEvent).where(
+                        AuditEvent.event == "failed", AuditEvent.outcome == "failure"
+                    )
+                ).all()
+                states = {i.sop_instance_uid: i.state for i in s.scalars(select(Instance))}
+            assert len(failed) == 2 and all("cannot be read" in (e.detail or "") for e in failed)
+            assert list(states.values()).count(InstanceState.FAILED) == 2
+    finally:
+        pacs.stop()
+
+
+def test_each_destination_gets_the_kinds_it_takes(tmp_path: Path) -> None:
+    """`send` on a destination: the SR and SC by default, or what it lists; each delivery
+    names its kind."""
+    from storage import Database, DeliveryKind, Result
+    from storage.deliveries import StoredObject
+    from storage.results import record_reports
+
+    settings = load_settings(
+        None,
+        destinations=[
+            {"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": 104},
+            {"name": "viewer", "ae_title": "VIEW", "host": "127.0.0.1", "port": 105,
+             "send": ["sc"]},
+        ],
+    )  # fmt: skip
+    takes = {d.name: frozenset(d.send) for d in settings.destinations}
+    assert takes == {"pacs": {DeliveryKind.SR, DeliveryKind.SC}, "viewer": {DeliveryKind.SC}}
+    with pytest.raises(Exception, match="send"):
+        load_settings(None, destinations=[{"name": "x", "stow_url": "http://h", "send": ["pdf"]}])
+    db = Database.sqlite_in(tmp_path)
+    db.create_schema()
+    with db.session() as s:
+        inst = Instance(sop_instance_uid="1.2", sop_class_uid="1.2", path="x", sha256="0",
+                        size=0, state=InstanceState.INFERRED)  # fmt: skip
+        s.add(inst)
+        s.flush()
+        s.add(Result(instance_id=inst.id, model_name="m", model_version="1", model_sha256="m",
+                     xray_age=60.0))  # fmt: skip
+        objects = [StoredObject(DeliveryKind.SR, "9.1", "sr.dcm"),
+                   StoredObject(DeliveryKind.SC, "9.2", "sc.dcm")]  # fmt: skip
+        record_reports(s, inst, "m", objects, takes)
+    with db.session() as s:
+        sent = {(d.destination, d.kind, d.sop_instance_uid) for d in s.scalars(select(Delivery))}
+    assert sent == {("pacs", "sr", "9.1"), ("pacs", "sc", "9.2"), ("viewer", "sc", "9.2")}
+    db.dispose()
