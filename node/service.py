@@ -32,7 +32,7 @@ from node.config import ReportConfig, Settings
 from node.delivery.deliverer import Deliverer
 from node.dicom.scp import Receiver
 from node.gate import Gate
-from node.http.api import HttpServer, create_app
+from node.http.app import HttpServer, create_app
 from node.infer.process import InferenceProcess, event
 from node.report.identity import is_own_output
 from node.results.validation import Validation

@@ -18,7 +18,7 @@ from node.delivery.cstore import CStoreSender
 from node.delivery.deliverer import Deliverer
 from node.delivery.stow import StowSender
 from node.dicom.scp import Receiver
-from node.http.api import HttpServer
+from node.http.app import HttpServer
 from node.infer.process import InferenceProcess
 from node.report.build import build_reports
 from node.report.findings import Findings
