@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 from sqlalchemy import delete, desc, func, select
 from sqlalchemy.orm import Session
 
-from storage.tables import AuditEvent, Instance
+from storage.tables import AuditEvent, ExportCursor, Instance
 
 # Every event the node records, by what happened (README "Audit log"); ``record_event`` takes
 # no other, so that ``xrayage audit --event`` can list them all.
@@ -138,3 +138,24 @@ def run_query(session: Session, query: AuditQuery, actor: str) -> list[AuditEven
         session, "audit-query", actor=actor, detail=f"{query.describe()}; {len(rows)} rows"
     )
     return rows
+
+
+def unexported(session: Session, exporter: str, limit: int) -> list[tuple[AuditEvent, str | None]]:
+    """The events ``exporter`` has not sent yet, oldest first, each with its instance's SOP
+    class where it names one (what an ATNA message describes)."""
+    cursor = session.get(ExportCursor, exporter)
+    return [
+        (event, sop_class)
+        for event, sop_class in session.execute(
+            select(AuditEvent, Instance.sop_class_uid)
+            .outerjoin(Instance, Instance.sop_instance_uid == AuditEvent.sop_instance_uid)
+            .where(AuditEvent.id > (cursor.last_id if cursor else 0))
+            .order_by(AuditEvent.id)
+            .limit(limit)
+        )
+    ]
+
+
+def exported(session: Session, exporter: str, last_id: int) -> None:
+    """``exporter`` has sent every event up to ``last_id``."""
+    session.merge(ExportCursor(name=exporter, last_id=last_id))

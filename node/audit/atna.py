@@ -18,13 +18,11 @@ import socket
 import ssl
 import xml.etree.ElementTree as ET
 
-from sqlalchemy import select
-
 from node.components import WorkerThread
 from node.config import SyslogSection
 from node.dicom.tls import client_context
-from storage import AuditEvent, Database, Instance
-from storage.tables import ExportCursor
+from storage import AuditEvent, Database
+from storage.audit import exported, unexported
 
 PRI = 10 * 8 + 5
 MSGID = "DICOM+RFC3881"
@@ -199,16 +197,7 @@ class SyslogExporter(WorkerThread):
 
     def run_once(self) -> int:
         with self.db.session() as s:
-            cursor = s.get(ExportCursor, "syslog") or ExportCursor(name="syslog", last_id=0)
-            events = list(
-                s.execute(
-                    select(AuditEvent, Instance.sop_class_uid)
-                    .outerjoin(Instance, Instance.sop_instance_uid == AuditEvent.sop_instance_uid)
-                    .where(AuditEvent.id > cursor.last_id)
-                    .order_by(AuditEvent.id)
-                    .limit(BATCH)
-                )
-            )
+            events = unexported(s, "syslog", BATCH)
         sent = 0
         try:
             for event, sop_class in events:
@@ -221,7 +210,7 @@ class SyslogExporter(WorkerThread):
             self.close()
         if sent:
             with self.db.session() as s:
-                s.merge(ExportCursor(name="syslog", last_id=sent))
+                exported(s, "syslog", sent)
         return len(events) if events and sent == events[-1][0].id else 0
 
     def close(self) -> None:

@@ -12,12 +12,10 @@ import hashlib
 import json
 from typing import Any
 
-from sqlalchemy import desc, select
-
 from ai import ModelCard
 from node.config import Settings
 from storage import Database, record_event
-from storage.tables import ConfigVersion
+from storage.settings_history import keep_settings
 
 
 def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
@@ -52,14 +50,13 @@ def record_changes(db: Database, settings: Settings, card: ModelCard | None) -> 
     text = json.dumps(current, sort_keys=True)
     digest = hashlib.sha256(text.encode()).hexdigest()
     with db.session() as s:
-        last = s.scalar(select(ConfigVersion).order_by(desc(ConfigVersion.id)).limit(1))
-        if last is not None and last.sha256 == digest:
+        changed_at_all, previous = keep_settings(s, digest, text)
+        if not changed_at_all:
             return []
-        s.add(ConfigVersion(sha256=digest, settings_json=text))
-        if last is None:
+        if previous is None:
             record_event(s, "config", detail=f"first start; settings sha256 {digest}")
             return []
-        before, after = _flat(json.loads(last.settings_json)), _flat(current)
+        before, after = _flat(json.loads(previous)), _flat(current)
         changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
         model_keys = [k for k in changed if k.startswith("loaded_model")]
         if model_keys:
