@@ -51,6 +51,16 @@ def deliveries(service: NodeService) -> list[Delivery]:
         return list(s.scalars(select(Delivery).order_by(Delivery.id)))
 
 
+def send_while_pacs_is_away(service: NodeService, port: int, images: list[Path]) -> None:
+    """Send ``images`` and wait until each report's first delivery attempt has failed."""
+    assert storescu(port, *images).returncode == 0
+    wait_until(
+        lambda: len(rows := deliveries(service)) == len(images) and all(d.attempts for d in rows),
+        120,
+        f"a failed first attempt for each of the {len(images)} reports",
+    )
+
+
 def test_a_pacs_down_for_a_minute_gets_every_report_once_when_back(
     tmp_path: Path, chest_ds: pydicom.Dataset, weights: Path
 ) -> None:
@@ -65,12 +75,7 @@ def test_a_pacs_down_for_a_minute_gets_every_report_once_when_back(
     images = small_chests(chest_ds, tmp_path / "images", 20)
     try:
         with node_for(config) as service:
-            assert storescu(port, *images).returncode == 0
-            wait_until(
-                lambda: len(rows := deliveries(service)) == 20 and all(d.attempts for d in rows),
-                120,
-                "a failed first attempt for each of the 20 reports",
-            )
+            send_while_pacs_is_away(service, port, images)
             time.sleep(max(0.0, OUTAGE_SECONDS - (time.monotonic() - stopped)))
             pacs.start(allowed={"XRAYAGE": "xrayage"})
             wait_until(
@@ -163,12 +168,7 @@ def test_a_damaged_report_file_fails_its_own_delivery_and_the_others_arrive(
     images = small_chests(chest_ds, tmp_path / "images", 6)
     try:
         with node_for(config) as service:
-            assert storescu(port, *images).returncode == 0
-            wait_until(
-                lambda: len(rows := deliveries(service)) == 6 and all(d.attempts for d in rows),
-                120,
-                "a failed first attempt for each of the 6 reports",
-            )
+            send_while_pacs_is_away(service, port, images)
             cut, gone, *others = deliveries(service)
             Path(cut.path).write_bytes(Path(cut.path).read_bytes()[:200])
             Path(gone.path).unlink()
