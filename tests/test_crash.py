@@ -19,7 +19,7 @@ from sqlalchemy import select
 
 from ai.card import file_sha256
 from node.report.uids import ReportUIDs
-from storage import Database, Delivery, DeliveryState, Job, JobState
+from storage import Database, Delivery, DeliveryKind, DeliveryState, Job, JobState
 from storage.deliveries import requeue_orphan_deliveries
 from storage.queue import requeue_orphans
 from storage.tables import Instance, InstanceState, utcnow
@@ -166,7 +166,8 @@ def test_a_restart_makes_the_deliveries_of_a_dead_process_on_its_host_due_at_onc
         s.add(inst)
         s.flush()
         for n, owner in enumerate(owners):
-            s.add(Delivery(instance_id=inst.id, destination="pacs", sop_instance_uid=f"2.{n}",
+            s.add(Delivery(instance_id=inst.id, destination="pacs", kind=DeliveryKind.SR,
+                           sop_instance_uid=f"2.{n}",
                            path="x", state=DeliveryState.PENDING, owner=owner,
                            next_attempt_at=FAR))  # fmt: skip
     with db.session() as s:

@@ -207,7 +207,7 @@ def test_gap_correction_removes_the_trend_and_reaches_the_report(
     assert slope == pytest.approx(-0.4) and intercept == pytest.approx(20.0)
     card = ModelCard(name="t", sha256="0" * 64, gap_correction=(slope, intercept))
     corrected = [
-        Findings(float(p), float(a), card).corrected_difference
+        Findings(float(p), float(a), card).corrected_age_gap
         for p, a in zip(predicted, actual, strict=True)
     ]
     assert np.allclose(corrected, 0, atol=0.01)
