@@ -76,6 +76,35 @@ def delivery_counts(session: Session) -> dict[DeliveryState, int]:
     return dict(rows)  # type: ignore[arg-type]
 
 
+@dataclass(frozen=True)
+class DestinationStatus:
+    """One destination as the status page and ``/readyz`` show it: its deliveries by state,
+    and, while its latest attempts fail, the newest error (None: not failing)."""
+
+    name: str
+    counts: dict[str, int]
+    failing: str | None
+
+
+def destination_status(session: Session) -> list[DestinationStatus]:
+    """Every destination that has deliveries, by name. A destination is failing while a
+    pending delivery of it has a failed attempt: retried, not given up."""
+    counts: dict[str, dict[str, int]] = {}
+    for name, state, n in session.execute(
+        select(Delivery.destination, Delivery.state, func.count())
+        .group_by(Delivery.destination, Delivery.state)
+    ):
+        counts.setdefault(name, {})[state.value] = n
+    failing: dict[str, str] = {}
+    for name, error in session.execute(
+        select(Delivery.destination, Delivery.last_error)
+        .where(Delivery.state == DeliveryState.PENDING, Delivery.last_error.is_not(None))
+        .order_by(Delivery.id)
+    ):
+        failing[name] = error  # the newest wins
+    return [DestinationStatus(n, counts[n], failing.get(n)) for n in sorted(counts)]
+
+
 def claim_deliveries(
     session: Session, limit: int, lease: dt.timedelta, owner: str
 ) -> list[Delivery]:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
+import requests
 from sqlalchemy import func, select
 
 from node.config import load_settings
@@ -237,3 +238,56 @@ def test_each_destination_gets_the_kinds_it_takes(tmp_path: Path) -> None:
         sent = {(d.destination, d.kind, d.sop_instance_uid) for d in s.scalars(select(Delivery))}
     assert sent == {("pacs", "sr", "9.1"), ("pacs", "sc", "9.2"), ("viewer", "sc", "9.2")}
     db.dispose()
+
+
+def test_a_destination_whose_name_does_not_resolve_fails_alone_with_its_reason(
+    tmp_path: Path, chest_pa: Path, weights: Path
+) -> None:
+    """Beside a working PACS, a destination named by a host that does not resolve: its
+    deliveries fail attempt by attempt with the resolver's reason, then give up (listed by
+    `xrayage retry`); `/readyz` and `/api/destinations` name it; the PACS gets its SR at once."""
+    require("Orthanc")
+    pacs = Orthanc(tmp_path / "pacs", free_port(), free_port())
+    port, http = free_port(), free_port()
+    token = "destinations-token-for-tests"
+    config = node_config(
+        tmp_path, port, weights, pacs,
+        delivery="retry_initial_seconds = 1\nretry_max_seconds = 1\nmax_attempts = 3\n"
+        "timeout_seconds = 2",
+        report="secondary_capture = false",
+    )  # fmt: skip
+    with config.open("a") as f:
+        f.write(
+            '\n[[destinations]]\nname = "nowhere"\nae_title = "NOWHERE"\n'
+            'host = "no-such-host.invalid"\nport = 104\n'
+            f'\n[http]\nport = {http}\ntokens = {{ ops = "{token}" }}\n'
+        )
+    pacs.start(allowed={"XRAYAGE": "xrayage"})
+    try:
+        with node_for(config) as service:
+            assert storescu(port, chest_pa).returncode == 0
+            wait_until(lambda: pacs.sr_uids() != [], 60, "the SR in the working PACS")
+            wait_until(
+                lambda: any(d.attempts for d in deliveries(service) if d.destination == "nowhere"),
+                60, "a failed attempt to nowhere",
+            )  # fmt: skip
+            ready = requests.get(f"http://127.0.0.1:{http}/readyz", timeout=5)
+            assert ready.status_code == 503 and "destination nowhere failing" in ready.text
+            listed = requests.get(
+                f"http://127.0.0.1:{http}/api/destinations",
+                headers={"Authorization": f"Bearer {token}"}, timeout=5,
+            ).json()["destinations"]  # fmt: skip
+            named = {d["name"]: d for d in listed}
+            assert named["pacs"]["failing"] is None and named["pacs"]["counts"] == {"delivered": 1}
+            assert "no-such-host.invalid" in named["nowhere"]["failing"]
+            wait_until(
+                lambda: [d.state for d in deliveries(service) if d.destination == "nowhere"]
+                == [DeliveryState.FAILED],
+                60, "nowhere to give up",
+            )  # fmt: skip
+            (gone,) = [d for d in deliveries(service) if d.destination == "nowhere"]
+            assert gone.attempts == 3 and "no-such-host.invalid" in (gone.last_error or "")
+            listing = run("retry", "--config", str(config))
+            assert listing.returncode == 0 and "nowhere" in listing.stdout
+    finally:
+        pacs.stop()

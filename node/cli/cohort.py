@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import getpass
 from dataclasses import replace
 from pathlib import Path
@@ -14,6 +13,7 @@ from ai.card import DEFAULT_AGE_RANGE
 from node.cli.support import ConfigOption, UsageError, open_database, user_errors
 from node.cohort.inputs import FROM_RESULTS, CohortError, image, read_outcomes
 from node.config import load_settings
+from node.results.spreadsheet import write_csv
 
 
 def _names(value: str, option: str) -> tuple[str, ...]:
@@ -65,9 +65,7 @@ def _write_demo(folder: Path) -> tuple[Path, Path]:
     paths = folder / "results.csv", folder / "outcomes.csv"
     for path, rows in zip(paths, (results, outcomes), strict=True):
         with path.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]), lineterminator="\n")
-            writer.writeheader()
-            writer.writerows({k: plain(v) for k, v in row.items()} for row in rows)
+            write_csv(f, list(rows[0]), ({k: plain(v) for k, v in row.items()} for row in rows))
     (folder / "SYNTHETIC.txt").write_text(
         "A synthetic cohort made by `xrayage cohort --demo`: no patient's data. Patient IDs\n"
         "start with SYNTHETIC-; the effects were planted (node/cohort/synthetic.py).\n"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import io
 import json
 import sys
@@ -26,6 +25,7 @@ from node.cli.support import (
 )
 from node.config import ModelSection, load_settings
 from node.dicom.header import chronological_age
+from node.results.spreadsheet import write_csv
 
 if TYPE_CHECKING:
     from ai.engine import Outcome
@@ -87,9 +87,7 @@ def _row(outcome: Outcome, model: AgeModel) -> dict[str, Any]:
 
 def _csv(rows: list[dict[str, Any]]) -> str:
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
-    writer.writeheader()
-    writer.writerows({k: "" if v is None else v for k, v in r.items()} for r in rows)
+    write_csv(buf, list(rows[0]), rows)
     return buf.getvalue()
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import datetime as dt
 import functools
 import json
@@ -20,6 +19,7 @@ from sqlalchemy.exc import OperationalError
 
 from ai.presets import resolve_weights
 from node.config import ConfigError, Settings
+from node.results.spreadsheet import write_csv
 from storage import Database
 from xrayage.errors import CannotListen, UserError
 
@@ -139,9 +139,7 @@ def print_rows(
         json.dump(rows, sys.stdout, indent=1)
         sys.stdout.write("\n")
     elif format == Format.csv:
-        writer = csv.DictWriter(sys.stdout, fieldnames=columns, lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
+        write_csv(sys.stdout, columns, rows)
     else:
         table = Table(*columns, box=None)
         for row in rows:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from node.results.spreadsheet import read_cell
 from xrayage.errors import UserError
 
 Index = Literal["first", "last", "nearest"]
@@ -111,7 +112,9 @@ def _rows(path: Path, needs: Sequence[str], what: str) -> tuple[list[str], Itera
         raise CohortError(
             f"{path}: no column {', '.join(missing)} (an {what} table needs {', '.join(needs)})"
         )
-    return columns, reader
+    # A results CSV the node wrote marks values a spreadsheet would run (node.results.spreadsheet)
+    rows = ({k: read_cell(v) if isinstance(v, str) else v for k, v in r.items()} for r in reader)
+    return columns, rows
 
 
 def read_outcomes(path: Path, wanted: Sequence[str]) -> tuple[list[Outcome], bool]:

@@ -5,7 +5,6 @@ clinician (nothing is fetched from anywhere)."""
 from __future__ import annotations
 
 import base64
-import csv
 import html
 import json
 from collections.abc import Iterable, Sequence
@@ -15,6 +14,7 @@ from typing import Any
 from node.cohort.analysis import Analysis
 from node.cohort.inputs import Cohort
 from node.cohort.plots import SYNTHETIC_NOTE, forest_png, km_png
+from node.results.spreadsheet import write_csv
 
 OUTPUTS = ("cohort.json", "km.png", "forest.png", "excluded.csv", "report.html")
 
@@ -136,8 +136,6 @@ def write(out: Path, cohort: Cohort, analysis: Analysis) -> list[Path]:
     (out / "km.png").write_bytes(km)
     (out / "forest.png").write_bytes(forest)
     with (out / "excluded.csv").open("w", newline="") as f:
-        writer = csv.writer(f, lineterminator="\n")
-        writer.writerow(("patient_id", "reason"))
-        writer.writerows(cohort.excluded)
+        write_csv(f, ("patient_id", "reason"), cohort.excluded)
     (out / "report.html").write_text(_page(analysis.summary, km, forest))
     return [out / name for name in OUTPUTS]

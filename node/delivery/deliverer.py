@@ -32,6 +32,7 @@ from storage import Database
 from storage.deliveries import (
     Attempt,
     claim_deliveries,
+    destination_status,
     record_attempt,
     requeue_orphan_deliveries,
 )
@@ -77,6 +78,15 @@ class Deliverer(WorkerThread):
         if orphans:
             log.info("%d deliveries held by a stopped process on this host are due now", orphans)
         super().start()
+
+    def problems(self) -> list[str]:
+        """``/readyz``: the destinations whose deliveries are failing now, with the error."""
+        found = super().problems()
+        with self.db.session() as s:
+            status = destination_status(s)
+        return found + [
+            f"destination {d.name} failing: {d.failing}" for d in status if d.failing is not None
+        ]
 
     def run_once(self) -> int:
         with self.db.session() as s:

@@ -17,7 +17,16 @@ import uvicorn
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import Response
 
-from node.http.routes import audit, dashboard, instances, pages, probes, results, validation
+from node.http.routes import (
+    audit,
+    dashboard,
+    deliveries,
+    instances,
+    pages,
+    probes,
+    results,
+    validation,
+)
 from node.http.routes.common import token_caller
 from node.results.validation import Validation
 from storage import Database
@@ -63,6 +72,7 @@ def create_app(
     app.include_router(results.routes(db, caller))
     app.include_router(validation.routes(db, caller, validation_figures))
     app.include_router(instances.routes(db, caller))
+    app.include_router(deliveries.routes(db, caller))
 
     @app.get("/api/openapi.json", include_in_schema=False)
     def openapi(actor: Annotated[str, Depends(caller)]) -> dict[str, Any]:
