@@ -12,6 +12,7 @@ from pathlib import Path
 import pydicom
 import pytest
 import requests
+from selenium.webdriver.common.by import By
 from sqlalchemy import func, select
 
 from node.config import load_settings
@@ -20,6 +21,7 @@ from storage import AuditEvent, Delivery, DeliveryState, Instance, InstanceState
 from tests.conftest import node_config, require, small_chests, storescu
 from tests.servers import Orthanc, free_port, wait_until
 from tests.test_cli import run
+from tests.test_http_api import status_page
 
 OUTAGE_SECONDS = 60
 
@@ -252,7 +254,7 @@ def test_a_destination_whose_name_does_not_resolve_fails_alone_with_its_reason(
     token = "destinations-token-for-tests"
     config = node_config(
         tmp_path, port, weights, pacs,
-        delivery="retry_initial_seconds = 1\nretry_max_seconds = 1\nmax_attempts = 3\n"
+        delivery="retry_initial_seconds = 2\nretry_max_seconds = 2\nmax_attempts = 5\n"
         "timeout_seconds = 2",
         report="secondary_capture = false",
     )  # fmt: skip
@@ -266,7 +268,12 @@ def test_a_destination_whose_name_does_not_resolve_fails_alone_with_its_reason(
     try:
         with node_for(config) as service:
             assert storescu(port, chest_pa).returncode == 0
-            wait_until(lambda: pacs.sr_uids() != [], 60, "the SR in the working PACS")
+            wait_until(
+                lambda: [d.state for d in deliveries(service) if d.destination == "pacs"]
+                == [DeliveryState.DELIVERED],
+                60, "the SR in the working PACS",
+            )  # fmt: skip
+            assert pacs.sr_uids() != []
             wait_until(
                 lambda: any(d.attempts for d in deliveries(service) if d.destination == "nowhere"),
                 60, "a failed attempt to nowhere",
@@ -280,13 +287,17 @@ def test_a_destination_whose_name_does_not_resolve_fails_alone_with_its_reason(
             named = {d["name"]: d for d in listed}
             assert named["pacs"]["failing"] is None and named["pacs"]["counts"] == {"delivered": 1}
             assert "no-such-host.invalid" in named["nowhere"]["failing"]
+            with status_page(f"http://127.0.0.1:{http}", token) as browser:
+                rows = browser.find_elements(By.CSS_SELECTOR, "#destinations tbody tr")
+                shown = {r.find_elements(By.TAG_NAME, "td")[0].text: r.text for r in rows}
+            assert "does not resolve" in shown["nowhere"] and "resolve" not in shown["pacs"]
             wait_until(
                 lambda: [d.state for d in deliveries(service) if d.destination == "nowhere"]
                 == [DeliveryState.FAILED],
-                60, "nowhere to give up",
+                60, "nowhere to give up",  # 4 waits of 1 to 2 s
             )  # fmt: skip
             (gone,) = [d for d in deliveries(service) if d.destination == "nowhere"]
-            assert gone.attempts == 3 and "no-such-host.invalid" in (gone.last_error or "")
+            assert gone.attempts == 5 and "no-such-host.invalid" in (gone.last_error or "")
             listing = run("retry", "--config", str(config))
             assert listing.returncode == 0 and "nowhere" in listing.stdout
     finally:

@@ -3,6 +3,8 @@ queries audited, and the page rendered by headless Chromium (Debian chromium, ch
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pydicom
@@ -59,8 +61,10 @@ def test_the_api_needs_a_token_pages_and_audits_its_queries(node_with_api) -> No
     assert any("patient_id=" in q["detail"] and "limit=2" in q["detail"] for q in queries)
 
 
-def test_the_status_page_lists_events_and_states_in_chromium(node_with_api) -> None:  # type: ignore[no-untyped-def]
-    _, base, chests = node_with_api
+@contextmanager
+def status_page(base: str, token: str, wrong_first: bool = False) -> Iterator[webdriver.Chrome]:
+    """The status page in headless Chromium, shown with ``token`` (after a wrong one that it
+    must refuse, with ``wrong_first``)."""
     options = webdriver.ChromeOptions()
     options.binary_location = require("chromium")
     for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage"):
@@ -68,16 +72,25 @@ def test_the_status_page_lists_events_and_states_in_chromium(node_with_api) -> N
     browser = webdriver.Chrome(options=options, service=Service(require("chromedriver")))
     try:
         browser.get(base + "/")
-        browser.find_element(By.ID, "token").send_keys("wrong-token-of-some-length")
-        browser.find_element(By.CSS_SELECTOR, "#login button").click()
-        WebDriverWait(browser, 10).until(
-            lambda b: b.find_element(By.ID, "error").text == "token not accepted"
-        )
-        token = browser.find_element(By.ID, "token")
-        token.clear()
-        token.send_keys(TOKEN)
+        field = browser.find_element(By.ID, "token")
+        if wrong_first:
+            field.send_keys("wrong-token-of-some-length")
+            browser.find_element(By.CSS_SELECTOR, "#login button").click()
+            WebDriverWait(browser, 10).until(
+                lambda b: b.find_element(By.ID, "error").text == "token not accepted"
+            )
+            field.clear()
+        field.send_keys(token)
         browser.find_element(By.CSS_SELECTOR, "#login button").click()
         WebDriverWait(browser, 10).until(lambda b: b.find_element(By.ID, "content").is_displayed())
+        yield browser
+    finally:
+        browser.quit()
+
+
+def test_the_status_page_lists_events_and_states_in_chromium(node_with_api) -> None:  # type: ignore[no-untyped-def]
+    _, base, chests = node_with_api
+    with status_page(base, TOKEN, wrong_first=True) as browser:
         rows = browser.find_elements(By.CSS_SELECTOR, "#instances tbody tr")
         states = sorted(r.find_elements(By.TAG_NAME, "td")[1].text for r in rows)
         assert states == ["queued", "queued", "queued", "skipped"]
@@ -85,8 +98,6 @@ def test_the_status_page_lists_events_and_states_in_chromium(node_with_api) -> N
         uid = str(pydicom.dcmread(chests[0], stop_before_pixels=True).SOPInstanceUID)
         assert uid in events and "association accepted" in events
         assert "queued: 3" in browser.find_element(By.ID, "counts").text
-    finally:
-        browser.quit()
     wait_until(
         lambda: any(
             e["actor"] == "api:radiology"

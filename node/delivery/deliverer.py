@@ -20,6 +20,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import random
+import socket
 import time
 from itertools import groupby
 from pathlib import Path
@@ -67,6 +68,8 @@ class Deliverer(WorkerThread):
         self.senders: dict[str, Sender] = {
             d.name: sender_for(d, ae_title, policy.timeout_seconds) for d in destinations
         }
+        # Where each destination is, as its errors name it.
+        self.where = {d.name: d.stow_url or f"{d.ae_title}@{d.host}:{d.port}" for d in destinations}
         # A claim holds a delivery this long: past it, another deliverer may send it again.
         self.lease = dt.timedelta(seconds=4 * policy.timeout_seconds + 60)
         me = this_process()
@@ -121,7 +124,8 @@ class Deliverer(WorkerThread):
             return sender.send(paths)
         except Exception as e:  # however a destination fails, it fails alone, with a reason
             log.debug("sender %s raised", name, exc_info=True)
-            return [f"{type(e).__name__}: {e}"] * len(paths)
+            what = "host name does not resolve" if isinstance(e, socket.gaierror) else "failed"
+            return [f"{self.where[name]}: {what} ({type(e).__name__}: {e})"] * len(paths)
 
     def _record(self, results: dict[int, tuple[str | None, bool]]) -> None:
         policy = self.policy
