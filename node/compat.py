@@ -10,12 +10,14 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 from functools import cache
+from pathlib import Path
 from typing import Any
 
 from pydicom.dataset import Dataset
-from pynetdicom import AE
+from pynetdicom import AE, _config, dimse_messages
 from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider
+from pynetdicom.dimse_messages import DIMSEMessage
 from pynetdicom.dimse_primitives import DimseServiceType
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.transport import AssociationServer, AssociationSocket, RequestHandler
@@ -127,6 +129,30 @@ def _highdicom_generator() -> object:
     return hd.sr.ImageLibraryEntryDescriptors._generate_projection_radiography_descriptors
 
 
+def receive_datasets_to_files(open_file: Callable[..., Any]) -> None:
+    """pynetdicom writes each received C-STORE data set to a file as its fragments arrive, never
+    holding it in memory (``_config.STORE_RECV_CHUNKED_DATASET``, documented by pynetdicom as
+    public), and removes the file after the handler. The file is made by the
+    ``NamedTemporaryFile`` that ``dimse_messages`` imported by name, with no folder: it is
+    ``open_file`` instead (called as pynetdicom calls it, ``delete=False, mode="wb",
+    suffix=".dcm"``), which makes it in the store, on the file system the handler links it
+    into. Not ``tempfile.tempdir``: that would move every temporary file of the process
+    (multiprocessing's fork server socket too)."""
+    _config.STORE_RECV_CHUNKED_DATASET = True
+    dimse_messages.NamedTemporaryFile = open_file
+
+
+def drop_partial_dataset(assoc: Association) -> None:
+    """An association that ended in the middle of a data set (aborted, cut off by the guard)
+    leaves pynetdicom's partial file behind (it removes the file only once a handler ran on
+    the whole data set): remove it."""
+    message = getattr(assoc.dimse, "message", None)
+    partial = getattr(message, "_data_set_file", None)
+    if partial is not None:
+        partial.close()
+        Path(partial.name).unlink(missing_ok=True)
+
+
 PRIVATE_NAMES: dict[str, Callable[[], object]] = {
     "pynetdicom AE._servers": lambda: AE()._servers,
     "pynetdicom RequestHandler._create_association": lambda: RequestHandler._create_association,
@@ -135,6 +161,13 @@ PRIVATE_NAMES: dict[str, Callable[[], object]] = {
     ),
     "pynetdicom PresentationContext._transfer_syntax": lambda: (
         "_transfer_syntax" in vars(PresentationContext()) or None
+    ),
+    "pynetdicom dimse_messages.NamedTemporaryFile": lambda: dimse_messages.NamedTemporaryFile,
+    "pynetdicom DIMSEMessage._data_set_file": lambda: (
+        "_data_set_file" in vars(DIMSEMessage()) or None
+    ),
+    "pynetdicom DIMSEServiceProvider.message": lambda: (
+        "message" in vars(DIMSEServiceProvider(Association(AE(), "acceptor"))) or None
     ),
     "pynetdicom Association._server": lambda: (
         "_server" in vars(Association(AE(), "acceptor")) or None

@@ -12,6 +12,7 @@ qrscp have had such bugs).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import hashlib
@@ -22,9 +23,10 @@ import re
 import shutil
 import tempfile
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 Buffer = bytes | memoryview  # collections.abc.Buffer arrives with Python 3.12
 
@@ -91,23 +93,113 @@ def _write_all(fd: int, data: Buffer) -> None:
             view = view[os.write(fd, view) :]
 
 
-def _write_aligned(fd: int, parts: Sequence[Buffer], buf: mmap.mmap) -> None:
-    """Write ``parts`` through the ``O_DIRECT`` descriptor ``fd`` in aligned chunks staged in
-    ``buf``; the last chunk is padded to a block, then the file cut to its length."""
-    filled = total = 0
-    with memoryview(buf) as staged:
-        for part in parts:
-            with memoryview(part) as view:
-                while view:
-                    n = min(len(view), _CHUNK - filled)
-                    staged[filled : filled + n] = view[:n]
-                    filled, total, view = filled + n, total + n, view[n:]
-                    if filled == _CHUNK:
-                        _write_all(fd, staged)
-                        filled = 0
-        if filled:
-            _write_all(fd, staged[: -(-filled // _BLOCK) * _BLOCK])
-    os.ftruncate(fd, total)
+class _AlignedWriter:
+    """Writes through the ``O_DIRECT`` descriptor ``fd`` in aligned chunks staged in ``buf``;
+    :meth:`finish` pads the last chunk to a block, then cuts the file to its length. A file
+    system that refuses ``O_DIRECT`` (EINVAL) is written through the page cache from then on."""
+
+    def __init__(self, fd: int, buf: mmap.mmap, on_refused: Callable[[OSError], None]) -> None:
+        self.fd, self.buf, self.on_refused = fd, buf, on_refused
+        self.filled = self.total = 0
+
+    def write(self, part: Buffer) -> None:
+        with memoryview(self.buf) as staged, memoryview(part) as view:
+            while view:
+                n = min(len(view), _CHUNK - self.filled)
+                staged[self.filled : self.filled + n] = view[:n]
+                self.filled, self.total, view = self.filled + n, self.total + n, view[n:]
+                if self.filled == _CHUNK:
+                    self._out(staged)
+                    self.filled = 0
+
+    def finish(self) -> None:
+        if self.filled:
+            with memoryview(self.buf) as staged:
+                self._out(staged[: -(-self.filled // _BLOCK) * _BLOCK])
+            self.filled = 0
+        os.ftruncate(self.fd, self.total)
+
+    def _out(self, data: memoryview) -> None:
+        try:
+            _write_all(self.fd, data)
+        except OSError as e:
+            flags = fcntl.fcntl(self.fd, fcntl.F_GETFL)
+            if e.errno != errno.EINVAL or not flags & os.O_DIRECT:
+                raise
+            self.on_refused(e)
+            fcntl.fcntl(self.fd, fcntl.F_SETFL, flags & ~os.O_DIRECT)
+            _write_all(self.fd, data)
+
+
+# How often a data set being received checks the store's reserve of free space.
+_ROOM_EVERY = 8 << 20
+
+
+class ReceivingFile:
+    """A received data set, written into the store by pynetdicom as its fragments arrive
+    (``node.compat.receive_datasets_to_files``), with the interface of the
+    ``NamedTemporaryFile`` it replaces there: ``name``, ``write``, ``file.flush``, ``close``.
+
+    Written as the store writes (``O_DIRECT`` in aligned 1 MiB chunks, past the page cache, where
+    the file system allows it) and hashed as it arrives, so that holding it costs 1 MiB whatever
+    its size. A write the kernel refuses (a full disk, EFBIG) or one that would eat into the
+    store's reserve is not raised into pynetdicom's reader, which would drop the association
+    with no status: the file stops growing, keeps the reason (``error``) and gives its bytes
+    back, and the C-STORE handler answers Out of Resources.
+    """
+
+    def __init__(self, store: FileStore, suffix: str = ".dcm", **_: Any) -> None:
+        self.fd, self.name = store.open_tmp(suffix)
+        self.file = self  # pynetdicom flushes ``.file``
+        self.error: OSError | None = None
+        self._writer = _AlignedWriter(self.fd, mmap.mmap(-1, _CHUNK), store.refused_direct)
+        # Hashed in the reading thread: handing fragments to the hashing threads was measured
+        # slower over 1, 4 and 10 associations (bench/README.md).
+        self._digest = hashlib.sha256()
+        self._store = store
+        self._unchecked = _ROOM_EVERY  # the first write checks
+        store.receiving[self.name] = self
+
+    def write(self, data: Buffer) -> int:
+        size = len(memoryview(data))
+        if self.error is None:
+            try:
+                self._unchecked += size
+                if self._unchecked >= _ROOM_EVERY:
+                    self._unchecked = 0
+                    self._store.check_room(0)
+                self._digest.update(data)
+                self._writer.write(data)
+            except OSError as e:
+                self._fail(e)
+        return size
+
+    def flush(self) -> None:
+        """Nothing: the data set is made durable whole, by :meth:`finish`."""
+
+    def finish(self) -> str:
+        """The whole data set on disk (fsynced); its SHA-256. Raises what a write ran into."""
+        if self.error is None:
+            try:
+                self._writer.finish()
+                os.fsync(self.fd)
+            except OSError as e:
+                self._fail(e)
+        if self.error is not None:
+            raise self.error
+        return self._digest.hexdigest()
+
+    def _fail(self, error: OSError) -> None:
+        self.error = error
+        with contextlib.suppress(OSError):  # its space is given back to the store
+            os.ftruncate(self.fd, 0)
+
+    def close(self) -> None:
+        self._store.receiving.pop(self.name, None)
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        self._writer.buf.close()
 
 
 class FileStore:
@@ -118,15 +210,29 @@ class FileStore:
         self.min_free_bytes = min_free_bytes
         self.direct_io = direct_io and hasattr(os, "O_DIRECT")
         self._staging = _Staging()
-        self._hashing = ThreadPoolExecutor(min(8, os.cpu_count() or 1), "xrayage-sha256")
+        self.hashing = ThreadPoolExecutor(min(8, os.cpu_count() or 1), "xrayage-sha256")
         self.tmp = root / "tmp"
         for sub in (self.tmp, root / "incoming", root / "reports"):
             sub.mkdir(parents=True, exist_ok=True)
         self._own_tmp: Path | None = None
         self._own_fd = -1  # holds the flock on _own_tmp; closed by the kernel at exit
         self._own_lock = threading.Lock()
+        # Data sets being received, by file name: what a write of theirs ran into.
+        self.receiving: dict[str, ReceivingFile] = {}
 
-    def _writing_dir(self) -> Path:
+    def receiving_file(self, **options: Any) -> ReceivingFile:
+        """A file in the store for a data set as it arrives (:class:`ReceivingFile`)."""
+        return ReceivingFile(self, **options)
+
+    def finish_receiving(self, path: Path) -> str:
+        """The data set received into ``path`` (:class:`ReceivingFile`) made durable; its
+        SHA-256. Raises OSError for what writing it ran into (a full disk, the reserve)."""
+        receiving = self.receiving.get(str(path))
+        if receiving is None:
+            raise FileNotFoundError(errno.ENOENT, "not a data set being received", str(path))
+        return receiving.finish()
+
+    def writing_dir(self) -> Path:
         """This process's directory under ``tmp/``, made on first write and flocked for as long
         as the process lives (the kernel drops the lock at exit, ``kill -9`` included)."""
         with self._own_lock:
@@ -152,41 +258,38 @@ class FileStore:
         shard = hashlib.sha1(uid.encode()).hexdigest()[:2]
         return self.root / area / shard / f"{uid}.dcm"
 
-    def _wrote_direct(self, path: str, parts: Sequence[Buffer]) -> bool:
-        """Write ``parts`` to ``path`` with ``O_DIRECT``; False, with nothing written, where the
-        file system refuses it (some network and FUSE file systems, blocks over 4 KiB): writes
-        go through the page cache from then on."""
-        if not self.direct_io:
-            return False
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_DIRECT)
+    def open_tmp(self, suffix: str) -> tuple[int, str]:
+        """A new file in :meth:`writing_dir`, opened for ``O_DIRECT`` writes where the file
+        system allows it (some network and FUSE file systems, tmpfs, refuse: their files are
+        written through the page cache from then on)."""
+        fd, name = tempfile.mkstemp(dir=self.writing_dir(), suffix=suffix)
+        if self.direct_io:
             try:
-                _write_aligned(fd, parts, self._staging.buffer)
+                fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_DIRECT)
             except OSError as e:
-                if e.errno == errno.EINVAL:
-                    os.ftruncate(fd, 0)
-                raise
-            finally:
-                os.close(fd)
-        except OSError as e:
-            if e.errno != errno.EINVAL:
-                raise
-            log.warning("%s refuses O_DIRECT writes (%s): writing through the page cache", path, e)
-            self.direct_io = False
-            return False
-        return True
+                if e.errno != errno.EINVAL:
+                    os.close(fd)
+                    raise
+                self.refused_direct(e)
+        return fd, name
+
+    def refused_direct(self, error: OSError) -> None:
+        log.warning("%s refuses O_DIRECT writes (%s): writing through the page cache",
+                    self.root, error)  # fmt: skip
+        self.direct_io = False
 
     def _write_tmp(self, parts: Sequence[Buffer]) -> tuple[Path, str]:
         """Write ``parts`` one after the other (no joined copy of a large image in memory) and
         fsync; returns the file and its SHA-256, hashed on another thread while the write waits
         for the disk (hashlib and the writes both release the GIL)."""
-        fd, name = tempfile.mkstemp(dir=self._writing_dir(), suffix=".part")
-        hashing = self._hashing.submit(_sha256, parts)
+        fd, name = self.open_tmp(".part")
+        hashing = self.hashing.submit(_sha256, parts)
         try:
-            if not self._wrote_direct(name, parts):
-                for part in parts:
-                    _write_all(fd, part)
-            os.fsync(fd)  # the inode's data and size, whichever descriptor wrote them
+            writer = _AlignedWriter(fd, self._staging.buffer, self.refused_direct)
+            for part in parts:
+                writer.write(part)
+            writer.finish()
+            os.fsync(fd)
         except BaseException:
             Path(name).unlink(missing_ok=True)
             raise
@@ -198,34 +301,39 @@ class FileStore:
         """Free space where received files go, less the reserve (negative: below it)."""
         return shutil.disk_usage(self.root).free - self.min_free_bytes
 
-    def store_received(self, sop_instance_uid: str, *parts: Buffer) -> tuple[Path, str, bool]:
-        """Store received bytes unchanged, the file being ``parts`` concatenated. Returns
-        (path, sha256, already_present).
-
-        Refuses with :class:`StoreFull` when the write would eat into the reserve. Never
-        overwrites: ``os.link`` fails if the final name exists, which makes two
-        associations racing with the same UID safe. Same bytes again is a harmless duplicate;
-        different bytes raise :class:`ConflictingContent` and leave the stored file untouched.
-        """
-        final = self.path_for("incoming", sop_instance_uid)
+    def check_room(self, size: int) -> None:
+        """StoreFull unless ``size`` more bytes leave the reserve free."""
         above = self.free_bytes()
-        if above - sum(len(memoryview(p)) for p in parts) < 0:
+        if above - size < 0:
             raise StoreFull(
                 errno.ENOSPC,
                 f"{(above + self.min_free_bytes) >> 20} MB free, "
                 f"{self.min_free_bytes >> 20} MB kept in reserve",
                 str(self.root),
             )
+
+    def store_received_file(
+        self, sop_instance_uid: str, path: Path, digest: str
+    ) -> tuple[Path, str, bool]:
+        """Store a data set received into ``path`` (made durable by :meth:`finish_receiving`,
+        which gave ``digest``) unchanged under its final name; returns (path, sha256,
+        already_present). The file at ``path`` is left for its writer to remove.
+
+        Never overwrites: ``os.link`` fails if the final name exists, which makes two
+        associations racing with the same UID safe. Same bytes again is a harmless duplicate;
+        different bytes raise :class:`ConflictingContent` and leave the stored file untouched.
+        """
+        final = self.path_for("incoming", sop_instance_uid)
         final.parent.mkdir(parents=True, exist_ok=True)
-        tmp, digest = self._write_tmp(parts)
+        return self._link(sop_instance_uid, path, final, digest)
+
+    def _link(self, uid: str, tmp: Path, final: Path, digest: str) -> tuple[Path, str, bool]:
         try:
             os.link(tmp, final)
         except FileExistsError:
             if sha256_of(final) != digest:
-                raise ConflictingContent(sop_instance_uid) from None
+                raise ConflictingContent(uid) from None
             return final, digest, True
-        finally:
-            tmp.unlink(missing_ok=True)
         _fsync_dir(final.parent)
         return final, digest, False
 

@@ -11,7 +11,21 @@ from pathlib import Path
 import pytest
 
 from storage import FileStore, InvalidUID
-from storage.filestore import _BLOCK, _CHUNK, ConflictingContent
+from storage.filestore import _BLOCK, _CHUNK, ConflictingContent, StoreFull
+
+
+def receive(store: FileStore, uid: str, *parts: bytes | memoryview) -> tuple[Path, str, bool]:
+    """What the receiver does: pynetdicom writes the fragments into the store's receiving file,
+    the handler makes it durable and stores it, pynetdicom closes and removes it."""
+    file = store.receiving_file(delete=False, mode="wb", suffix=".dcm")
+    try:
+        for part in parts:
+            file.write(part)
+        digest = store.finish_receiving(Path(file.name))
+        return store.store_received_file(uid, Path(file.name), digest)
+    finally:
+        file.close()
+        Path(file.name).unlink()
 
 
 @pytest.mark.parametrize(
@@ -20,7 +34,7 @@ from storage.filestore import _BLOCK, _CHUNK, ConflictingContent
 def test_uids_that_are_not_uids_never_become_paths(tmp_path: Path, uid: str) -> None:
     store = FileStore(tmp_path / "store")
     with pytest.raises(InvalidUID):
-        store.store_received(uid, b"x")
+        receive(store, uid, b"x")
     assert [p for p in tmp_path.rglob("*") if p.is_file()] == []
 
 
@@ -33,7 +47,7 @@ def test_files_hold_exactly_the_parts_written(tmp_path: Path, direct_io: bool) -
     for i, length in enumerate([0, 1, _BLOCK - 1, _BLOCK + 1, _CHUNK, _CHUNK + 1, len(data)]):
         whole = data[:length]
         parts = [whole[:130], memoryview(whole)[130 : _CHUNK + 7], whole[_CHUNK + 7 :]]
-        path, digest, _ = store.store_received(f"1.2.{i}", *parts)
+        path, digest, _ = receive(store, f"1.2.{i}", *parts)
         assert path.read_bytes() == whole and digest == hashlib.sha256(whole).hexdigest()
     assert store.direct_io == direct_io  # this file system took O_DIRECT: no fallback
 
@@ -54,22 +68,35 @@ def test_direct_writes_leave_the_page_cache_alone(tmp_path: Path) -> None:
     if _run("stat", "--file-system", "--format=%T", tmp_path).strip() == "tmpfs":
         pytest.skip("tmpfs keeps every file in the page cache")
     image = random.Random(8).randbytes(3 << 20)
-    direct, _, _ = FileStore(tmp_path / "direct").store_received("1.2.3", image)
-    buffered, _, _ = FileStore(tmp_path / "buffered", direct_io=False).store_received(
-        "1.2.3", image
-    )
+    direct, _, _ = receive(FileStore(tmp_path / "direct"), "1.2.3", image)
+    buffered, _, _ = receive(FileStore(tmp_path / "buffered", direct_io=False), "1.2.3", image)
     assert _cached_bytes(direct) < _BLOCK * 2 < len(image) <= _cached_bytes(buffered)
 
 
 def test_same_bytes_twice_is_a_duplicate_and_different_bytes_conflict(tmp_path: Path) -> None:
     store = FileStore(tmp_path)
-    path, digest, again = store.store_received("1.2.3", b"first")
+    path, digest, again = receive(store, "1.2.3", b"first")
     assert not again and path.read_bytes() == b"first" and path.is_relative_to(tmp_path)
-    assert store.store_received("1.2.3", b"first") == (path, digest, True)
+    assert receive(store, "1.2.3", b"first") == (path, digest, True)
     with pytest.raises(ConflictingContent):
-        store.store_received("1.2.3", b"second")
+        receive(store, "1.2.3", b"second")
     assert path.read_bytes() == b"first"
-    assert list(store.tmp.rglob("*.part")) == []
+    assert [p for p in store.tmp.rglob("*") if p.is_file()] == []
+
+
+def test_a_data_set_past_the_reserve_stops_growing_and_is_refused(tmp_path: Path) -> None:
+    """The reserve is checked as the data set arrives: past it, the file gives its bytes back
+    and making it durable raises StoreFull (the handler's 0xA700); nothing reaches pynetdicom's
+    reader, which would drop the association with no status."""
+    store = FileStore(tmp_path, min_free_bytes=0)
+    file = store.receiving_file(suffix=".dcm")
+    file.write(b"x" * 1000)
+    store.min_free_bytes = 1 << 62  # the disk fills meanwhile
+    assert file.write(random.Random(9).randbytes(9 << 20)) == 9 << 20  # taken, not raised
+    with pytest.raises(StoreFull):
+        store.finish_receiving(Path(file.name))
+    assert Path(file.name).stat().st_size == 0
+    file.close()
 
 
 _WRITER = """
@@ -77,7 +104,7 @@ import sys
 from pathlib import Path
 from storage import FileStore
 store = FileStore(Path(sys.argv[1]))
-(store._writing_dir() / "half.part").write_bytes(b"half")  # as if stopped mid-write
+(store.writing_dir() / "half.part").write_bytes(b"half")  # as if stopped mid-write
 print("ready", flush=True)
 sys.stdin.read()
 """

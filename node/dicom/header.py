@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+import tempfile
 import zlib
-from io import BytesIO
+from pathlib import Path
 from typing import BinaryIO
 
 from pydicom.datadict import dictionary_has_tag, dictionary_VR
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
-from pydicom.filereader import read_dataset
+from pydicom.filereader import read_dataset, read_file_meta_info
 from pydicom.uid import UID
 from pydicom.valuerep import VR
 from pydicom.values import convert_SQ
@@ -108,22 +109,21 @@ class TooLarge(ValueError):
     """A data set past a bound: ``max_dataset_bytes`` once inflated, :data:`MAX_NESTING`."""
 
 
-def inflate(data: memoryview, ceiling: int) -> BytesIO:
-    """A Deflated Explicit VR Little Endian data set inflated (PS3.5 A.5: raw deflate, RFC
-    1951), a megabyte at a time and never past ``ceiling``: a 1 MB stream can claim a GB."""
+def inflate(source: BinaryIO, out: BinaryIO, ceiling: int) -> None:
+    """A Deflated Explicit VR Little Endian data set (PS3.5 A.5: raw deflate, RFC 1951) from
+    ``source`` inflated into ``out``, a megabyte at a time and never past ``ceiling``: a 1 MB
+    stream can claim a GB, and neither is held in memory."""
     inflater = zlib.decompressobj(-zlib.MAX_WBITS)
-    out = BytesIO()
-    pending: bytes | memoryview = data
-    while True:
-        part = inflater.decompress(pending, 1 << 20)
-        out.write(part)
-        if out.tell() > ceiling:
-            raise TooLarge(f"deflated data set inflates past {ceiling:,} bytes (max_dataset_bytes)")
-        pending = inflater.unconsumed_tail
-        if not pending and not part:
+    written = 0
+    while not inflater.eof:
+        chunk = inflater.unconsumed_tail or source.read(1 << 20)
+        if not chunk:  # cut short: what inflated is what there is, as pydicom would read it
             break
-    out.seek(0)
-    return out
+        part = inflater.decompress(chunk, 1 << 20)
+        written += len(part)
+        if written > ceiling:
+            raise TooLarge(f"deflated data set inflates past {ceiling:,} bytes (max_dataset_bytes)")
+        out.write(part)
 
 
 # Sequence levels a received data set may nest (a TID 1500 SR needs about 6): pydicom reads a
@@ -152,14 +152,29 @@ def check_nesting(ds: Dataset, stream: BinaryIO, syntax: UID, depth: int = 0) ->
             check_nesting(item, stream, syntax, depth + 1)
 
 
-def read_received(stream: BytesIO, syntax: UID, ceiling: int) -> Dataset:
-    """A received data set's header, values over 4 KB deferred: the receiver needs attributes
-    only, and reading the pixels of a large radiograph would cost a copy of them (inference
-    decodes them from the stored file). Its sequences are read here, to their bounded depth:
-    what is stored must be readable whole later. A deflated one is inflated up to ``ceiling``."""
-    if syntax.is_deflated:
-        stream = inflate(stream.getbuffer(), ceiling)
-    stream.seek(0)
+def read_received(path: Path, ceiling: int) -> Dataset:
+    """A received file's header (pynetdicom wrote it as the data set arrived), values over 4 KB
+    deferred: the receiver needs attributes only, and reading the pixels of a large radiograph
+    would cost a copy of them (inference decodes them from the stored file). Its sequences are
+    read here, to their bounded depth: what is stored must be readable whole later. A deflated
+    data set is inflated into a scratch file beside it, up to ``ceiling``."""
+    meta = read_file_meta_info(path)
+    syntax = UID(meta.TransferSyntaxUID)
+    # Preamble, "DICM", the group length element (12 bytes), then the group it counts.
+    start = 128 + 4 + 12 + int(meta.FileMetaInformationGroupLength)
+    with path.open("rb") as received:
+        received.seek(start)
+        if not syntax.is_deflated:
+            return _read(received, syntax)
+        with tempfile.TemporaryFile(dir=path.parent) as inflated:
+            inflate(received, inflated, ceiling)
+            inflated.seek(0)
+            return _read(inflated, syntax)
+
+
+def _read(stream: BinaryIO, syntax: UID) -> Dataset:
+    where = stream.tell()
     ds = read_dataset(stream, syntax.is_implicit_VR, syntax.is_little_endian, defer_size=4096)
+    stream.seek(where)
     check_nesting(ds, stream, syntax)
     return ds

@@ -24,16 +24,20 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from pydicom.dataset import Dataset
-from pydicom.uid import UID
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
-from pynetdicom.dsutils import encode_file_meta
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.utils import make_target
 from sqlalchemy.exc import SQLAlchemyError
 
-from node.compat import copy_contexts_cheaply, register_server
+from node.compat import (
+    copy_contexts_cheaply,
+    drop_partial_dataset,
+    receive_datasets_to_files,
+    register_server,
+)
 from node.config import NodeSection
 from node.dicom.guard import GuardedServer
 from node.dicom.header import TooLarge, parse_da, read_received, text
@@ -53,10 +57,6 @@ from storage.intake import Intake, Received, record_received
 from xrayage.errors import CannotListen
 
 log = logging.getLogger("xrayage.receive")
-
-
-def _header(event: evt.Event, ceiling: int) -> Dataset:
-    return read_received(event.request.DataSet, UID(event.context.transfer_syntax), ceiling)
 
 
 class Receiver:
@@ -81,6 +81,9 @@ class Receiver:
         self.db = db
         self.store = store
         self.on_queued = on_queued
+        # Data sets are received into files in the store, as they arrive: memory stays the same
+        # whatever their size (their size is bounded by ``max_dataset_bytes``, guard.py).
+        receive_datasets_to_files(store.receiving_file)
 
     def _audit_failure(self, event: str, calling: str, detail: str) -> None:
         try:
@@ -134,8 +137,15 @@ class Receiver:
         calling = (assoc.requestor if assoc.is_acceptor else assoc.acceptor).ae_title
         mover = (request.MoveOriginatorApplicationEntityTitle or "").strip()
         origin = "retro" if not assoc.is_acceptor or mover == self.node.ae_title else "push"
+        received = Path(event.dataset_path)  # written by pynetdicom as the data set arrived
         try:
-            ds = _header(event, self.node.max_dataset_bytes)
+            digest = self.store.finish_receiving(received)
+        except OSError as e:  # a full disk, a write the kernel refused, the reserve reached
+            log.error("cannot store a data set from %s: %s", calling, e)
+            self._audit_failure("received", calling, f"storage error: {e}")
+            return OUT_OF_RESOURCES
+        try:
+            ds = read_received(received, self.node.max_dataset_bytes)
             sop_uid = str(ds.SOPInstanceUID)
             sop_class = str(ds.SOPClassUID)
         except TooLarge as e:
@@ -153,11 +163,9 @@ class Receiver:
             )
             return DOES_NOT_MATCH
         # The bytes as received, behind a preamble and File Meta Information (PS3.10 7.1): no
-        # decoded copy of the pixels, no re-encoding.
-        received = event.request.DataSet.getbuffer()
-        head = b"\x00" * 128 + b"DICM" + encode_file_meta(event.file_meta)
-        try:  # the store validates the UID before it writes anything
-            path, digest, _ = self.store.store_received(sop_uid, head, received)
+        # decoded copy of the pixels, no re-encoding, nothing of it held in memory.
+        try:  # the store validates the UID before it links anything
+            path, digest, _ = self.store.store_received_file(sop_uid, received, digest)
         except InvalidUID as e:
             self._audit_failure("received", calling, str(e))
             return CANNOT_UNDERSTAND
@@ -179,7 +187,7 @@ class Receiver:
                 ds,
                 path=str(path),
                 digest=digest,
-                size=len(head) + len(received),
+                size=path.stat().st_size,
                 calling=calling,
                 origin=origin,
             )
@@ -247,6 +255,8 @@ class Receiver:
             (evt.EVT_C_STORE, self.handle_store),
             (evt.EVT_ACCEPTED, self.handle_accepted),
             (evt.EVT_REJECTED, self.handle_rejected),
+            # An association that ended mid-data set leaves pynetdicom's partial file.
+            (evt.EVT_CONN_CLOSE, lambda event: drop_partial_dataset(event.assoc)),
         ]
         # pynetdicom's start_server cannot take a server class; make_server can, and the rest
         # is done here as start_server does it (pynetdicom 3.0, ae.py), registration included.
