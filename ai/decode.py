@@ -222,11 +222,28 @@ def grey_image_file(path: Path) -> Stored:
     return Stored(pixels, 0, table, None, pixels.dtype, pixels.shape)
 
 
+# Values longer than this are left on disk when a file is read (pydicom's deferred reading):
+# Pixel Data is read when it is decoded; anything else that long (a 100 MB private element)
+# is never read, and never reaches the header handed back (:func:`read`).
+DEFER_BYTES = 64 << 10
+
+
 def load_dataset(path: Path) -> Dataset:
     try:
-        return pydicom.dcmread(path)
+        return pydicom.dcmread(path, defer_size=DEFER_BYTES)
     except Exception as e:
         raise PreprocessError(f"{path.name}: not a readable DICOM file ({e})") from None
+
+
+def small_header(ds: Dataset) -> Dataset:
+    """``ds`` without Pixel Data and without the values left on disk (longer than
+    :data:`DEFER_BYTES`): what the reports copy of a header, and nothing a sender could make
+    the model's process hold."""
+    for tag in list(ds.keys()):
+        length = getattr(ds.get_item(tag, keep_deferred=True), "length", 0) or 0
+        if tag == 0x7FE00010 or length > DEFER_BYTES:
+            del ds[tag]
+    return ds
 
 
 @dataclass(frozen=True)
@@ -248,8 +265,7 @@ def read(path: Path, defer: frozenset[str] = frozenset()) -> Read:
         return Read(grey_image_file(path), None, time.perf_counter() - started)
     header = load_dataset(path)
     stored = stored_values(header, defer)
-    del header.PixelData
-    return Read(stored, header, time.perf_counter() - started)
+    return Read(stored, small_header(header), time.perf_counter() - started)
 
 
 def ready() -> int:

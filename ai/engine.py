@@ -9,7 +9,10 @@ the model on the CPU, the decoding processes make the tensors too, one core each
 
 A decoder can end the process it runs in (GDCM aborts on some malformed JPEG-LS streams). The
 files that were in flight are then read again, each alone in a fresh process: the one that ends
-its process again gets that as its error (``killed by SIGABRT``); the others go on.
+its process again gets that as its error (``killed by SIGABRT``); the others go on. Each
+decoding process may map ``memory_mb`` more than it starts with: a file whose decoding needs
+more (a codestream that lies about its size, a deflated data set) fails with that reason, and
+the host's memory is not the kernel's OOM killer's to share out.
 
 The same engine serves ``xrayage infer``, ``xrayage evaluate`` and the node's inference worker,
 so a number is computed the same way wherever it is shown.
@@ -37,9 +40,10 @@ from pydicom.dataset import Dataset
 from ai.decode import Read, read, ready
 from ai.device_decode import SYNTAXES, DeviceDecoder
 from ai.errors import PreprocessError
+from ai.limits import DECODE_MEMORY_MB
 from ai.model import AgeModel
 from ai.preprocess import cpu_decoding_process, read_tensor, tensors
-from ai.processes import cause_of, decoding_process
+from ai.processes import cause_of, decoding_process, limit_memory
 
 log = logging.getLogger("xrayage.engine")
 # Decoding processes are forked from a fork server that imported the decoders and torch once
@@ -62,22 +66,32 @@ class Outcome:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
-def _message(path: Path, e: BaseException) -> str:
-    return str(e) if isinstance(e, PreprocessError) else f"{path.name}: {type(e).__name__}: {e}"
+def _message(path: Path, e: BaseException, memory_mb: int | None) -> str:
+    if isinstance(e, PreprocessError):
+        return str(e)
+    if isinstance(e, MemoryError) or "can't allocate memory" in str(e):  # torch's words
+        return (
+            f"{path.name}: decoding needs more memory than a decoding process may use "
+            f"({memory_mb} MB)"
+        )
+    return f"{path.name}: {type(e).__name__}: {e}"
 
 
-def _read_into(path: Path, conn: Connection) -> None:
+def _read_into(path: Path, conn: Connection, memory_mb: int | None) -> None:
+    limit_memory(memory_mb)
     try:
         conn.send(read(path))
     except Exception as e:  # any way a file can be malformed: its outcome, not ours
-        conn.send(PreprocessError(_message(path, e)))
+        conn.send(PreprocessError(_message(path, e, memory_mb)))
 
 
-def read_alone(path: Path) -> Read:
-    """:func:`ai.decode.read` in a process of its own: a decoder that ends it is this file's
-    error, with the signal or status it ended with."""
+def read_alone(path: Path, memory_mb: int | None = DECODE_MEMORY_MB) -> Read:
+    """:func:`ai.decode.read` in a process of its own, allowed ``memory_mb``: a decoder that
+    ends it is this file's error, with the signal or status it ended with."""
     receive, send = _CONTEXT.Pipe(duplex=False)
-    proc = _CONTEXT.Process(target=_read_into, args=(path, send), name="xrayage-decode")
+    proc = _CONTEXT.Process(
+        target=_read_into, args=(path, send, memory_mb), name="xrayage-decode"
+    )
     proc.start()
     send.close()
     try:
@@ -109,8 +123,10 @@ class Engine:
         batch_size: int = 8,
         workers: int | None = None,
         decoder: DeviceDecoder | None = None,
+        memory_mb: int | None = DECODE_MEMORY_MB,
     ) -> None:
         self.model = model
+        self.memory_mb = memory_mb
         self.batch_size = batch_size
         self.workers = workers or default_workers()
         self._pool: ProcessPoolExecutor | None = None
@@ -121,10 +137,10 @@ class Engine:
         self._read: Callable[[Path], Read] = partial(
             read, defer=SYNTAXES if decoder is not None else frozenset()
         )
-        self._initializer: Callable[[], None] = decoding_process
+        self._initializer: Callable[[], None] = partial(decoding_process, memory_mb)
         if model.device.type == "cpu" and decoder is None:
             self._read = partial(read_tensor, input_size=model.card.input_size)
-            self._initializer = cpu_decoding_process
+            self._initializer = partial(cpu_decoding_process, memory_mb)
 
     def __enter__(self) -> Engine:
         return self
@@ -189,9 +205,9 @@ class Engine:
         except BrokenProcessPool:  # a decoder ended its process: which file's, nobody knows
             self._forget(pool)
         except Exception as e:
-            return _message(path, e)
+            return _message(path, e, self.memory_mb)
         try:
-            return read_alone(path)
+            return read_alone(path, self.memory_mb)
         except PreprocessError as e:
             return str(e)
 

@@ -131,11 +131,11 @@ def preprocess(ds: Dataset, input_size: int = 320) -> torch.Tensor:
     return tensors([stored_values(ds)], input_size, torch.device("cpu"))[0]
 
 
-def cpu_decoding_process() -> None:
+def cpu_decoding_process(memory_mb: int | None = None) -> None:
     """The start of a decoding process that also makes tensors (:func:`read_tensor`): one
     torch thread, as there is one such process per core."""
-    decoding_process()
-    torch.set_num_threads(1)
+    torch.set_num_threads(1)  # before the limit: its threads' stacks are mapped once, here
+    decoding_process(memory_mb)
 
 
 def read_tensor(path: Path, input_size: int) -> Read:

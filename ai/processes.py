@@ -6,6 +6,7 @@ from __future__ import annotations
 import ctypes
 import multiprocessing
 import os
+import resource
 import signal
 import sys
 
@@ -67,10 +68,27 @@ def keep_freed_memory() -> None:
         mallopt(M_TRIM_THRESHOLD, 1 << 30)
 
 
-def decoding_process() -> None:
+def limit_memory(budget_mb: int | None) -> None:
+    """Let this process map at most ``budget_mb`` more than it has mapped now (``RLIMIT_AS``):
+    an allocation past it fails in this process (``MemoryError``, a decoder's failed
+    ``malloc``), which is the image's error, instead of the kernel's OOM killer choosing a
+    victim on the host (the database, on a shared one). None: no limit."""
+    if budget_mb is None or not sys.platform.startswith("linux"):
+        return
+    with open("/proc/self/status") as status:
+        mapped_kb = next(int(line.split()[1]) for line in status if line.startswith("VmSize:"))
+    _, hard = resource.getrlimit(resource.RLIMIT_AS)
+    limit = (mapped_kb << 10) + (budget_mb << 20)
+    if hard != resource.RLIM_INFINITY:
+        limit = min(limit, hard)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+
+
+def decoding_process(memory_mb: int | None = None) -> None:
     """The start of each of the engine's decoding processes (they die with the fork server
-    from the fork on: :func:`fork_server`)."""
+    from the fork on: :func:`fork_server`), each allowed ``memory_mb`` (:func:`limit_memory`)."""
     keep_freed_memory()
+    limit_memory(memory_mb)
 
 
 def cause_of(exitcode: int | None) -> str:

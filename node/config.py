@@ -29,6 +29,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from ai.limits import DECODE_MEMORY_MB
 from storage.db import Database
 from storage.filestore import FileStore
 from storage.tables import DeliveryKind
@@ -87,9 +88,11 @@ class NodeSection(_Section):
     association_request_timeout_seconds: float = Field(10.0, gt=0)
     # Maximum Length Received announced to peers (PS3.8 D.1); a longer P-DATA PDU is refused.
     max_pdu_bytes: int = Field(131072, ge=4096, le=1 << 24)
-    # The largest data set one C-STORE may carry: pynetdicom holds it whole in memory before
-    # the node sees it, so a longer one ends the association as it arrives (guard.py).
-    max_dataset_bytes: int = Field(512 << 20, ge=1 << 20)
+    # The largest data set one C-STORE may carry, also once a deflated one is inflated: a
+    # longer one ends the association as it arrives (guard.py). The largest chest detectors
+    # are about 4300 x 4300 pixels of 2 bytes, 37 MB; 128 MiB leaves 3.5 times that for
+    # private tags and overlays, and bounds what any process reads of one data set.
+    max_dataset_bytes: int = Field(128 << 20, ge=1 << 20)
     # Who may associate: calling AE titles (empty: any) and peer addresses or networks such as
     # "10.1.2.0/24" (empty: any). Others are rejected at association time and audited.
     allowed_calling_aets: list[str] = []
@@ -139,6 +142,10 @@ class ModelSection(_Section):
     # 0: an idle worker starts at once (latency); batches still fill while a batch runs.
     max_wait_ms: float = Field(0.0, ge=0)
     preprocess_workers: int | None = Field(None, ge=1)  # default: CPU count, at most 8
+    # What one decoding process may map beyond what it starts with (RLIMIT_AS): an image whose
+    # decoding needs more fails with that reason, instead of the kernel's OOM killer choosing
+    # a victim. The largest image that is received and passes the pixel budget needs 0.75 GB.
+    decode_memory_mb: int = Field(DECODE_MEMORY_MB, ge=256)
     # JPEG 2000 decoded on the model's GPU by nvImageCodec (the extra `gpu`); "auto": when the
     # extra is installed and the model runs on CUDA, else the CPU decoders (ai/device_decode.py).
     device_decode: Literal["auto", "off"] = "auto"

@@ -20,11 +20,11 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
-import pydicom
 from pydicom.dataset import Dataset
 from sqlalchemy.orm import Session
 
 from ai import AgeModel, Engine
+from ai.decode import load_dataset, small_header
 from ai.device_decode import device_decoder
 from node.components import Signal, WorkerThread
 from node.config import ModelSection, ReportConfig
@@ -250,8 +250,12 @@ def make_engine(model: AgeModel, cfg: ModelSection, batch_size: int | None = Non
     """The batched engine of ``model`` under ``[model]`` (``batch_size`` overriding its
     batch size), with the device decoder it allows: the node's and ``xrayage infer``'s."""
     decoder = device_decoder(model.device, cfg.device_decode)
-    return Engine(model, batch_size or cfg.batch_size, cfg.preprocess_workers, decoder)
+    return Engine(
+        model, batch_size or cfg.batch_size, cfg.preprocess_workers, decoder, cfg.decode_memory_mb
+    )
 
 
 def read_header(path: Path) -> Dataset:
-    return pydicom.dcmread(path, stop_before_pixels=True)
+    """The header of a stored image as the decoding processes hand it over: its long values
+    (Pixel Data, a large private element) left on disk, never read into this process."""
+    return small_header(load_dataset(path))
