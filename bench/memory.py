@@ -2,17 +2,17 @@
 
 ``xrayage serve`` (every role in one process, SQLite, local storage, an untrained SENet-154 at
 320 px on the CPU, as the published model) receives, over ``node.max_associations`` (10)
-associations at once, the largest data sets it takes: each 8000 x 8000 pixels of 2 bytes
-(122 MiB, within ``max_dataset_bytes`` = 128 MiB and the pixel budget of 64 Mi samples), sent
-with DCMTK ``storescu``, then decodes, analyses and reports all of them. Alongside, a deflated
-data set that inflates to 1 GiB (refused at receipt) is sent ``--bombs`` times.
+associations at once, the largest data sets it takes: ``--images`` of 8000 x 8000 pixels of
+2 bytes (122 MiB, within ``max_dataset_bytes`` = 128 MiB and the pixel budget of 64 Mi
+samples), sent with DCMTK ``storescu``, and ``--bombs`` deflated data sets that inflate to
+1 GiB (refused at receipt); then it decodes, analyses and reports the images.
 
 The proportional resident memory (PSS: shared pages counted a share each) of every process of
 the node (``serve``, its inference process, its fork server and decoding processes) is sampled
 every 20 ms from ``/proc``; the peak of their sum, and of each kind, are printed. The peer in
 the same run is the node idle after start.
 
-    python bench/memory.py --images 10
+    python bench/memory.py --images 6 --bombs 4
 """
 
 from __future__ import annotations
@@ -42,32 +42,34 @@ from tests.servers import NodeProcess, free_port  # noqa: E402
 CHEST = Path(pydicom.data.get_testdata_file("RG1_UNCR.dcm") or "")  # type: ignore[attr-defined]
 
 
-def tree(pid: int) -> list[int]:
-    """``pid`` and all its descendants."""
-    found, todo = [], [pid]
+# The node's processes by their depth below ``serve``.
+KINDS = ("serve (receive, deliver, HTTP)", "inference process", "fork server",
+         "decoding processes")  # fmt: skip
+
+
+def tree(pid: int) -> list[tuple[int, str]]:
+    """``pid`` and all its descendants, each with its kind."""
+    found, todo = [], [(pid, 0)]
     while todo:
-        p = todo.pop()
-        found.append(p)
+        p, depth = todo.pop()
+        found.append((p, KINDS[min(depth, len(KINDS) - 1)]))
         try:
             for task in Path(f"/proc/{p}/task").iterdir():
-                todo += [int(c) for c in (task / "children").read_text().split()]
+                todo += [(int(c), depth + 1) for c in (task / "children").read_text().split()]
         except OSError:
             pass
     return found
 
 
-def rss_kb(pid: int) -> tuple[str, int]:
-    """The process's kind (its command line's first words) and its proportional resident
-    memory (PSS, kB): pages it shares with others (torch, loaded once by the fork server) count
-    a share each, so that the sum over processes is what the node holds."""
+def pss_kb(pid: int) -> int:
+    """The process's proportional resident memory (PSS, kB): pages it shares with others
+    (torch, loaded once by the fork server) count a share each, so that the sum over processes
+    is what the node holds."""
     try:
         rollup = Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
-        return "gone", 0
-    pss = next((int(line.split()[1]) for line in rollup if line.startswith("Pss:")), 0)
-    words = [w.decode(errors="replace").rsplit("/", 1)[-1] for w in cmdline[:3] if w]
-    return " ".join(words)[:60], pss
+        return 0
+    return next((int(line.split()[1]) for line in rollup if line.startswith("Pss:")), 0)
 
 
 class Sampler(threading.Thread):
@@ -78,9 +80,8 @@ class Sampler(threading.Thread):
     def run(self) -> None:
         while not self.stop.is_set():
             now: dict[str, int] = {}
-            for p in tree(self.pid):
-                name, kb = rss_kb(p)
-                now[name] = now.get(name, 0) + kb
+            for p, kind in tree(self.pid):
+                now[kind] = now.get(kind, 0) + pss_kb(p)
             self.peak = max(self.peak, sum(now.values()))
             for name, kb in now.items():
                 self.by_kind[name] = max(self.by_kind.get(name, 0), kb)
@@ -130,7 +131,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, object]:
     try:
         assert node.proc is not None
         time.sleep(5)  # the inference process and its decoding processes up
-        idle = sum(rss_kb(p)[1] for p in tree(node.proc.pid))
+        idle = sum(pss_kb(p) for p, _ in tree(node.proc.pid))
         sampler = Sampler(node.proc.pid)
         sampler.start()
         with ThreadPoolExecutor(args.images + args.bombs) as pool:
@@ -141,7 +142,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, object]:
             metrics = node.metrics()
             done = metrics.get('xrayage_instances_inferred_total{outcome="reported"}', 0.0)
             failed = metrics.get('xrayage_instances_inferred_total{outcome="failed"}', 0.0)
-            if done + failed >= args.images:
+            if done + failed >= sent.count(0):
                 break
             print(f"{time.monotonic() - started:.0f} s: {done:.0f} reported, {failed:.0f} failed",
                   file=sys.stderr)  # fmt: skip
@@ -167,7 +168,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, object]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=10)
+    parser.add_argument("--images", type=int, default=6)  # with the bombs: 10 associations
     parser.add_argument("--bombs", type=int, default=4)
     parser.add_argument("--work", type=Path, default=None, help="scratch folder (default: /tmp)")
     args = parser.parse_args()
