@@ -86,15 +86,10 @@ class DestinationStatus:
     failing: str | None
 
 
-def destination_status(session: Session) -> list[DestinationStatus]:
-    """Every destination that has deliveries, by name. A destination is failing while a
-    pending delivery of it has a failed attempt: retried, not given up."""
-    counts: dict[str, dict[str, int]] = {}
-    for name, state, n in session.execute(
-        select(Delivery.destination, Delivery.state, func.count())
-        .group_by(Delivery.destination, Delivery.state)
-    ):
-        counts.setdefault(name, {})[state.value] = n
+def failing_destinations(session: Session) -> dict[str, str]:
+    """The destinations failing now, with their newest error: those with a pending delivery
+    whose last attempt failed (retried, not given up). Reads pending deliveries only (the
+    state's index), so that ``/readyz`` costs nothing like a scan of every delivery."""
     failing: dict[str, str] = {}
     for name, error in session.execute(
         select(Delivery.destination, Delivery.last_error)
@@ -102,6 +97,18 @@ def destination_status(session: Session) -> list[DestinationStatus]:
         .order_by(Delivery.id)
     ):
         failing[name] = error  # the newest wins
+    return failing
+
+
+def destination_status(session: Session) -> list[DestinationStatus]:
+    """Every destination that has deliveries, by name, with :func:`failing_destinations`."""
+    counts: dict[str, dict[str, int]] = {}
+    for name, state, n in session.execute(
+        select(Delivery.destination, Delivery.state, func.count())
+        .group_by(Delivery.destination, Delivery.state)
+    ):
+        counts.setdefault(name, {})[state.value] = n
+    failing = failing_destinations(session)
     return [DestinationStatus(n, counts[n], failing.get(n)) for n in sorted(counts)]
 
 

@@ -210,7 +210,7 @@ class FileStore:
         self.min_free_bytes = min_free_bytes
         self.direct_io = direct_io and hasattr(os, "O_DIRECT")
         self._staging = _Staging()
-        self.hashing = ThreadPoolExecutor(min(8, os.cpu_count() or 1), "xrayage-sha256")
+        self._hashing = ThreadPoolExecutor(min(8, os.cpu_count() or 1), "xrayage-sha256")
         self.tmp = root / "tmp"
         for sub in (self.tmp, root / "incoming", root / "reports"):
             sub.mkdir(parents=True, exist_ok=True)
@@ -283,7 +283,7 @@ class FileStore:
         fsync; returns the file and its SHA-256, hashed on another thread while the write waits
         for the disk (hashlib and the writes both release the GIL)."""
         fd, name = self.open_tmp(".part")
-        hashing = self.hashing.submit(_sha256, parts)
+        hashing = self._hashing.submit(_sha256, parts)
         try:
             writer = _AlignedWriter(fd, self._staging.buffer, self.refused_direct)
             for part in parts:

@@ -33,7 +33,7 @@ from storage import Database
 from storage.deliveries import (
     Attempt,
     claim_deliveries,
-    destination_status,
+    failing_destinations,
     record_attempt,
     requeue_orphan_deliveries,
 )
@@ -86,10 +86,8 @@ class Deliverer(WorkerThread):
         """``/readyz``: the destinations whose deliveries are failing now, with the error."""
         found = super().problems()
         with self.db.session() as s:
-            status = destination_status(s)
-        return found + [
-            f"destination {d.name} failing: {d.failing}" for d in status if d.failing is not None
-        ]
+            failing = failing_destinations(s)
+        return found + [f"destination {name} failing: {error}" for name, error in failing.items()]
 
     def run_once(self) -> int:
         with self.db.session() as s:
