@@ -1,9 +1,11 @@
 """Agreement between X-ray age and chronological age, as the paper reports it.
 
 MAE, Pearson r, and the Bland-Altman mean bias with its 95 % limits of agreement
-(bias +- 1.96 SD of the differences), each with a percentile bootstrap 95 % confidence interval
-(resampling images with replacement). Plots: a scatter against the identity line and a
-Bland-Altman plot.
+(bias +- 1.96 SD of the differences), each with a percentile bootstrap 95 % confidence interval.
+The bootstrap resamples patients with all their images when the labels name patients (NIH
+ChestX-ray14 has several images of one patient: resampling images would treat them as
+independent and make the intervals too narrow), else images. Plots: a scatter against the
+identity line and a Bland-Altman plot.
 """
 
 from __future__ import annotations
@@ -60,15 +62,36 @@ class Estimate:
     ci_high: float
 
 
+def _draws(
+    n: int, patients: Sequence[str] | None, n_boot: int, rng: np.random.Generator
+) -> list[np.ndarray]:
+    """Index sets of the bootstrap samples: images, or whole patients (a cluster bootstrap)."""
+    if patients is None:
+        return list(rng.integers(0, n, size=(n_boot, n)))
+    images: dict[str, list[int]] = {}
+    for i, patient in enumerate(patients):
+        images.setdefault(patient, []).append(i)
+    clusters = [np.array(v) for v in images.values()]
+    return [
+        np.concatenate([clusters[c] for c in rng.integers(0, len(clusters), len(clusters))])
+        for _ in range(n_boot)
+    ]
+
+
 def agreement(
-    predicted: Sequence[float], actual: Sequence[float], n_boot: int = 2000, seed: int = 0
+    predicted: Sequence[float],
+    actual: Sequence[float],
+    n_boot: int = 2000,
+    seed: int = 0,
+    patients: Sequence[str] | None = None,
 ) -> dict[str, Estimate]:
+    """The metrics with bootstrap intervals; ``patients`` (one per image) makes the bootstrap
+    resample patients."""
     pred = np.asarray(predicted, dtype=np.float64)
     true = np.asarray(actual, dtype=np.float64)
     if len(pred) != len(true) or len(pred) < 2:
         raise LabelsError(f"need at least 2 labelled predictions, got {len(pred)}")
-    rng = np.random.default_rng(seed)
-    draws = rng.integers(0, len(pred), size=(n_boot, len(pred)))
+    draws = _draws(len(pred), patients, n_boot, np.random.default_rng(seed))
     out = {}
     for name, metric in METRICS.items():
         boot = np.array([metric(pred[i], true[i]) for i in draws])
@@ -78,10 +101,11 @@ def agreement(
     return out
 
 
-# Column names of the label tables we expect: ours (file, age), NIH ChestX-ray14's
-# Data_Entry_2017.csv (Image Index, Patient Age).
+# Column names of the label tables we expect: ours (file, age, patient_id), NIH ChestX-ray14's
+# Data_Entry_2017.csv (Image Index, Patient Age, Patient ID).
 _FILE_COLUMNS = ("file", "path", "filename", "image", "image index")
 _AGE_COLUMNS = ("age", "chronological_age", "patient age")
+_PATIENT_COLUMNS = ("patient_id", "patient id", "patient")
 _SEX = re.compile(r"(?i)^(male|female)$")
 
 
@@ -89,6 +113,17 @@ _SEX = re.compile(r"(?i)^(male|female)$")
 class Labels:
     ages: dict[str, float]  # by file stem
     excluded: list[str]  # rows left out, each with its reason
+    patients: dict[str, str] | None = None  # by file stem, when the table names patients
+
+    def within(self, low: float, high: float) -> Labels:
+        """The labels of ages in ``[low, high]`` (the model's validated range)."""
+        kept = Labels({}, list(self.excluded), self.patients)
+        for stem, age in self.ages.items():
+            if low <= age <= high:
+                kept.ages[stem] = age
+            else:
+                kept.excluded.append(f"{stem}: age {age:g} outside {low:g}-{high:g}")
+        return kept
 
 
 def read_labels(path: Path) -> Labels:
@@ -107,10 +142,15 @@ def read_labels(path: Path) -> Labels:
     names = [h.strip().lower() for h in header]
     file_col = next((names.index(c) for c in _FILE_COLUMNS if c in names), None)
     age_col = next((names.index(c) for c in _AGE_COLUMNS if c in names), None)
+    patient_col = next((names.index(c) for c in _PATIENT_COLUMNS if c in names), None)
     labels = Labels({}, [])
     if file_col is not None and age_col is not None:
+        if patient_col is not None:
+            labels.patients = {}
         for n, row in enumerate(csv.reader(lines[1:]), start=2):
             _add(labels, row[file_col], row[age_col], path, n)
+            if labels.patients is not None:
+                labels.patients[Path(row[file_col].strip()).stem] = row[patient_col].strip()
     else:
         for n, line in enumerate(lines, start=1):
             fields = line.split()

@@ -311,7 +311,7 @@ class ValidationSection(_Section):
     window_days: int = Field(30, ge=1)  # the rolling window of the figures and the alert
     # Alert when the rolling MAE exceeds the model card's stated MAE by more than this ...
     alert_margin_years: float = Field(2.0, ge=0)
-    min_count: int = Field(100, ge=1)  # ... over at least this many cases
+    min_count: int = Field(100, ge=1)  # ... over at least this many patients
 
 
 class HttpSection(_Section):

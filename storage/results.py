@@ -8,7 +8,7 @@ again after a crash replaces its row and adds no second delivery.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -179,6 +179,26 @@ def earlier_ages(
     return [(d, age, chron) for d, age, chron in reversed(rows)]
 
 
+def patient_ages(
+    session: Session, patients: Iterable[tuple[str, str]]
+) -> dict[tuple[str, str], list[tuple[dt.date, float]]]:
+    """(study date, X-ray age) of every dated image of each (patient ID, model SHA-256), for
+    the aging rates of exported rows."""
+    wanted = set(patients)
+    found: dict[tuple[str, str], list[tuple[dt.date, float]]] = {k: [] for k in wanted}
+    ids = sorted({pid for pid, _ in wanted if pid})
+    for start in range(0, len(ids), 500):  # well under every database's bound on parameters
+        for pid, sha, when, age in session.execute(
+            select(Instance.patient_id, Result.model_sha256, Instance.study_date, Result.xray_age)
+            .join(Result, Result.instance_id == Instance.id)
+            .where(Instance.patient_id.in_(ids[start : start + 500]))
+            .where(Instance.study_date.is_not(None))
+        ):
+            if (pid, sha) in found:
+                found[(pid, sha)].append((when, age))
+    return found
+
+
 def state_counts(session: Session) -> dict[InstanceState, int]:
     """How many instances are in each state (the status page, the metrics)."""
     return dict(
@@ -283,6 +303,8 @@ class AgePair:
     manufacturer_model_name: str | None
     view_position: str | None
     at: dt.datetime  # when the age was estimated
+    patient_id: str | None
+    study_date: dt.date | None
 
 
 def age_pairs(
@@ -315,6 +337,8 @@ def age_pairs(
             i.manufacturer_model_name,
             i.view_position,
             r.created_at,
+            i.patient_id,
+            i.study_date,
         )
         for r, i in session.execute(stmt)
     ]

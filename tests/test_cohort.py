@@ -19,7 +19,8 @@ from sqlalchemy import select
 from typer.testing import CliRunner
 
 from node.cli.main import app
-from node.cohort.inputs import Image, Outcome, build_cohort
+from node.cohort.analysis import Plan, analyse
+from node.cohort.inputs import Image, Outcome, Selection, build_cohort, image
 from node.cohort.synthetic import Truth, synthetic_cohort
 from node.results.export import plain
 from storage import AuditEvent, Database, Instance, InstanceState, Result
@@ -53,11 +54,13 @@ def cohort(*args: str) -> tuple[int, str, str]:
 
 def _analyse(folder: Path, truth: Truth, *args: str) -> dict[str, Any]:
     results, outcomes = _cohort_files(folder, truth)
-    code, _, stderr = cohort(
+    index = () if "--index" in args else ("--index", "nearest")
+    code, stdout, stderr = cohort(
         "--results", str(results), "--outcomes", str(outcomes), "--out", str(folder / "out"),
-        "--index", "nearest", *args,
+        *index, *args,
     )  # fmt: skip
     assert code == 0, stderr
+    (folder / "stdout").write_text(stdout)
     return dict(json.loads((folder / "out" / "cohort.json").read_text()))
 
 
@@ -118,30 +121,42 @@ def test_index_image_and_exclusions_by_reason() -> None:
     images = [_image("A", 5, 61), _image("A", 10, 62), _image("A", 20, 63)]
     outcomes = [_outcome("A", index_day=12)]
     chosen = {
-        index: build_cohort(outcomes, images, index, (18, 100), None).rows[0]["xray_age"]  # type: ignore[arg-type]
+        (index, origin): build_cohort(
+            outcomes,
+            images,
+            Selection(index, index_date=origin),  # type: ignore[arg-type]
+        ).rows[0]["xray_age"]
         for index in ("first", "last", "nearest")
+        for origin in (True, False)
+        if origin or index != "nearest"
     }
-    assert chosen == {"first": 61, "last": 63, "nearest": 62}
+    # From index_date (the 12th), the image of the 20th never indexes: it is after the origin.
+    assert chosen == {
+        ("first", True): 61, ("last", True): 62, ("nearest", True): 62,
+        ("first", False): 61, ("last", False): 63,
+    }  # fmt: skip
     images += [
         _image("B", 5, 70), _image("C", 5, 70, age=None), _image("D", 5, 70, age=12),
         _image("E", 5, 70, sex="O"), _image("F", 20, 70), _image("X", 5, 70),
     ]  # fmt: skip
     outcomes += [
-        _outcome("B", days=None), _outcome("C"), _outcome("D"), _outcome("E"),
-        _outcome("F", index_day=12), _outcome("G"),
+        _outcome("B", days=None), _outcome("C", index_day=6), _outcome("D", index_day=6),
+        _outcome("E", index_day=6), _outcome("F", index_day=12), _outcome("G"), _outcome("H"),
     ]  # fmt: skip
-    c = build_cohort(outcomes, images, "nearest", (18, 100), horizon_days=50)
+    images.append(_image("H", 1, 70))
+    c = build_cohort(outcomes, images, Selection("nearest", horizon_days=50, index_date=True))
     assert [r["patient_id"] for r in c.rows] == ["A"]
     assert (c.rows[0]["followup_days"], c.rows[0]["event"]) == (50, 0)  # censored at 50 days
     assert c.excluded == [
         ("B", "no follow-up"),
-        ("C", "no index_date"),
-        ("D", "no index_date"),
-        ("E", "no index_date"),
+        ("C", "no chronological age"),
+        ("D", "age outside the model's range 18-100"),
+        ("E", "sex not M or F"),
         ("F", "no result on or before index_date"),
         ("G", "no result"),
+        ("H", "no index_date"),
     ]
-    c = build_cohort(outcomes, images, "first", (18, 100), None)
+    c = build_cohort(outcomes, images, Selection("first"))
     assert dict(c.excluded) == {
         "B": "no follow-up",
         "C": "no chronological age",
@@ -150,6 +165,87 @@ def test_index_image_and_exclusions_by_reason() -> None:
         "G": "no result",
     }
     assert c.results_without_outcomes == 1  # X
+
+
+def test_an_image_too_long_before_index_date_is_excluded_and_age_is_at_the_origin() -> None:
+    """Today's rule took any earlier image, years before; now the lag is bounded, and the age
+    (a Cox covariate) is the age at the index date, the gap the image's own."""
+    images = [
+        Image("OLD", dt.date(2020, 1, 1), 70.0, 60.0, "F", "m", "1", "abc", "1"),
+        Image("NEW", dt.date(2025, 1, 1), 70.0, 60.0, "M", "m", "1", "abc", "2"),
+    ]
+    outcomes = [
+        Outcome(2, "OLD", 100, 1, dt.date(2025, 7, 1), {}),
+        Outcome(3, "NEW", 100, 1, dt.date(2025, 7, 1), {}),
+    ]
+    c = build_cohort(outcomes, images, Selection("nearest", index_date=True))
+    assert c.excluded == [("OLD", "no result within 365 days before index_date")]
+    (row,) = c.rows
+    assert row["lag_days"] == 181 and row["age_at_image"] == 60.0
+    assert row["age"] == pytest.approx(60.0 + 181 / 365.25)
+    wide = build_cohort(outcomes, images, Selection("nearest", index_date=True, max_lag_days=2100))
+    assert [r["patient_id"] for r in wide.rows] == ["OLD", "NEW"] and wide.excluded == []
+
+
+def test_images_after_the_origin_no_longer_bias_the_hazard_ratio(tmp_path: Path) -> None:
+    """Planted: every patient also has an image after their follow-up ended, 6 years
+    older-looking in those with the event (the disease shaping the image: reverse causation).
+    Indexing the last image regardless of index_date, as before, inflates the hazard ratio far
+    beyond the truth (1.05 per year); counted from index_date, the truth is recovered."""
+    truth = Truth(n=2000, seed=9, hr_per_year=1.05, after_event_shift=6.0)
+    s = _analyse(tmp_path, truth, "--index", "last")
+    assert s["time_origin"]["origin"] == "index_date" and s["n_patients"] == 2000
+    assert _covers(s["cox"]["gap"]["ci95"], truth.hr_per_year), s["cox"]["gap"]
+    results, outcomes = synthetic_cohort(truth)
+    naive = build_cohort(
+        [Outcome(2, o["patient_id"], o["followup_days"], o["event"], None, {}) for o in outcomes],
+        [image(r, "-") for r in results],
+        Selection("last"),  # follow-up from the last image: the rule before index_date counted
+    )
+    biased = analyse(naive, Plan())
+    assert biased.summary["cox"]["gap"]["ci95"][0] > s["cox"]["gap"]["ci95"][1] > 1.05
+    lags = s["time_origin"]["lag_days"]
+    assert lags["median"] == 0 and s["time_origin"]["max_lag_days"] == 365
+
+
+def test_the_aging_rate_as_exposure_recovers_its_planted_hazard(tmp_path: Path) -> None:
+    """Planted: each patient's X-ray age rises at a rate of their own (SD 1 year per year
+    around 0.7), with a hazard ratio of 1.3 per unit; patients without two images a year apart
+    have no rate and are excluded with the reason."""
+    truth = Truth(n=3000, seed=4, hr_per_year=1.05, rate_sd=1.0, hr_per_rate=1.3)
+    s = _analyse(tmp_path, truth, "--index", "last", "--exposure", "aging_rate")
+    rate = s["cox"]["aging_rate"]
+    assert _covers(rate["ci95"], truth.hr_per_rate) and rate["p"] < 1e-6, rate
+    assert _covers(rate["adjusted_for_corrected_gap"]["ci95"], truth.hr_per_rate)
+    assert _covers(s["cox"]["gap"]["ci95"], truth.hr_per_year)  # the gap beside it
+    (reason,) = s["excluded"]
+    assert reason.startswith("no aging rate") and s["n_patients"] + s["excluded"][reason] == 3000
+    assert list(s["km"]["groups"]) == ["rate <= 1", "rate > 1"]
+    assert "least-squares slope of X-ray age on study date" in s["exposure_definition"]
+    assert "aging_rate: hazard ratio" in (tmp_path / "stdout").read_text()
+
+
+def test_the_correction_is_chosen_and_said(tmp_path: Path) -> None:
+    """``card``: the results' corrected_age_gap (what the SR said); ``cohort``: refitted here.
+    The report names the formula the code used."""
+    by_cohort = _analyse(tmp_path / "a", Truth(n=600, seed=5))
+    by_card = _analyse(tmp_path / "b", Truth(n=600, seed=5), "--correction", "card")
+    assert (by_cohort["correction"], by_card["correction"]) == ("cohort", "card")
+    results, _ = synthetic_cohort(Truth(n=600, seed=5))
+    index_images = [r for r in results if r["sop_instance_uid"].endswith("0")]
+    expected = sum(r["corrected_age_gap"] for r in index_images) / len(index_images)
+    assert by_card["gaps"]["corrected_gap"]["mean"] == pytest.approx(expected)
+    assert abs(by_cohort["gaps"]["corrected_gap"]["mean"]) < 1e-9  # a residual: mean 0
+    assert "model card's gap correction" in by_card["exposure_definition"]
+    slope = f"{by_cohort['bias_correction']['slope']:.3f} x age at the image"
+    assert slope in by_cohort["exposure_definition"]
+    for folder, said in ((tmp_path / "a", "in this cohort"), (tmp_path / "b", "model card")):
+        assert said in (folder / "out" / "report.html").read_text()
+    results = [{**r, "corrected_age_gap": None} for r in results]
+    _, outcomes = synthetic_cohort(Truth(n=600, seed=5))
+    (tmp_path / "c").mkdir()
+    message = _bad(tmp_path / "c", outcomes, "--correction", "card", results=results)
+    assert "--correction card: no result has a corrected_age_gap" in message
 
 
 def test_exclusions_reach_the_outputs(tmp_path: Path) -> None:

@@ -130,11 +130,11 @@ def test_evaluate_writes_metrics_and_plots(
     images.mkdir()
     display = display_values(chest_ds)[:800, :800]
     labels = ["Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender"]
-    for i in range(8):  # NIH ChestX-ray14 style: PNG files and Data_Entry_2017.csv
+    for i in range(9):  # NIH ChestX-ray14 style: PNG files and Data_Entry_2017.csv
         Image.fromarray(np.clip(display + 3 * i, 0, 255).astype(np.uint8)).save(
             images / f"{i:08d}_000.png"
-        )
-        labels.append(f"{i:08d}_000.png,No Finding,0,{i},{40 + 3 * i},M")
+        )  # two images a patient; the ninth, 10 years old, is outside the card's 18-100
+        labels.append(f"{i:08d}_000.png,No Finding,0,{i // 2},{40 + 3 * i if i < 8 else 10},M")
     labels.append("99999999_000.png,No Finding,0,9,414,M")  # NIH has a few impossible ages
     table = tmp_path / "Data_Entry_2017.csv"
     table.write_text("\n".join(labels) + "\n")
@@ -149,7 +149,9 @@ def test_evaluate_writes_metrics_and_plots(
     rows = list(csv.DictReader((out_dir / "predictions.csv").open()))
     pred = np.array([float(r["xray_age"]) for r in rows])
     true = np.array([float(r["chronological_age"]) for r in rows])
-    assert metrics["n"] == 8 and metrics["labels_excluded"] == 1
+    assert metrics["n"] == 8 and metrics["labels_excluded"] == 2
+    assert metrics["patients"] == 4 and metrics["bootstrap_unit"] == "patient"
+    assert metrics["age_range"] == [18, 100]
     assert metrics["mae"]["value"] == pytest.approx(np.mean(np.abs(pred - true)))
     assert metrics["pearson_r"]["value"] == pytest.approx(np.corrcoef(pred, true)[0, 1])
     for name in ("mae", "mean_bias", "loa_lower", "loa_upper"):
@@ -170,6 +172,22 @@ def test_agreement_statistics_on_known_numbers() -> None:
     sd = np.std(noisy - true, ddof=1)
     assert m["loa_upper"].value - m["loa_lower"].value == pytest.approx(2 * 1.96 * sd)
     assert m["mae"].ci_low < m["mae"].value < m["mae"].ci_high
+
+
+def test_the_bootstrap_resamples_patients_when_it_knows_them() -> None:
+    """20 patients, 10 images each sharing the patient's error: the images are not 200
+    independent errors, and only the patient bootstrap's interval is as wide as 20 patients'."""
+    rng = np.random.default_rng(3)
+    errors = np.repeat(rng.normal(0, 5, 20), 10) + rng.normal(0, 0.1, 200)
+    true = rng.uniform(30, 80, 200)
+    patients = [f"P{i // 10}" for i in range(200)]
+    by_image = agreement(true + errors, true, n_boot=1000)["mean_bias"]
+    by_patient = agreement(true + errors, true, n_boot=1000, patients=patients)["mean_bias"]
+    assert by_image.value == by_patient.value
+    width = lambda e: e.ci_high - e.ci_low  # noqa: E731
+    assert width(by_patient) > 2.5 * width(by_image)
+    expected = 2 * 1.96 * 5 / np.sqrt(20)  # about 4.4 years
+    assert 0.6 * expected < width(by_patient) < 1.4 * expected
 
 
 def test_jsrt_and_plain_label_tables(tmp_path: Path) -> None:

@@ -50,3 +50,24 @@ def test_earlier_x_ray_ages_are_plotted_in_the_lower_half(chest_ds: pydicom.Data
     findings = Findings(71.3, 65.2, TRAINED, dt.date(2026, 11, 1), earlier)
     plotted = render(chest_ds, findings)[PLOT_ROWS]
     assert (plotted > 128).mean() > 0.005 and np.count_nonzero(plotted) > 2000
+
+
+def test_the_aging_rate_is_drawn_as_the_fitted_line_and_stated(chest_ds: pydicom.Dataset) -> None:
+    """Three images 2021-2026 rising 2 years of X-ray age per year: the rate is 2 and its line
+    is drawn (the grey level of its colour, which no other mark has); images 4 months apart give
+    no rate and no line."""
+    earlier = (
+        EarlierAge(dt.date(2021, 11, 1), 61.3, 60.2),
+        EarlierAge(dt.date(2023, 11, 1), 65.3, 62.2),
+    )
+    findings = Findings(71.3, 65.2, TRAINED, dt.date(2026, 11, 1), earlier)
+    rate = findings.aging_rate
+    assert rate is not None and rate.images == 3
+    assert abs(rate.rate - 2.0) < 0.01 and rate.se is not None and rate.se < 0.01
+    close = Findings(71.3, 65.2, TRAINED, dt.date(2022, 3, 1), earlier[:1])
+    assert close.aging_rate is None
+
+    def line_pixels(f: Findings) -> int:
+        return int(np.count_nonzero(np.abs(render(chest_ds, f)[PLOT_ROWS].astype(int) - 196) <= 2))
+
+    assert line_pixels(findings) > 10 * line_pixels(close)

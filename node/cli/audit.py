@@ -13,7 +13,7 @@ from node.cli.support import (
     Format,
     UsageError,
     open_database,
-    parse_time,
+    parse_period,
     print_rows,
     user_errors,
 )
@@ -21,6 +21,8 @@ from node.config import load_settings
 from storage import utcnow
 from storage.audit import EVENTS, FIELDS, AuditQuery, as_dict, purge_events, run_query
 
+# The table a terminal can show (the other formats carry every field).
+TABLE_COLUMNS = ("at", "event", "outcome", "actor", "patient_id", "detail")
 Text = Annotated[str | None, typer.Option()]
 
 
@@ -40,9 +42,10 @@ def audit(
     """Events of the audit log, newest first. The query itself is logged too."""
     if event is not None and event not in EVENTS:
         raise UsageError(f"--event: {event!r} is not an event; events: {', '.join(EVENTS)}")
+    start, end = parse_period(since, until)
     query = AuditQuery(
-        since=parse_time(since, "--since"),
-        until=parse_time(until, "--until"),
+        since=start,
+        until=end,
         patient_id=patient_id,
         study=study,
         accession=accession,
@@ -56,7 +59,7 @@ def audit(
             rows = [as_dict(r) for r in run_query(s, query, f"cli:{getpass.getuser()}")]
     finally:
         db.dispose()
-    print_rows(rows, FIELDS, format, "events", limit)
+    print_rows(rows, FIELDS, format, "events", limit, TABLE_COLUMNS)
 
 
 @user_errors

@@ -10,8 +10,20 @@ from typing import Annotated, Any
 import typer
 
 from ai.card import DEFAULT_AGE_RANGE
-from node.cli.support import ConfigOption, UsageError, open_database, user_errors
-from node.cohort.inputs import FROM_RESULTS, CohortError, image, read_outcomes
+from node.cli.support import (
+    ConfigOption,
+    UsageError,
+    open_database,
+    parse_age_range,
+    user_errors,
+)
+from node.cohort.inputs import (
+    DEFAULT_MAX_LAG_DAYS,
+    FROM_RESULTS,
+    CohortError,
+    image,
+    read_outcomes,
+)
 from node.config import load_settings
 from node.results.spreadsheet import write_csv
 
@@ -24,14 +36,9 @@ def _names(value: str, option: str) -> tuple[str, ...]:
 
 
 def _age_range(value: str | None, config: Path | None) -> tuple[float, float]:
-    if value is not None:
-        try:
-            low, high = (float(v) for v in value.split(","))
-        except ValueError:
-            raise UsageError(f"--age-range: {value!r} is not LOW,HIGH in years") from None
-        if not 0 <= low < high:
-            raise UsageError(f"--age-range: {value!r} is not LOW,HIGH with 0 <= LOW < HIGH")
-        return low, high
+    given = parse_age_range(value)
+    if given is not None:
+        return given
     if config is not None:
         settings = load_settings(config)
         if settings.model.weights:
@@ -85,11 +92,29 @@ def cohort(
     ] = None,
     out: Annotated[Path | None, typer.Option(help="folder for the outputs")] = None,
     index: Annotated[
-        str, typer.Option(help="the image of each patient: first, last, or nearest index_date")
+        str,
+        typer.Option(
+            help="the image of each patient: first or last (up to index_date when given), "
+            "nearest (the latest on or before index_date)"
+        ),
     ] = "first",
+    max_lag_days: Annotated[
+        int, typer.Option(min=0, help="with index_date: an index image at most this much older")
+    ] = DEFAULT_MAX_LAG_DAYS,
     exposure: Annotated[
-        str, typer.Option(help="corrected_gap (the cohort's bias-corrected gap) or gap (raw)")
+        str,
+        typer.Option(
+            help="corrected_gap (bias-corrected gap), gap (raw) or aging_rate (X-ray age per "
+            "calendar year over the patient's images)"
+        ),
     ] = "corrected_gap",
+    correction: Annotated[
+        str,
+        typer.Option(
+            help="the corrected gap's bias correction: cohort (fitted on these patients) or "
+            "card (the model card's, as the SR reports it)"
+        ),
+    ] = "cohort",
     adjust: Annotated[
         str, typer.Option(help="Cox model covariates: age, sex (from the results), COL...")
     ] = "age,sex",
@@ -119,12 +144,13 @@ def cohort(
     patients: cohort.json, km.png, forest.png, excluded.csv and report.html in --out."""
     from node.cohort import report
     from node.cohort.analysis import Plan, analyse
-    from node.cohort.inputs import build_cohort, read_results_csv
+    from node.cohort.inputs import Selection, build_cohort, read_results_csv
     from node.results.export import Pseudonymiser, read_key
 
     for option, value, allowed in (
         ("--index", index, ("first", "last", "nearest")),
-        ("--exposure", exposure, ("corrected_gap", "gap")),
+        ("--exposure", exposure, ("corrected_gap", "gap", "aging_rate")),
+        ("--correction", correction, ("cohort", "card")),
         ("--groups", groups, ("gap-sign", "tertiles")),
     ):
         if value not in allowed:
@@ -139,8 +165,12 @@ def cohort(
     if results is not None and config is not None:
         raise UsageError("--results and --config are two sources of results: give one")
     plan = Plan(
-        exposure, _names(adjust, "--adjust"), _names(comorbidities, "--comorbidities"), groups
-    )  # type: ignore[arg-type]
+        exposure,  # type: ignore[arg-type]
+        _names(adjust, "--adjust"),
+        _names(comorbidities, "--comorbidities"),
+        groups,  # type: ignore[arg-type]
+        correction,  # type: ignore[arg-type]
+    )
     wanted = [
         c for c in dict.fromkeys([*plan.adjust, *plan.comorbidities]) if c not in FROM_RESULTS
     ]
@@ -152,7 +182,24 @@ def cohort(
         pseudonym = Pseudonymiser(key).identifier
         rows = [replace(o, patient_id=pseudonym(o.patient_id)) for o in rows]
     images = read_results_csv(results) if results is not None else _database_images(config, key)
-    chosen = build_cohort(rows, images, index, _age_range(age_range, config), horizon_days, model)  # type: ignore[arg-type]
+    needs = {"aging_rate"} if exposure == "aging_rate" else set()
+    if correction == "card" and exposure != "gap":
+        needs.add("card_gap")
+        if not any(i.card_gap is not None for i in images):
+            raise CohortError(
+                "--correction card: no result has a corrected_age_gap (the model card states "
+                "no bias correction); use --correction cohort"
+            )
+    select = Selection(
+        index,  # type: ignore[arg-type]
+        _age_range(age_range, config),
+        horizon_days,
+        model,
+        index_date=has_index_date,
+        max_lag_days=max_lag_days,
+        needs=frozenset(needs),
+    )
+    chosen = build_cohort(rows, images, select)
     analysis = analyse(chosen, plan)
     paths = report.write(out, chosen, analysis)
     typer.echo("\n".join([*_summary(analysis.summary), f"wrote {', '.join(map(str, paths))}"]))
@@ -160,14 +207,32 @@ def cohort(
 
 def _summary(s: dict[str, Any]) -> list[str]:
     gap, ci = s["cox"]["gap"], s["cox"]["gap"]["ci95_per_5_years"]
-    return [
+    origin = s["time_origin"]
+    lines = [
         *(["SYNTHETIC demo cohort: not patient data"] if s["synthetic"] else []),
         f"{s['n_patients']} patients, {s['n_events']} events; not analysed: "
         + (", ".join(f"{n} {reason}" for reason, n in s["excluded"].items()) or "none"),
-        f"{s['exposure']}: hazard ratio {gap['hr_per_5_years']:.2f} per 5 years "
+        (
+            f"follow-up from index_date; index images a median {origin['lag_days']['median']:g} "
+            f"days before it (at most {origin['max_lag_days']})"
+            if origin["origin"] == "index_date"
+            else "follow-up from the index image (the outcomes have no index_date)"
+        ),
+        f"{'corrected_gap' if s['exposure'] == 'aging_rate' else s['exposure']}"
+        f"{' (correction: ' + s['correction'] + ')' if s['exposure'] != 'gap' else ''}: "
+        f"hazard ratio {gap['hr_per_5_years']:.2f} per 5 years "
         f"(95 % CI {ci[0]:.2f}-{ci[1]:.2f}, p = {gap['p']:.2g}), adjusted for "
         + (", ".join(s["cox"]["adjusted_for"]) or "nothing"),
-        f"C-index {s['c_index']['without_gap']:.3f} without the gap, "
+    ]
+    if "aging_rate" in s["cox"]:
+        rate = s["cox"]["aging_rate"]
+        lines.append(
+            f"aging_rate: hazard ratio {rate['hr_per_unit']:.2f} per year of X-ray age per "
+            f"year (95 % CI {rate['ci95'][0]:.2f}-{rate['ci95'][1]:.2f}, p = {rate['p']:.2g})"
+        )
+    return [
+        *lines,
+        f"C-index {s['c_index']['without_gap']:.3f} without the {s['exposure']}, "
         f"{s['c_index']['with_gap']:.3f} with it (likelihood-ratio p = {s['lr_test_p']:.2g}); "
         f"log-rank p = {s['logrank_p']:.2g}",
         *(f"warning: {w}" for w in s["warnings"]),

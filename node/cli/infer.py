@@ -21,6 +21,7 @@ from node.cli.support import (
     UsageError,
     WeightsOption,
     load_model,
+    parse_age_range,
     user_errors,
 )
 from node.config import ModelSection, load_settings
@@ -152,15 +153,21 @@ def evaluate(
     batch_size: BatchOption = None,
     bootstrap: Annotated[int, typer.Option(min=100, help="bootstrap resamples")] = 2000,
     seed: Annotated[int, typer.Option(help="bootstrap seed")] = 0,
+    age_range: Annotated[
+        str | None, typer.Option(help="LOW,HIGH years (default: the model card's)")
+    ] = None,
     config: ConfigOption = None,
 ) -> None:
     """Agreement of X-ray age with chronological age: MAE, Pearson r, mean bias and 95 % limits
-    of agreement, with bootstrap 95 % CIs; writes scatter and Bland-Altman plots as PNG."""
+    of agreement, with bootstrap 95 % CIs (resampling patients when the labels have a patient
+    column, as NIH's Patient ID); writes scatter and Bland-Altman plots as PNG."""
     if not images.is_dir():
         raise UsageError(f"not a folder: {images}")
-    table = read_labels(labels)
+    wanted = parse_age_range(age_range)
     settings = load_settings(config)
     model = load_model(settings, weights, device)
+    low, high = wanted or model.card.age_range
+    table = read_labels(labels).within(low, high)
     files = [p for p in collect_files([images]) if p.stem in table.ages]
     if not files:
         raise UsageError(f"no file under {images} matches a name in {labels}")
@@ -169,13 +176,17 @@ def evaluate(
     done = [o for o in outcomes if o.xray_age is not None]
     predicted = [o.xray_age for o in done]
     actual = [table.ages[o.path.stem] for o in done]
-    metrics = agreement(predicted, actual, n_boot=bootstrap, seed=seed)  # type: ignore[arg-type]
+    patients = [table.patients[o.path.stem] for o in done] if table.patients else None
+    metrics = agreement(predicted, actual, bootstrap, seed, patients)  # type: ignore[arg-type]
 
     out.mkdir(parents=True, exist_ok=True)
     rows = [{**_row(o, model), "chronological_age": table.ages[o.path.stem]} for o in outcomes]
     (out / "predictions.csv").write_text(_csv(rows))
     summary = {
         "n": len(done),
+        "patients": len(set(patients)) if patients is not None else None,
+        "bootstrap_unit": "patient" if patients is not None else "image",
+        "age_range": [low, high],
         "failed": len(outcomes) - len(done),
         "labels_without_image": len(table.ages) - len({p.stem for p in files}),
         "labels_excluded": len(table.excluded),
@@ -187,7 +198,10 @@ def evaluate(
     (out / "metrics.json").write_text(json.dumps(summary, indent=2))
     plots = plot_agreement(predicted, actual, out)  # type: ignore[arg-type]
 
-    result = Table("metric", "value", "95 % CI", title=f"{len(done)} images, {model.card.name}")
+    unit = f", {summary['patients']} patients" if patients is not None else ""
+    result = Table(
+        "metric", "value", "95 % CI", title=f"{len(done)} images{unit}, {model.card.name}"
+    )
     for name, est in metrics.items():
         result.add_row(name, f"{est.value:.3f}", f"{est.ci_low:.3f} to {est.ci_high:.3f}")
     Console().print(result)

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import getpass
 import sys
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -14,14 +15,47 @@ from node.cli.support import (
     ConfigOption,
     UsageError,
     open_database,
-    parse_time,
+    parse_period,
     print_rows,
     user_errors,
 )
 from node.config import load_settings
-from node.results.export import as_parquet, export, plain, read_key
+from node.results import aging
+from node.results.export import COLUMNS, as_parquet, export, plain, read_key
 from storage import InstanceState
-from storage.results import RESULT_COLUMNS, ResultsQuery
+from storage.results import ResultsQuery
+
+# What a person scans in a terminal; CSV, JSON and Parquet carry every column.
+TABLE_COLUMNS = (
+    "reported_at", "patient_id", "study_date", "view_position", "xray_age",
+    "chronological_age", "age_gap", "aging_rate", "model_name", "state",
+)  # fmt: skip
+PER_PATIENT_COLUMNS = (
+    "patient_id", "patient_sex", "model_name", "model_version", "weights_sha256", "images",
+    "first_study_date", "study_date", "xray_age", "chronological_age", "age_gap",
+    "corrected_age_gap", *aging.COLUMNS,
+)  # fmt: skip
+PER_PATIENT_TABLE = (
+    "patient_id", "model_name", "images", "first_study_date", "study_date", "xray_age",
+    "age_gap", "aging_rate", "aging_rate_se", "aging_rate_images",
+)  # fmt: skip
+
+
+def per_patient(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per patient and model: the values of the image with the latest study date (its
+    aging rate is over all the patient's images up to it), how many of the selected rows are
+    theirs, and the first study date among them."""
+    groups: dict[tuple[Any, Any], list[dict[str, Any]]] = {}
+    for row in rows:  # newest first
+        if row["patient_id"]:
+            groups.setdefault((row["patient_id"], row["weights_sha256"]), []).append(row)
+    out = []
+    for mine in groups.values():
+        dates = [r["study_date"] for r in mine if r["study_date"] is not None]
+        latest = max(mine, key=lambda r: r["study_date"] or dt.date.min)
+        newest = {**latest, "images": len(mine), "first_study_date": min(dates, default=None)}
+        out.append({c: newest[c] for c in PER_PATIENT_COLUMNS})
+    return out
 
 
 class Format(StrEnum):
@@ -54,12 +88,22 @@ def results(
         Path | None,
         typer.Option(help="replace patient IDs, accession numbers and UIDs by a keyed HMAC"),
     ] = None,
+    per_patient_rows: Annotated[
+        bool,
+        typer.Option(
+            "--per-patient", help="one row per patient and model, with the X-ray aging rate"
+        ),
+    ] = False,
     config: ConfigOption = None,
 ) -> None:
-    """The node's results, newest first, in fixed columns; every export is audited."""
+    """The node's results, newest first, in fixed columns; every export is audited. The table
+    shows the columns a person scans; CSV, JSON and Parquet carry them all."""
+    start, end = parse_period(since, until)
+    if per_patient_rows and format == Format.parquet:
+        raise UsageError("--per-patient: formats table, csv and json (not parquet)")
     query = ResultsQuery(
-        since=parse_time(since, "--since"),
-        until=parse_time(until, "--until"),
+        since=start,
+        until=end,
         state=parse_state(state),
         patient_id=patient_id,
         model=model,
@@ -72,8 +116,12 @@ def results(
             rows = [r.values for r in export(s, query, f"cli:{getpass.getuser()}", key)]
     finally:
         db.dispose()
+    columns, table, noun = COLUMNS, TABLE_COLUMNS, "results"
+    if per_patient_rows:
+        rows = per_patient(rows)
+        columns, table, noun = PER_PATIENT_COLUMNS, PER_PATIENT_TABLE, "patients"
     if format == Format.parquet:
         sys.stdout.buffer.write(as_parquet(rows))
     else:
         shown = [{k: plain(v) for k, v in row.items()} for row in rows]
-        print_rows(shown, RESULT_COLUMNS, format, "results", limit)
+        print_rows(shown, columns, format, noun, 0 if per_patient_rows else limit, table)

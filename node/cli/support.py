@@ -113,7 +113,7 @@ def make_folder(key: str, folder: Path) -> None:
         raise ConfigError(f"{key} = {folder}: cannot create it ({e.strerror or e})") from None
 
 
-def parse_time(value: str | None, name: str) -> dt.datetime | None:
+def _time(value: str | None, name: str) -> dt.datetime | None:
     """A date or an ISO 8601 date and time; without a zone it is UTC, like the log."""
     if value is None:
         return None
@@ -124,6 +124,29 @@ def parse_time(value: str | None, name: str) -> dt.datetime | None:
     return parsed.replace(tzinfo=dt.UTC) if parsed.tzinfo is None else parsed
 
 
+def parse_age_range(value: str | None) -> tuple[float, float] | None:
+    """``--age-range LOW,HIGH`` in years, or None when not given (the model card's then)."""
+    if value is None:
+        return None
+    try:
+        low, high = (float(v) for v in value.split(","))
+    except ValueError:
+        raise UsageError(f"--age-range: {value!r} is not LOW,HIGH in years") from None
+    if not 0 <= low < high:
+        raise UsageError(f"--age-range: {value!r} is not LOW,HIGH with 0 <= LOW < HIGH")
+    return low, high
+
+
+def parse_period(
+    since: str | None, until: str | None
+) -> tuple[dt.datetime | None, dt.datetime | None]:
+    """``--since`` and ``--until``; an empty period is a mistake, not zero rows."""
+    start, end = _time(since, "--since"), _time(until, "--until")
+    if start is not None and end is not None and start >= end:
+        raise UsageError(f"--since {since} is not before --until {until}: the period is empty")
+    return start, end
+
+
 class Format(StrEnum):
     table = "table"
     csv = "csv"
@@ -131,20 +154,26 @@ class Format(StrEnum):
 
 
 def print_rows(
-    rows: list[dict[str, Any]], columns: Sequence[str], format: str, noun: str, limit: int = 0
+    rows: list[dict[str, Any]],
+    columns: Sequence[str],
+    format: str,
+    noun: str,
+    limit: int = 0,
+    table: Sequence[str] | None = None,
 ) -> None:
     """``rows`` (values of ``columns``) on stdout as JSON, CSV or a table with a count line;
-    ``limit``: the query's, to say when it was reached."""
+    ``limit``: the query's, to say when it was reached; ``table``: the columns a person scans,
+    when the table would not fit a terminal with all of them."""
     if format == Format.json:
-        json.dump(rows, sys.stdout, indent=1)
+        json.dump([{c: row[c] for c in columns} for row in rows], sys.stdout, indent=1)
         sys.stdout.write("\n")
     elif format == Format.csv:
         write_csv(sys.stdout, columns, rows)
     else:
-        table = Table(*columns, box=None)
+        shown = Table(*(table or columns), box=None)
         for row in rows:
-            table.add_row(*(_cell(row[c]) for c in columns))
-        Console(width=max(240, 18 * len(columns))).print(table)
+            shown.add_row(*(_cell(row[c]) for c in table or columns))
+        Console().print(shown)
         reached = " (--limit reached)" if limit and len(rows) == limit else ""
         typer.echo(f"{len(rows)} {noun}{reached}")
 

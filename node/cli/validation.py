@@ -16,21 +16,27 @@ from node.results.validation import Validation
 class By(StrEnum):
     all = "all"
     month = "month"
+    study_month = "study-month"
     device = "device"
     view = "view"
 
 
-COLUMNS = ("period", "group", "count", "mae", "bias", "r", "loa_low", "loa_high")
+COLUMNS = (
+    "period", "group", "images", "patients", "mae", "bias", "r", "loa_low", "loa_high", "note",
+)  # fmt: skip
 
 
 @user_errors
 def validation(
-    by: Annotated[By, typer.Option(help="all, month, device or view")] = By.all,
+    by: Annotated[
+        By, typer.Option(help="all, month (of the analysis), study-month, device or view")
+    ] = By.all,
     format: Annotated[Format, typer.Option("--format", "-f")] = Format.table,
     config: ConfigOption = None,
 ) -> None:
     """MAE, bias, Pearson r and limits of agreement of the current model on this site's
-    patients: over the rolling window, or per calendar month (--by month)."""
+    images (each row counts images and patients): over the rolling window, or per calendar
+    month of the analysis (--by month) or of the study (--by study-month)."""
     settings = load_settings(config)
     if not settings.model.weights:
         raise ConfigError("no [model] weights: validation figures are those of a model")

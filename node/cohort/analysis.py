@@ -17,10 +17,10 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 
-from node.cohort.inputs import Cohort, CohortError
+from node.cohort.inputs import Cohort, CohortError, Correction, Exposure
 from node.cohort.synthetic import SYNTHETIC_PREFIX
+from node.results.aging import MIN_SPAN_DAYS
 
-Exposure = Literal["corrected_gap", "gap"]
 Grouping = Literal["gap-sign", "tertiles"]
 MIN_EVENTS = 10
 PH_ALPHA = 0.05
@@ -28,13 +28,21 @@ PH_ALPHA = 0.05
 
 @dataclass(frozen=True)
 class Plan:
-    """What to fit: the exposure, the Cox model's adjustments, the comorbidity columns and
-    the Kaplan-Meier grouping."""
+    """What to fit: the exposure, the Cox model's adjustments, the comorbidity columns, the
+    Kaplan-Meier grouping and which bias correction makes the corrected gap (``cohort``: the
+    residual of X-ray age on age in this cohort, as the paper; ``card``: the model card's, as
+    the SR reports it)."""
 
     exposure: Exposure = "corrected_gap"
     adjust: Sequence[str] = ("age", "sex")
     comorbidities: Sequence[str] = ()
     groups: Grouping = "gap-sign"
+    correction: Correction = "cohort"
+
+    @property
+    def gap(self) -> Literal["corrected_gap", "gap"]:
+        """The gap the comorbidity model and ``cox.gap`` use."""
+        return "gap" if self.exposure == "gap" else "corrected_gap"
 
 
 @dataclass
@@ -70,10 +78,11 @@ def _check(frame: pd.DataFrame, plan: Plan) -> None:
             )
 
 
-def _groups(gap: pd.Series, grouping: Grouping) -> tuple[pd.Series, list[str]]:
-    if grouping == "gap-sign":
-        names = ["gap <= 0", "gap > 0"]
-        return gap.gt(0).map({False: names[0], True: names[1]}), names
+def _groups(value: pd.Series, grouping: Grouping, rate: bool) -> tuple[pd.Series, list[str]]:
+    if grouping == "gap-sign":  # a rate's threshold: ageing in step with the calendar
+        names = ["rate <= 1", "rate > 1"] if rate else ["gap <= 0", "gap > 0"]
+        return value.gt(1 if rate else 0).map({False: names[0], True: names[1]}), names
+    gap = value
     low, high = np.quantile(gap, [1 / 3, 2 / 3])
     names = [f"low (< {low:.1f})", f"middle ({low:.1f} to {high:.1f})", f"high (> {high:.1f})"]
     return pd.Series(
@@ -111,14 +120,42 @@ def _gap_effect(fit: Any, name: str) -> dict[str, Any]:
     }
 
 
+def _rate_effect(fit: Any) -> dict[str, Any]:
+    rate = _term(fit, "aging_rate")
+    return {"hr_per_unit": rate["hr"], "ci95": rate["ci95"], "p": rate["p"]}
+
+
+def _definition(plan: Plan, intercept: float, slope: float) -> str:
+    """The exposure as the code computes it, for the report."""
+    if plan.exposure == "gap":
+        return "gap = X-ray age - chronological age at the image"
+    if plan.exposure == "aging_rate":
+        return (
+            "aging_rate = the least-squares slope of X-ray age on study date (years of X-ray "
+            "age per calendar year) over the patient's images up to the time origin, from at "
+            f"least 2 images {MIN_SPAN_DAYS} or more days apart"
+        )
+    if plan.correction == "card":
+        return (
+            "corrected_gap = the results' corrected_age_gap: X-ray age - age at the image - "
+            "(slope x age + intercept) with the model card's gap correction, as the SR reports it"
+        )
+    return (
+        f"corrected_gap = X-ray age - ({intercept:.3f} + {slope:.3f} x age at the image), "
+        "the residual of X-ray age regressed on age at the image in this cohort"
+    )
+
+
 def _comorbidities(frame: pd.DataFrame, plan: Plan) -> dict[str, Any]:
     """One linear model of the gap on all comorbidities, adjusted for age and sex (Fig. 2)."""
     if not plan.comorbidities:
         return {}
     import statsmodels.api as sm
 
-    terms = list(dict.fromkeys([*plan.comorbidities, "age", "sex"]))
-    fit = sm.OLS(frame[plan.exposure], sm.add_constant(frame[terms])).fit()
+    # Age at the image, the gap's own: then the raw and corrected gaps, which differ by a
+    # linear function of that age, give the same differences.
+    terms = list(dict.fromkeys([*plan.comorbidities, "age_at_image", "sex"]))
+    fit = sm.OLS(frame[plan.gap], sm.add_constant(frame[terms])).fit()
     ci = fit.conf_int()
     return {
         name: {
@@ -141,10 +178,16 @@ def analyse(cohort: Cohort, plan: Plan) -> Analysis:
     _check(frame, plan)
     # The cohort's own bias correction: the residual of X-ray age on chronological age, so that
     # the gap does not simply track age (regression to the mean of any age model).
-    slope, intercept = np.polyfit(frame["age"], frame["xray_age"], 1)
-    frame["gap"] = frame["xray_age"] - frame["age"]
-    frame["corrected_gap"] = frame["xray_age"] - (intercept + slope * frame["age"])
-    frame["group"], names = _groups(frame[plan.exposure], plan.groups)
+    slope, intercept = np.polyfit(frame["age_at_image"], frame["xray_age"], 1)
+    frame["gap"] = frame["xray_age"] - frame["age_at_image"]
+    frame["corrected_gap"] = (
+        frame["xray_age"] - (intercept + slope * frame["age_at_image"])
+        if plan.correction == "cohort"
+        else frame["card_gap"].astype(float)
+    )
+    frame["group"], names = _groups(
+        frame[plan.exposure], plan.groups, rate=plan.exposure == "aging_rate"
+    )
     warnings: list[str] = []
 
     adjust = list(plan.adjust)
@@ -157,6 +200,16 @@ def analyse(cohort: Cohort, plan: Plan) -> Analysis:
             "sd": float(frame[name].std()),
             **_gap_effect(fit, name),
         }
+    cox: dict[str, Any] = {"adjusted_for": adjust, "gap": gaps[plan.gap]}
+    if plan.exposure == "aging_rate":  # and beyond a single X-ray age: with the gap as well
+        beyond = _cox(frame, ["aging_rate", "corrected_gap", *adjust])
+        cox["aging_rate"] = {
+            **_rate_effect(with_gap),
+            "mean": float(frame["aging_rate"].mean()),
+            "sd": float(frame["aging_rate"].std()),
+            "adjusted_for_corrected_gap": _rate_effect(beyond),
+        }
+    cox["covariates"] = {name: _term(with_gap, name) for name in adjust}
     if adjust:
         without_gap = _cox(frame, adjust)
         c_without = float(without_gap.concordance_index_)
@@ -201,6 +254,7 @@ def analyse(cohort: Cohort, plan: Plan) -> Analysis:
     excluded: dict[str, int] = {}
     for _, reason in cohort.excluded:
         excluded[reason] = excluded.get(reason, 0) + 1
+    lags = frame["lag_days"]
     summary = {
         "synthetic": bool(frame["patient_id"].str.startswith(SYNTHETIC_PREFIX).all()),
         "model": cohort.model,
@@ -208,14 +262,23 @@ def analyse(cohort: Cohort, plan: Plan) -> Analysis:
         "n_events": events,
         "excluded": excluded,
         "results_without_outcomes": cohort.results_without_outcomes,
+        "time_origin": {
+            "origin": cohort.origin,
+            "index": cohort.index,
+            "max_lag_days": cohort.max_lag_days,
+            "lag_days": {
+                "median": float(lags.median()),
+                "q1": float(lags.quantile(0.25)),
+                "q3": float(lags.quantile(0.75)),
+                "max": float(lags.max()),
+            },
+        },
         "exposure": plan.exposure,
+        "exposure_definition": _definition(plan, float(intercept), float(slope)),
+        "correction": plan.correction,
         "bias_correction": {"intercept": float(intercept), "slope": float(slope)},
         "gaps": gaps,
-        "cox": {
-            "adjusted_for": adjust,
-            "gap": gaps[plan.exposure],
-            "covariates": {name: _term(with_gap, name) for name in adjust},
-        },
+        "cox": cox,
         "ph_test": ph_p,
         "c_index": {"without_gap": c_without, "with_gap": float(with_gap.concordance_index_)},
         "lr_test_p": lr_p,

@@ -3,8 +3,15 @@ outcomes keyed by ``patient_id``. One image per patient, the index image; every 
 cannot be analysed is kept in a list with the reason, never dropped silently.
 
 Outcomes columns: ``patient_id``, ``followup_days``, ``event`` (0/1), optional ``index_date``
-(ISO date) and any covariate or comorbidity columns (numbers, or 0/1, yes/no, true/false). Age
-and sex are the results' (chronological age at the image, DICOM Patient's Sex).
+(ISO date) and any covariate or comorbidity columns (numbers, or 0/1, yes/no, true/false). Sex
+is the results' (DICOM Patient's Sex).
+
+The time origin: with ``index_date``, that date. Follow-up is counted from it, so no image
+after it may index (an image taken after the event would let the outcome shape the exposure:
+reverse causation), and an image more than ``max_lag_days`` before it is too old to stand for
+the patient at the origin (excluded, with the reason). ``age`` is the age at the index date
+(the image's chronological age plus the lag). Without ``index_date``, follow-up is from the
+index image and ``age`` is the age at it.
 """
 
 from __future__ import annotations
@@ -22,6 +29,9 @@ from node.results.spreadsheet import read_cell
 from xrayage.errors import UserError
 
 Index = Literal["first", "last", "nearest"]
+Exposure = Literal["corrected_gap", "gap", "aging_rate"]
+Correction = Literal["cohort", "card"]
+DEFAULT_MAX_LAG_DAYS = 365
 OUTCOME_COLUMNS = ("patient_id", "followup_days", "event")
 RESULT_NEEDS = ("patient_id", "study_date", "xray_age", "chronological_age", "patient_sex")
 FROM_RESULTS = ("age", "sex")  # covariates read from the results, not the outcomes
@@ -55,6 +65,7 @@ class Image:
     model_version: str
     weights_sha256: str
     order: str  # tie-break between images of one day: when reported, then the UID
+    card_gap: float | None = None  # the results' corrected_age_gap: by the model card
 
     @property
     def model(self) -> str:
@@ -70,6 +81,24 @@ class Cohort:
     excluded: list[tuple[str, str]] = field(default_factory=list)  # (patient_id, reason)
     results_without_outcomes: int = 0
     model: str | None = None
+    origin: Literal["index_date", "index image"] = "index image"
+    index: Index = "first"
+    max_lag_days: int | None = None  # with origin index_date
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which image indexes each patient and who is analysed: ``index`` among the images up to
+    the time origin, the age range of the image, follow-up cut at ``horizon_days``, one
+    ``model``, and what the exposure needs (``card_gap``, ``aging_rate``)."""
+
+    index: Index = "first"
+    age_range: tuple[float, float] = (18.0, 100.0)
+    horizon_days: float | None = None
+    model: str | None = None
+    index_date: bool = False  # the outcomes have index_date: it is the time origin
+    max_lag_days: int = DEFAULT_MAX_LAG_DAYS
+    needs: frozenset[str] = frozenset()
 
 
 def _number(text: object, where: str, column: str) -> float | None:
@@ -172,6 +201,7 @@ def image(row: dict[str, Any], where: str) -> Image:
         (row.get("patient_sex") or "").strip().upper() or None,
         *(str(row.get(k) or "") for k in ("model_name", "model_version", "weights_sha256")),
         f"{row.get('reported_at') or ''} {row.get('sop_instance_uid') or ''}",
+        _number(row.get("corrected_age_gap"), where, "corrected_age_gap"),
     )
 
 
@@ -198,74 +228,108 @@ def one_model(images: list[Image], model: str | None) -> tuple[list[Image], str 
     return images, (models[0] if models else None)
 
 
-def _index_image(images: list[Image], index: Index, outcome: Outcome) -> Image | str:
-    """The patient's index image, or why there is none."""
-    dated = sorted(
+def _dated(images: list[Image]) -> list[Image]:
+    return sorted(
         (i for i in images if i.study_date is not None), key=lambda i: (i.study_date, i.order)
     )
+
+
+def _index_image(images: list[Image], outcome: Outcome, select: Selection) -> Image | str:
+    """The patient's index image, or why there is none."""
+    dated = _dated(images)
     if not dated:
         return "no study date on the results"
-    if index == "first":
-        return dated[0]
-    if index == "last":
-        return dated[-1]
-    if outcome.index_date is None:
+    if not select.index_date:  # follow-up from the index image itself
+        return dated[0] if select.index == "first" else dated[-1]
+    origin = outcome.index_date
+    if origin is None:
         return "no index_date"
-    before = [i for i in dated if i.study_date <= outcome.index_date]  # type: ignore[operator]
-    return before[-1] if before else "no result on or before index_date"
+    before = [i for i in dated if i.study_date <= origin]  # type: ignore[operator]
+    if not before:
+        return "no result on or before index_date"
+    recent = [i for i in before if _lag(i, origin) <= select.max_lag_days]
+    if not recent:
+        return f"no result within {select.max_lag_days} days before index_date"
+    return recent[0] if select.index == "first" else recent[-1]
 
 
-def build_cohort(
-    outcomes: list[Outcome],
-    images: list[Image],
-    index: Index,
-    age_range: tuple[float, float],
-    horizon_days: float | None,
-    model: str | None = None,
-) -> Cohort:
+def _lag(image: Image, origin: dt.date) -> int:
+    return (origin - image.study_date).days  # type: ignore[operator]
+
+
+def _rate(images: list[Image], until: dt.date) -> float | None:
+    """The X-ray aging rate over the patient's images up to the time origin."""
+    from node.results.aging import aging_rate
+
+    found = aging_rate((i.study_date, i.xray_age) for i in _dated(images) if i.study_date <= until)  # type: ignore[operator,misc]
+    return found.rate if found is not None else None
+
+
+def _reason(chosen: Image, outcome: Outcome, select: Selection, rate: float | None) -> str | None:
+    """Why a patient with an index image cannot be analysed, or None."""
+    low, high = select.age_range
+    if chosen.chronological_age is None:
+        return "no chronological age"
+    if not low <= chosen.chronological_age <= high:
+        return f"age outside the model's range {low:g}-{high:g}"
+    if chosen.sex not in ("M", "F"):
+        return "sex not M or F"
+    if "card_gap" in select.needs and chosen.card_gap is None:
+        return "no corrected_age_gap (the model card states no bias correction)"
+    if "aging_rate" in select.needs and rate is None:
+        from node.results.aging import MIN_SPAN_DAYS
+
+        return f"no aging rate (fewer than 2 images {MIN_SPAN_DAYS}+ days apart by the origin)"
+    return next((f"no {k}" for k, v in outcome.values.items() if v is None), None)
+
+
+def build_cohort(outcomes: list[Outcome], images: list[Image], select: Selection) -> Cohort:
     """Join outcomes and results, one index image per patient, with each exclusion's reason.
     With ``horizon_days``, follow-up ends there (an event after it is censored)."""
-    images, chosen_model = one_model(images, model)
+    images, chosen_model = one_model(images, select.model)
     by_patient: dict[str, list[Image]] = defaultdict(list)
     for i in images:
         by_patient[i.patient_id].append(i)
-    cohort = Cohort(model=chosen_model)
+    cohort = Cohort(
+        model=chosen_model,
+        origin="index_date" if select.index_date else "index image",
+        index=select.index,
+        max_lag_days=select.max_lag_days if select.index_date else None,
+    )
     cohort.results_without_outcomes = len(set(by_patient) - {o.patient_id for o in outcomes})
-    low, high = age_range
     for o in outcomes:
-        chosen = (
-            _index_image(by_patient[o.patient_id], index, o)
-            if o.patient_id in by_patient
-            else "no result"
-        )
-        reason: str | None = None
+        mine = by_patient.get(o.patient_id, [])
+        chosen = _index_image(mine, o, select) if mine else "no result"
         if o.followup_days is None or o.event is None:
-            reason = "no follow-up"
-        elif isinstance(chosen, str):
-            reason = chosen
-        elif chosen.chronological_age is None:
-            reason = "no chronological age"
-        elif not low <= chosen.chronological_age <= high:
-            reason = f"age outside the model's range {low:g}-{high:g}"
-        elif chosen.sex not in ("M", "F"):
-            reason = "sex not M or F"
-        else:
-            reason = next((f"no {k}" for k, v in o.values.items() if v is None), None)
+            cohort.excluded.append((o.patient_id, "no follow-up"))
+            continue
+        if isinstance(chosen, str):
+            cohort.excluded.append((o.patient_id, chosen))
+            continue
+        origin = o.index_date if select.index_date else chosen.study_date
+        assert origin is not None and chosen.study_date is not None
+        rate = _rate(mine, origin) if "aging_rate" in select.needs else None
+        reason = _reason(chosen, o, select, rate)
         if reason is not None:
             cohort.excluded.append((o.patient_id, reason))
             continue
-        assert not isinstance(chosen, str) and o.followup_days is not None and o.event is not None
+        assert chosen.chronological_age is not None
         days, event = o.followup_days, o.event
-        if horizon_days is not None and days > horizon_days:
-            days, event = horizon_days, 0
+        if select.horizon_days is not None and days > select.horizon_days:
+            days, event = select.horizon_days, 0
+        lag = _lag(chosen, origin)
         cohort.rows.append(
             {
                 "patient_id": o.patient_id,
                 "followup_days": days,
                 "event": event,
                 "xray_age": chosen.xray_age,
-                "age": chosen.chronological_age,
+                "age": chosen.chronological_age + lag / 365.25,  # at the time origin
+                "age_at_image": chosen.chronological_age,
+                "lag_days": lag,
                 "sex": 1.0 if chosen.sex == "M" else 0.0,
+                "card_gap": chosen.card_gap,
+                "aging_rate": rate,
                 **o.values,
             }
         )

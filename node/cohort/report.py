@@ -45,30 +45,47 @@ def _img(png: bytes, alt: str) -> str:
 
 def _page(s: dict[str, Any], km: bytes, forest: bytes) -> str:
     cox, gap = s["cox"], s["cox"]["gap"]
-    exposure = "bias-corrected age gap" if s["exposure"] == "corrected_gap" else "age gap"
+    gap_name = "gap" if s["exposure"] == "gap" else "corrected_gap"
     banner = f'<p class="synthetic">{SYNTHETIC_NOTE}</p>' if s["synthetic"] else ""
     warnings = "".join(f"<li>{html.escape(w)}</li>" for w in s["warnings"])
-    bias = s["bias_correction"]
-    corrected = (
-        f", minus the cohort's own regression of X-ray age on age: {_num(bias['intercept'])} + "
-        f"{_num(bias['slope'])} × age"
+    origin, lags = s["time_origin"], s["time_origin"]["lag_days"]
+    when = (
+        f"Follow-up is counted from each patient's index_date; the index image is the "
+        f"{'first' if origin['index'] == 'first' else 'latest'} result on or before it and at "
+        f"most {origin['max_lag_days']} days before it (lag: median {_num(lags['median'])}, "
+        f"quartiles {_num(lags['q1'])}-{_num(lags['q3'])}, at most {_num(lags['max'])} days). "
+        "Age is the age at the index date."
+        if origin["origin"] == "index_date"
+        else "The outcomes have no index_date: follow-up is counted from the index image, and "
+        "age is the age at it."
     )
+    rate_rows = []
+    if "aging_rate" in cox:
+        rate = cox["aging_rate"]
+        beyond = rate["adjusted_for_corrected_gap"]
+        rate_rows = [
+            ("aging_rate per year of X-ray age a year", rate["hr_per_unit"], _ci(rate["ci95"]),
+             rate["p"]),
+            ("aging_rate, also adjusted for corrected_gap", beyond["hr_per_unit"],
+             _ci(beyond["ci95"]), beyond["p"]),
+        ]  # fmt: skip
     sections = [
         banner,
         "<h1>X-ray age and outcomes: cohort analysis</h1>",
         f"<p>Model: {html.escape(str(s['model']))}. {s['n_patients']} patients, "
-        f"{s['n_events']} events. Exposure: the {exposure} (X-ray age minus chronological age"
-        f"{corrected if s['exposure'] == 'corrected_gap' else ''}). An observational "
-        "association, not a diagnosis.</p>",
+        f"{s['n_events']} events. Exposure: <code>{html.escape(s['exposure_definition'])}"
+        "</code>. An observational association, not a diagnosis.</p>",
+        f"<p>{html.escape(when)}</p>",
         f"<ul class='warnings'>{warnings}</ul>" if warnings else "",
         "<h2>Time to event (Cox proportional hazards)</h2>",
         f"<p>Adjusted for: {html.escape(', '.join(cox['adjusted_for']) or 'nothing')}.</p>",
         _table(
             ("term", "hazard ratio", "95 % CI", "p"),
             [
-                (f"{s['exposure']} per year", gap["hr_per_year"], _ci(gap["ci95"]), gap["p"]),
+                *rate_rows,
+                (f"{gap_name} per year", gap["hr_per_year"], _ci(gap["ci95"]), gap["p"]),
                 (
-                    f"{s['exposure']} per 5 years",
+                    f"{gap_name} per 5 years",
                     gap["hr_per_5_years"],
                     _ci(gap["ci95_per_5_years"]),
                     gap["p"],

@@ -6,6 +6,7 @@ import datetime as dt
 from dataclasses import dataclass
 
 from ai.card import ModelCard
+from node.results.aging import AgingRate, aging_rate
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,15 @@ class Findings:
         slope, intercept = correction
         raw = self.xray_age - self.chronological_age
         return round(raw - (slope * self.chronological_age + intercept), 2)
+
+    @property
+    def aging_rate(self) -> AgingRate | None:
+        """The patient's X-ray aging rate over the earlier images and this one."""
+        if self.study_date is None:
+            return None
+        return aging_rate(
+            [(e.study_date, e.xray_age) for e in self.earlier] + [(self.study_date, self.xray_age)]
+        )
 
     @property
     def series_description(self) -> str:

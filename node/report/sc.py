@@ -88,7 +88,9 @@ def _history(f: Findings, width: int, height: int) -> Image.Image:
     points = [*f.earlier, EarlierAge(f.study_date, f.xray_age, f.chronological_age)]  # type: ignore[arg-type]
     fig = Figure(figsize=(width / 100, height / 100), dpi=100, facecolor="black")
     # Fixed margins: tight_layout and autofmt_xdate measured the text twice, 60 of the 96 ms.
-    fig.subplots_adjust(left=0.07, right=0.98, top=0.86, bottom=0.16)
+    rate = f.aging_rate
+    top = 0.86 if rate is None else 0.76  # room for the rate's line in the title
+    fig.subplots_adjust(left=0.07, right=0.98, top=top, bottom=0.16)
     ax = fig.subplots()
     ax.set_facecolor("black")
     dates = [p.study_date for p in points]
@@ -98,7 +100,13 @@ def _history(f: Findings, width: int, height: int) -> Image.Image:
         ages = [p.chronological_age for p in known]
         ax.plot([p.study_date for p in known], ages, "s--", color="#999", label="age")
     ax.plot(dates[-1:], [f.xray_age], "o", color="white", markersize=14, fillstyle="none")
-    ax.set_title("This patient's X-ray ages (years)", color="white", fontsize=18)
+    title = "This patient's X-ray ages (years)"
+    if rate is not None:  # the least-squares line whose slope is the rate
+        ends = [dates[0], dates[-1]]
+        ax.plot(ends, [rate.at(d) for d in ends], "-", color="#f5c542", linewidth=2,
+                label="fitted line")  # fmt: skip
+        title += f"\naging rate {rate.rate:.1f} years per year ({rate.images} images)"
+    ax.set_title(title, color="white", fontsize=18)
     ax.legend(facecolor="black", labelcolor="white", fontsize=14, frameon=False)
     locator = AutoDateLocator(maxticks=6)
     ax.xaxis.set_major_locator(locator)

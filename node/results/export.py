@@ -1,5 +1,5 @@
-"""The node's results as data: rows of :data:`storage.results.RESULT_COLUMNS`, pseudonymised on
-request, every export audited; Parquet (CSV, JSON and tables are the CLI's).
+"""The node's results as data: rows of :data:`COLUMNS` (the stored ones and the aging rate),
+pseudonymised on request, every export audited; Parquet (CSV, JSON and tables are the CLI's).
 
 Pseudonyms are HMAC-SHA256 of the value under a site's secret key (at least 32 bytes, read from
 a file and never written anywhere): the same key gives the same pseudonym, so exports of
@@ -21,8 +21,13 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from node.config import ConfigError
+from node.results import aging
 from storage import record_event
-from storage.results import RESULT_COLUMNS, ResultRow, ResultsQuery, query_results
+from storage.results import RESULT_COLUMNS, ResultRow, ResultsQuery, patient_ages, query_results
+
+# What an export carries: the stored columns, then the patient's X-ray aging rate by that model
+# over their images up to the row's (node.results.aging).
+COLUMNS = (*RESULT_COLUMNS, *aging.COLUMNS)
 
 MIN_KEY_BYTES = 32
 _IDS = ("patient_id", "accession_number")
@@ -68,13 +73,33 @@ class Pseudonymiser:
 def export(session: Session, query: ResultsQuery, actor: str, key: bytes | None) -> list[ResultRow]:
     """The rows of ``query``, pseudonymised with ``key`` if given, and the export audited: who,
     how many rows, and whether they carried patient identifiers (a disclosure) or not."""
-    rows = query_results(session, query)
+    rows = with_aging_rates(session, query_results(session, query))
     if key is not None:
         pseudonymise = Pseudonymiser(key)
         rows = [ResultRow(r.id, pseudonymise(r.values)) for r in rows]
     what = "pseudonymised" if key is not None else "with patient identifiers (disclosure)"
     record_event(session, "export", actor=actor, detail=f"results: {len(rows)} rows {what}")
     return rows
+
+
+def with_aging_rates(session: Session, rows: list[ResultRow]) -> list[ResultRow]:
+    """Each row with the aging rate of its patient by its model, over the images dated on or
+    before its own (what was known when it was reported)."""
+    series = patient_ages(
+        session,
+        {(r.values["patient_id"], r.values["weights_sha256"]) for r in rows},
+    )
+    out = []
+    for r in rows:
+        v = r.values
+        points = series.get((v["patient_id"], v["weights_sha256"]), [])
+        rate = (
+            aging.aging_rate(p for p in points if p[0] <= v["study_date"])
+            if v["study_date"] is not None
+            else None
+        )
+        out.append(ResultRow(r.id, {**v, **(rate.columns() if rate else aging.NO_RATE)}))
+    return out
 
 
 def plain(value: Any) -> Any:
@@ -98,8 +123,11 @@ def as_parquet(rows: Sequence[dict[str, Any]]) -> bytes:
             name: pa.float64()
             for name in ("xray_age", "chronological_age", "age_gap", "corrected_age_gap")
         },
+        "aging_rate": pa.float64(),
+        "aging_rate_se": pa.float64(),
+        "aging_rate_images": pa.int64(),
     }
-    schema = pa.schema([(name, types.get(name, pa.string())) for name in RESULT_COLUMNS])
+    schema = pa.schema([(name, types.get(name, pa.string())) for name in COLUMNS])
     out = io.BytesIO()
     pq.write_table(pa.Table.from_pylist(list(rows), schema=schema), out)
     return out.getvalue()

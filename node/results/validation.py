@@ -4,10 +4,13 @@ site's own patients, which every report carries for free.
 For the reported images of the current model whose chronological age is known and within the
 model card's validated range: MAE, mean bias (X-ray age minus chronological age), Pearson r and
 the 95 % limits of agreement (bias +/- 1.96 SD of the differences, Bland and Altman 1986), over
-a rolling window (``[validation] window_days``) and per calendar month, overall and by device
-(manufacturer and model name) or by view. When the rolling MAE exceeds the card's stated MAE by
-more than ``alert_margin_years`` over at least ``min_count`` cases, the node warns once a day and
-audits it: an alert, not an outage (``/readyz`` stays ready).
+a rolling window (``[validation] window_days``) and per calendar month (of the analysis, or of
+the study: a retro-scan ages old images today), overall and by device (manufacturer and model
+name) or by view. The figures are over images; each row counts its images and its distinct
+patients. r and the limits of agreement need ``MIN_PAIRS`` images (null below, with the reason):
+from fewer, an SD is too uncertain to draw limits with. When the rolling MAE exceeds the card's
+stated MAE by more than ``alert_margin_years`` over at least ``min_count`` patients, the node
+warns once a day and audits it: an alert, not an outage (``/readyz`` stays ready).
 """
 
 from __future__ import annotations
@@ -31,20 +34,23 @@ from storage.results import AgePair, age_pairs
 
 log = logging.getLogger("xrayage.validation")
 
-By = Literal["all", "month", "device", "view"]
+By = Literal["all", "month", "study-month", "device", "view"]
 ALERT_EVENT = "validation"
+MIN_PAIRS = 10
 
 
 @dataclass(frozen=True)
 class Agreement:
     period: str  # "last 30 days" or a calendar month "2026-11"
     group: str  # "all", "device=ACME CR-1", "view=PA"
-    count: int
+    images: int
+    patients: int
     mae: float
     bias: float
-    r: float | None  # None with fewer than 2 cases or no spread
-    loa_low: float | None  # None with fewer than 2 cases
+    r: float | None  # None below MIN_PAIRS images or with no spread (see ``note``)
+    loa_low: float | None  # None below MIN_PAIRS images
     loa_high: float | None
+    note: str | None = None  # why r or the limits are null
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -56,14 +62,21 @@ def agreement(period: str, group: str, pairs: list[AgePair]) -> Agreement:
     diff = predicted - actual
     bias = float(diff.mean())
     r = loa_low = loa_high = None
-    if len(pairs) > 1:
+    note = None
+    if len(pairs) < MIN_PAIRS:
+        note = f"r and limits of agreement need at least {MIN_PAIRS} images"
+    else:
         spread = 1.96 * float(diff.std(ddof=1))
         loa_low, loa_high = bias - spread, bias + spread
         if predicted.std() > 0 and actual.std() > 0:
             r = float(np.corrcoef(predicted, actual)[0, 1])
+        else:
+            note = "no r: the ages do not vary"
+    patients = len({p.patient_id or f"unknown {i}" for i, p in enumerate(pairs)})
     return Agreement(
-        period, group, len(pairs), float(np.abs(diff).mean()), bias, r, loa_low, loa_high
-    )
+        period, group, len(pairs), patients, float(np.abs(diff).mean()), bias, r, loa_low,
+        loa_high, note,
+    )  # fmt: skip
 
 
 def _device(p: AgePair) -> str:
@@ -89,7 +102,13 @@ def summarise(
 
 
 def month(p: AgePair) -> str:
+    """The calendar month of the analysis."""
     return f"{p.at:%Y-%m}"
+
+
+def study_month(p: AgePair) -> str:
+    """The calendar month of the study (``unknown`` without a study date)."""
+    return f"{p.study_date:%Y-%m}" if p.study_date is not None else "unknown"
 
 
 class ValidationCollector(Collector):
@@ -103,7 +122,8 @@ class ValidationCollector(Collector):
         gauges = [
             ("mae_years", "Mean absolute difference of X-ray and chronological age", "mae"),
             ("bias_years", "Mean X-ray age minus chronological age", "bias"),
-            ("count", "Patients with a known age in the rolling window", "count"),
+            ("images", "Images with a known age in the rolling window", "images"),
+            ("patients", "Distinct patients among those images", "patients"),
         ]
         for name, doc, field in gauges:
             family = GaugeMetricFamily(
@@ -128,9 +148,12 @@ class Validation:
             return age_pairs(s, self.card.sha256, self.card.age_range, since)
 
     def figures(self, by: By) -> list[Agreement]:
-        """``month``: per calendar month, overall; else the rolling window's, by ``by``."""
-        if by == "month":
-            return summarise(self.pairs(rolling=False), "all", month)
+        """``month``, ``study-month``: per calendar month of the analysis or of the study,
+        overall; else the rolling window's, by ``by``."""
+        if by in ("month", "study-month"):
+            return summarise(
+                self.pairs(rolling=False), "all", month if by == "month" else study_month
+            )
         return summarise(self.pairs(rolling=True), by, self._window)
 
     def _window(self, p: AgePair) -> str:
@@ -141,10 +164,11 @@ class Validation:
         pairs = self.pairs(rolling=True)
         return [a for g in GROUPS for a in summarise(pairs, g, self._window)]
 
-    def monthly(self) -> list[Agreement]:
-        """Per calendar month: overall, by device and by view."""
+    def monthly(self, by_study: bool = False) -> list[Agreement]:
+        """Per calendar month of the analysis (or of the study): overall, by device and by
+        view."""
         pairs = self.pairs(rolling=False)
-        return [a for g in GROUPS for a in summarise(pairs, g, month)]
+        return [a for g in GROUPS for a in summarise(pairs, g, study_month if by_study else month)]
 
     def reference(self) -> dict[str, Any]:
         card = self.card
@@ -154,13 +178,13 @@ class Validation:
         """Why the rolling MAE is too far above the card's, or None."""
         stated = self.card.reference_mae
         overall = next(iter(self.figures("all")), None)
-        if stated is None or overall is None or overall.count < self.cfg.min_count:
+        if stated is None or overall is None or overall.patients < self.cfg.min_count:
             return None
         if overall.mae <= stated + self.cfg.alert_margin_years:
             return None
         return (
             f"model {self.card.name} {self.card.version}: MAE {overall.mae:.2f} years over the "
-            f"last {self.cfg.window_days} days ({overall.count} patients) exceeds its stated "
+            f"last {self.cfg.window_days} days ({overall.patients} patients) exceeds its stated "
             f"{stated:.2f} by more than {self.cfg.alert_margin_years:g}: check the images the "
             "node receives (devices, views, processing) before trusting its ages"
         )

@@ -7,9 +7,9 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Request
 
 from node.http.routes.common import BeforeId, Limit, next_url, utc
-from node.results.export import export, plain
+from node.results.export import COLUMNS, export, plain
 from storage import Database, InstanceState
-from storage.results import RESULT_COLUMNS, ResultsQuery
+from storage.results import ResultsQuery
 
 
 def routes(db: Database, caller: Callable[..., str]) -> APIRouter:
@@ -28,8 +28,9 @@ def routes(db: Database, caller: Callable[..., str]) -> APIRouter:
         limit: Limit = 100,
         before_id: BeforeId = None,
     ) -> dict[str, Any]:
-        """The rows of ``xrayage results`` (the same columns), newest first; each page is
-        audited as a disclosure of patient data."""
+        """The rows of ``xrayage results`` (the same columns, with the patient's X-ray aging
+        rate up to each image), newest first; each page is audited as a disclosure of patient
+        data."""
         query = ResultsQuery(
             since=utc(since), until=utc(until), state=state, patient_id=patient_id,
             model=model, limit=limit, before_id=before_id,
@@ -37,7 +38,7 @@ def routes(db: Database, caller: Callable[..., str]) -> APIRouter:
         with db.session() as s:
             rows = export(s, query, actor, None)
             return {
-                "columns": list(RESULT_COLUMNS),
+                "columns": list(COLUMNS),
                 "results": [{k: plain(v) for k, v in r.values.items()} for r in rows],
                 "next": next_url(request, rows, limit),
             }

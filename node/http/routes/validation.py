@@ -26,6 +26,7 @@ def routes(db: Database, caller: Callable[..., str], validation: Validation | No
             "window_days": validation.cfg.window_days,
             "rolling": [a.as_dict() for a in validation.rolling()],
             "months": [a.as_dict() for a in validation.monthly()],
+            "study_months": [a.as_dict() for a in validation.monthly(by_study=True)],
         }
 
     return router

@@ -17,7 +17,7 @@ login(async () => {
   const v = await api("/api/validation");
   const all = v.rolling.find((a) => a.group === "all");
   const f = (x) => x === null || x === undefined ? "-" : x.toFixed(2);
-  const parts = all ? [`last ${v.window_days} days: ${all.count} patients`, `MAE ${f(all.mae)} years`,
+  const parts = all ? [`last ${v.window_days} days: ${all.images} images of ${all.patients} patients`, `MAE ${f(all.mae)} years`,
                        `bias ${f(all.bias)}`, `r ${f(all.r)}`] : [`no patients with a known age in the last ${v.window_days} days`];
   if (v.reference.mae !== null) parts.push(`stated MAE ${v.reference.mae} (${v.reference.set})`);
   document.getElementById("validation").replaceChildren(...parts.map((t) => {
