@@ -30,6 +30,7 @@ from PIL import Image, UnidentifiedImageError
 from pydicom import uid
 from pydicom.dataset import Dataset
 from pydicom.encaps import generate_frames
+from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 from pydicom.pixels import apply_modality_lut, apply_voi_lut, pixel_array
 
@@ -203,7 +204,7 @@ def grey_image_file(path: Path) -> Stored:
         with Image.open(path) as img:
             if img.mode == "P":  # a palette: its colours decide
                 img = img.convert("RGBA")
-            pixels = np.asarray(img)
+            pixels = np.array(img)  # a writable copy: torch refuses to share a read-only one
     except (OSError, UnidentifiedImageError) as e:
         raise PreprocessError(f"{path.name}: not a readable image ({e})") from None
     if pixels.ndim == 3:  # grey + alpha, RGB, RGBA: the alpha channel is not the image
@@ -231,6 +232,11 @@ DEFER_BYTES = 64 << 10
 def load_dataset(path: Path) -> Dataset:
     try:
         return pydicom.dcmread(path, defer_size=DEFER_BYTES)
+    except InvalidDicomError:  # pydicom's words suggest force=True, which no user can pass
+        raise PreprocessError(
+            f"{path.name}: not a DICOM file (no DICM prefix or File Meta Information); "
+            "images other than DICOM must be PNG or JPEG"
+        ) from None
     except Exception as e:
         raise PreprocessError(f"{path.name}: not a readable DICOM file ({e})") from None
 

@@ -8,10 +8,11 @@ are refused, so a typo cannot silently fall back to a default.
 from __future__ import annotations
 
 import datetime as dt
+import os
 from collections.abc import Mapping
 from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 from apscheduler.triggers.cron import CronTrigger
 from pydantic import (
@@ -372,10 +373,54 @@ class Settings(BaseSettings):
         return self.storage.url
 
 
+_KINDS = {"int": "a whole number", "float": "a number", "bool": "true or false",
+          "string": "text", "list": "a list", "dict": "a table", "time": "a time (HH:MM)",
+          "date": "a date (YYYY-MM-DD)", "url": "a URL"}  # fmt: skip
+_BOUNDS = {"greater_than_equal": ("at least", "ge"), "greater_than": ("above", "gt"),
+           "less_than_equal": ("at most", "le"), "less_than": ("below", "lt")}  # fmt: skip
+
+
+def _where(loc: list[str], path: Path | None) -> str:
+    """The key as the user wrote it: an environment variable (named), or the file's key."""
+    name = "XRAYAGE_" + "__".join(loc).upper()
+    for variable in os.environ:  # pydantic-settings matches them case-insensitively
+        if variable.upper() == name or variable.upper().startswith(name + "__"):
+            return f"environment variable {variable}"
+    key = ".".join(loc)
+    return f"config {path}: {key}" if path is not None else f"config: {key}"
+
+
+def _explain(error: Any) -> str:
+    """pydantic's error in this project's words."""
+    kind, ctx, value = error["type"], error.get("ctx", {}), error.get("input")
+    if kind == "extra_forbidden":
+        return "unknown key (see the README's configuration table)"
+    if kind == "missing":
+        return "required, and not given"
+    if kind.endswith(("_parsing", "_type")):
+        return f"{value!r} is not {_KINDS.get(kind.split('_')[0], 'of the right kind')}"
+    if kind == "literal_error":
+        return f"{value!r} is not one of {ctx['expected']}"
+    if kind in _BOUNDS:
+        words, bound = _BOUNDS[kind]
+        return f"{value!r} is not {words} {ctx[bound]}"
+    if kind in ("value_error", "assertion_error"):
+        return str(ctx.get("error", error["msg"]))
+    return str(error["msg"])
+
+
 def load_settings(path: Path | None = None, **overrides: object) -> Settings:
     """Settings from ``path`` (TOML) with environment overrides; a clear ConfigError otherwise."""
     if path is not None and not path.is_file():
         raise ConfigError(f"config file not found: {path}")
+
+    for variable in os.environ:  # pydantic-settings ignores a section it does not know
+        section = variable.upper().removeprefix("XRAYAGE_").split("__")[0].lower()
+        if variable.upper().startswith("XRAYAGE_") and section not in Settings.model_fields:
+            raise ConfigError(
+                f"environment variable {variable}: no section {section!r} "
+                f"(sections: {', '.join(Settings.model_fields)})"
+            )
 
     class _FromFile(Settings):
         model_config = SettingsConfigDict(toml_file=path)
@@ -384,7 +429,7 @@ def load_settings(path: Path | None = None, **overrides: object) -> Settings:
         return _FromFile(**overrides)
     except ValidationError as e:
         first = e.errors()[0]
-        where = ".".join(str(p) for p in first["loc"] if "[" not in str(p))  # no union paths
-        raise ConfigError(f"config: {where}: {first['msg']}") from None
+        loc = [str(p) for p in first["loc"] if "[" not in str(p)]  # no union paths
+        raise ConfigError(f"{_where(loc, path)}: {_explain(first)}") from None
     except (OSError, ValueError) as e:
         raise ConfigError(f"config: {e}") from None

@@ -27,6 +27,7 @@ class ModelIdentity:
     name: str
     version: str
     sha256: str
+    untrained: bool = False
 
 
 def _result(session: Session, instance: Instance, sha256: str) -> Result | None:
@@ -73,6 +74,7 @@ def record_inferred(session: Session, instance: Instance, model: ModelIdentity, 
     result.xray_age = ages.xray_age
     result.chronological_age = ages.chronological_age
     result.age_gap, result.corrected_age_gap = ages.age_gap, ages.corrected_age_gap
+    result.untrained = model.untrained
     result.reported_at = None
     result.sr_sop_instance_uid = result.sr_path = None
     result.sc_sop_instance_uid = result.sc_path = None
@@ -133,6 +135,7 @@ RESULT_COLUMNS = (
     "weights_sha256",
     "state",
     "reported_at",
+    "untrained",
 )
 
 
@@ -224,17 +227,17 @@ def instance_page(
     if before_id is not None:
         stmt = stmt.where(Instance.id < before_id)
     rows = list(session.scalars(stmt.order_by(desc(Instance.id)).limit(limit)))
-    ages: dict[int, float] = {}  # by the newest result (the current model's, usually)
-    for instance_id, age in session.execute(
-        select(Result.instance_id, Result.xray_age)
+    ages: dict[int, tuple[float, bool]] = {}  # by the newest result (the current model's)
+    for instance_id, age, untrained in session.execute(
+        select(Result.instance_id, Result.xray_age, Result.untrained)
         .where(Result.instance_id.in_([i.id for i in rows]))
         .order_by(Result.id)
     ):
-        ages[instance_id] = age
-    return [InstanceRow(i.id, _instance(i, ages.get(i.id))) for i in rows]
+        ages[instance_id] = (age, untrained)
+    return [InstanceRow(i.id, _instance(i, *ages.get(i.id, (None, False)))) for i in rows]
 
 
-def _instance(inst: Instance, xray_age: float | None) -> dict[str, Any]:
+def _instance(inst: Instance, xray_age: float | None, untrained: bool) -> dict[str, Any]:
     return {
         "id": inst.id,
         "sop_instance_uid": inst.sop_instance_uid,
@@ -245,6 +248,7 @@ def _instance(inst: Instance, xray_age: float | None) -> dict[str, Any]:
         "origin": inst.origin,
         "state": inst.state.value,
         "xray_age": xray_age,
+        "untrained": untrained,
         "reason": inst.reason,
         "received_at": inst.received_at.isoformat().replace("+00:00", "Z"),
         "updated_at": inst.updated_at.isoformat().replace("+00:00", "Z"),
@@ -290,6 +294,7 @@ def _values(result: Result, inst: Instance) -> dict[str, Any]:
         "weights_sha256": result.model_sha256,
         "state": inst.state.value,
         "reported_at": result.reported_at,
+        "untrained": result.untrained,
     }
 
 

@@ -12,6 +12,7 @@ import datetime as dt
 import enum
 
 from sqlalchemy import (
+    Boolean,
     Date,
     DateTime,
     Enum,
@@ -158,6 +159,7 @@ class Result(Base):
     # values the SR carries.
     age_gap: Mapped[float | None] = mapped_column(Float)
     corrected_age_gap: Mapped[float | None] = mapped_column(Float)
+    untrained: Mapped[bool] = mapped_column(Boolean, default=False)  # the card says so
     reported_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
     sr_sop_instance_uid: Mapped[str | None] = mapped_column(String(64))
     sr_path: Mapped[str | None] = mapped_column(Text)

@@ -59,7 +59,7 @@ def test_a_bad_file_is_reported_and_the_others_still_run(
     out = run("infer", *map(str, bad), str(chest_pa), "--weights", str(weights), "--json")
     assert out.returncode == 1
     rows = json.loads(out.stdout)
-    assert "not a readable DICOM file" in rows[0]["error"]
+    assert "not a DICOM file" in rows[0]["error"] and "force=True" not in rows[0]["error"]
     assert all(row["error"] and row["xray_age"] is None for row in rows[:4])
     assert "cannot be decoded" in rows[2]["error"] and "cannot be decoded" in rows[3]["error"]
     assert rows[4]["xray_age"] is not None and rows[4]["error"] is None
@@ -78,8 +78,15 @@ def test_a_bad_file_is_reported_and_the_others_still_run(
         (["rescan", "--from", "2026-11-01", "-c", "{config}"], "no [retro] peer in the config"),
         (["rescan", "-c", "{config}"], "give --from DATE [--to DATE], or --resume"),
         (["audit", "-c", "{empty}"], "no database at"),
+        # click's own checks, in one line too (not a framed box of 4-6 lines)
+        (["results", "--limit", "0", "-c", "{config}"], "'--limit': must be at least 1"),
+        (["results", "-f", "xml", "-c", "{config}"], "'xml' is not one of 'table', 'csv'"),
+        (["results", "--bogus"], "xrayage results: No such option: --bogus"),
+        (["model"], "xrayage model: Missing command. (see xrayage model --help)"),
+        (["audit", "--since", "2026-12-01", "--until", "2026-11-01", "-c", "{config}"],
+         "--since 2026-12-01 is not before --until 2026-11-01"),
     ],
-)
+)  # fmt: skip
 def test_user_mistakes_are_one_line(
     args: list[str], message: str, weights: Path, tmp_path: Path
 ) -> None:
@@ -113,6 +120,7 @@ def test_version_and_help_keep_bracketed_config_keys() -> None:
         return " ".join(run(*command, "--help").stdout.replace("│", " ").split())
 
     assert "archive ([retro] peer)" in text("rescan")
+    assert "--version print the version" in text() and "<bool>" not in text()
     assert "(default: [model] cache_dir, ~/.cache/xrayage/models)" in text("model", "pull")
 
 

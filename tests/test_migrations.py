@@ -134,3 +134,32 @@ def test_migration_0004_names_the_model_of_jobs_and_the_kind_of_deliveries(tmp_p
         assert [tuple(r) for r in kinds] == [("9.1", "sr"), ("9.2", "sc")]
     assert [tuple(r) for r in jobs] == [(1, "abc"), (2, None)]
     db.dispose()
+
+
+def test_migration_0005_marks_the_demo_models_results_untrained(tmp_path: Path) -> None:
+    from alembic import command
+    from sqlalchemy import text
+
+    from storage.schema import _config
+
+    db = Database.sqlite_in(tmp_path)
+    cfg = _config()
+    with db.engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "0004")
+        conn.execute(text(
+            "INSERT INTO instances (id, sop_instance_uid, sop_class_uid, path, sha256, size, "
+            "origin, state, received_at, updated_at) VALUES "
+            "(1, '1.1', '1.2', 'a', '0', 0, 'push', 'delivered', '2026-11-01', '2026-11-01')"
+        ))  # fmt: skip
+        conn.execute(text(
+            "INSERT INTO results (id, instance_id, model_name, model_version, model_sha256, "
+            "xray_age, created_at) VALUES (1, 1, 'xrayage-untrained-seresnet', '1', 'a', 50.0, "
+            "'2026-11-01'), (2, 1, 'riken-senet154', '1', 'b', 60.0, '2026-11-01')"
+        ))  # fmt: skip
+    db.create_schema()  # to head
+    assert _differences(db) == []
+    with db.engine.connect() as conn:
+        marked = conn.execute(text("SELECT id, untrained FROM results ORDER BY id")).all()
+    assert [(i, bool(u)) for i, u in marked] == [(1, True), (2, False)]
+    db.dispose()

@@ -87,6 +87,10 @@ def test_rows_have_the_exact_columns_and_the_srs_values(reported: Reported) -> N
     columns, rows = _csv(config)
     assert columns == list(COLUMNS)
     assert [r["patient_id"] for r in rows] == ["PAT-B", "PAT-A", "PAT-A"]  # newest first
+    assert {r["untrained"] for r in rows} == {"True"}  # the test weights' card says so
+    table = run("results", "-c", str(config))
+    assert "warning: 3 of these rows are from UNTRAINED weights" in table.stderr
+    assert max(len(line) for line in table.stdout.splitlines()) <= 120  # fits a terminal
     b = rows[0]
     assert (b["patient_sex"], b["manufacturer"], b["manufacturer_model_name"]) == (
         "M", "OTHER", "DX-9",
@@ -215,9 +219,10 @@ def test_validation_figures_are_those_of_the_rows(reported: Reported) -> None:
     rows = _csv(config)[1]
     out = run("validation", "-f", "json", "-c", str(config))
     assert out.returncode == 0, out.stderr
+    assert "has UNTRAINED weights" in out.stderr
     (overall,) = json.loads(out.stdout)
     diffs = [float(r["xray_age"]) - float(r["chronological_age"]) for r in rows]
-    assert overall["group"] == "all" and (overall["images"], overall["patients"]) == (3, 3)
+    assert overall["group"] == "all" and (overall["images"], overall["patients"]) == (3, 2)
     assert overall["mae"] == pytest.approx(statistics.fmean(abs(d) for d in diffs))
     assert overall["bias"] == pytest.approx(statistics.fmean(diffs))
     assert overall["r"] is None and overall["loa_high"] is None  # 3 images: too few for them
@@ -232,9 +237,10 @@ def test_validation_figures_are_those_of_the_rows(reported: Reported) -> None:
     headers = {"Authorization": f"Bearer {TOKEN}"}
     api = requests.get(f"{base}/api/validation", headers=headers, timeout=10).json()
     assert api["rolling"][0] == overall and api["months"][0]["images"] == 3
+    assert api["model"]["untrained"] is True
     metrics = requests.get(f"{base}/metrics", timeout=10).text
     assert 'xrayage_validation_images{group="view=PA"} 3.0' in metrics
-    assert 'xrayage_validation_patients{group="view=PA"} 3.0' in metrics
+    assert 'xrayage_validation_patients{group="view=PA"} 2.0' in metrics
     assert f'xrayage_validation_mae_years{{group="all"}} {overall["mae"]}' in metrics
 
 
@@ -265,6 +271,14 @@ def test_the_dashboard_draws_its_plots_in_chromium(reported: Reported, tmp_path:
             ink = float((np.asarray(shot) < 200).mean())
             assert shot.width > 200 and 0.01 < ink < 0.6, (plot.get_attribute("id"), ink)
         summary = browser.find_element(By.ID, "validation").text
-        assert "last 30 days: 3 patients" in summary and "MAE" in summary
+        assert "last 30 days: 3 images of 2 patients" in summary and "MAE" in summary
+        # The test weights are untrained: both pages say so above their numbers.
+        banner = browser.find_element(By.ID, "untrained")
+        assert banner.is_displayed() and "UNTRAINED DEMO WEIGHTS" in banner.text
+        browser.get(base + "/")  # the token is kept for this tab
+        WebDriverWait(browser, 30).until(lambda b: b.find_element(By.ID, "content").is_displayed())
+        assert browser.find_element(By.ID, "untrained").is_displayed()
+        ages = browser.find_elements(By.CSS_SELECTOR, "#instances tbody td:nth-child(3)")
+        assert len(ages) == 3 and all(a.text.endswith("(untrained)") for a in ages)
     finally:
         browser.quit()

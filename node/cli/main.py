@@ -36,7 +36,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
-    rich_markup_mode="markdown",  # not "rich": help names config keys in brackets, "[retro] peer"
+    rich_markup_mode=None,  # plain help: config keys in brackets ("[retro] peer") as written
 )
 
 
@@ -50,10 +50,42 @@ def _version(asked: bool) -> None:
 def main(
     show_version: Annotated[
         bool,
-        typer.Option("--version", callback=_version, is_eager=True, help="print the version"),
+        typer.Option(
+            "--version", callback=_version, is_eager=True, help="print the version",
+            show_default=False, metavar="",
+        ),
     ] = False,
 ) -> None:
     """xrayage: X-ray age from frontal chest radiographs, as a DICOM node."""
+
+
+_WORDS = (
+    ("Value error, ", ""),
+    ("Input should be greater than or equal to", "must be at least"),
+    ("Input should be less than or equal to", "must be at most"),
+)
+
+
+def run() -> None:
+    """The ``xrayage`` script: click's own checks of options (a value out of range, a choice
+    not offered, an option or command that does not exist) end in one line and exit status 2
+    too, instead of a framed box."""
+    from typer.exceptions import TyperException  # click's exceptions derive from it
+
+    try:
+        code = app(standalone_mode=False)
+    except TyperException as e:
+        context = getattr(e, "ctx", None)
+        path = context.command_path if context is not None else "xrayage"
+        message = " ".join(e.format_message().split())  # type: ignore[attr-defined]
+        for theirs, ours in _WORDS:  # typer checks values with pydantic: in our words
+            message = message.replace(theirs, ours)
+        typer.echo(f"xrayage: error: {path}: {message} (see {path} --help)", err=True)
+        code = getattr(e, "exit_code", 2)
+    except typer.Abort:
+        typer.echo("xrayage: aborted", err=True)
+        code = 1
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 app.command()(infer)

@@ -28,12 +28,12 @@ from storage.results import ResultsQuery
 # What a person scans in a terminal; CSV, JSON and Parquet carry every column.
 TABLE_COLUMNS = (
     "reported_at", "patient_id", "study_date", "view_position", "xray_age",
-    "chronological_age", "age_gap", "aging_rate", "model_name", "state",
+    "chronological_age", "age_gap", "aging_rate", "model_name", "state", "untrained",
 )  # fmt: skip
 PER_PATIENT_COLUMNS = (
     "patient_id", "patient_sex", "model_name", "model_version", "weights_sha256", "images",
     "first_study_date", "study_date", "xray_age", "chronological_age", "age_gap",
-    "corrected_age_gap", *aging.COLUMNS,
+    "corrected_age_gap", "untrained", *aging.COLUMNS,
 )  # fmt: skip
 PER_PATIENT_TABLE = (
     "patient_id", "model_name", "images", "first_study_date", "study_date", "xray_age",
@@ -116,6 +116,14 @@ def results(
             rows = [r.values for r in export(s, query, f"cli:{getpass.getuser()}", key)]
     finally:
         db.dispose()
+    untrained = sorted({r["model_name"] for r in rows if r["untrained"]})
+    if untrained:  # on stderr: the data on stdout stays data
+        typer.echo(
+            f"warning: {sum(1 for r in rows if r['untrained'])} of these rows are from "
+            f"UNTRAINED weights ({', '.join(untrained)}): not age estimates "
+            "(column untrained)",
+            err=True,
+        )
     columns, table, noun = COLUMNS, TABLE_COLUMNS, "results"
     if per_patient_rows:
         rows = per_patient(rows)

@@ -46,6 +46,12 @@ def validation(
         figures = Validation(db, card, settings.validation).figures(by.value)  # type: ignore[arg-type]
     finally:
         db.dispose()
+    if card.untrained:
+        typer.echo(
+            f"warning: model {card.name} has UNTRAINED weights: these figures are not an age "
+            "model's agreement",
+            err=True,
+        )
     rows = [a.as_dict() for a in figures]
     print_rows(rows, COLUMNS, format, "groups")
     stated = f"stated MAE {card.reference_mae} years on {card.reference_set}"

@@ -10,9 +10,11 @@ from collections import defaultdict
 from collections.abc import Callable
 
 import numpy as np
+from matplotlib import rc_context
 from matplotlib.axes import Axes
-from matplotlib.dates import DateFormatter
+from matplotlib.dates import AutoDateLocator, ConciseDateFormatter
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from node.results.validation import Validation
 from storage import Database, InstanceState, utcnow
@@ -27,15 +29,22 @@ COLOURS = {
 }  # fmt: skip
 
 
-def _figure(width: float, height: float) -> tuple[Figure, Axes]:
-    """A figure of its own, not pyplot's global state: requests are served on many threads."""
+UNTRAINED = "UNTRAINED DEMO WEIGHTS: not age estimates"
+
+
+def _figure(width: float, height: float, v: Validation | None = None) -> tuple[Figure, Axes]:
+    """A figure of its own, not pyplot's global state: requests are served on many threads.
+    A figure of an untrained model's numbers says so above the plot."""
     fig = Figure(figsize=(width, height))
+    if v is not None and v.card.untrained:
+        fig.suptitle(UNTRAINED, color="#b00", fontweight="bold")
     return fig, fig.subplots()
 
 
 def _svg(fig: Figure) -> bytes:
     out = io.BytesIO()
-    fig.savefig(out, format="svg", bbox_inches="tight")
+    with rc_context({"svg.fonttype": "none"}):  # text stays text: smaller, and searchable
+        fig.savefig(out, format="svg", bbox_inches="tight")
     return out.getvalue()
 
 
@@ -51,7 +60,7 @@ def _arrays(pairs: list[AgePair]) -> tuple[np.ndarray, np.ndarray]:
 
 
 def scatter(v: Validation) -> bytes:
-    fig, ax = _figure(5, 5)
+    fig, ax = _figure(5, 5, v)
     real, xray = _arrays(v.pairs(rolling=False))
     lo, hi = v.card.age_range
     ax.plot([lo, hi], [lo, hi], color="#888", lw=1, label="identity")
@@ -66,7 +75,7 @@ def scatter(v: Validation) -> bytes:
 
 
 def bland_altman(v: Validation) -> bytes:
-    fig, ax = _figure(6, 4)
+    fig, ax = _figure(6, 4, v)
     real, xray = _arrays(v.pairs(rolling=False))
     if len(real) > 1:
         mean, diff = (real + xray) / 2, xray - real
@@ -76,7 +85,9 @@ def bland_altman(v: Validation) -> bytes:
                                 (bias - spread, "--", f"{bias - spread:+.2f}"),
                                 (bias + spread, "--", f"{bias + spread:+.2f}")):  # fmt: skip
             ax.axhline(y, color="#c33", ls=style, lw=1)
-            ax.annotate(label, (1, y), xycoords=("axes fraction", "data"), ha="right", va="bottom")
+            ax.annotate(label, (1, y), xycoords=("axes fraction", "data"), ha="right",
+                        va="bottom", xytext=(-6, 3), textcoords="offset points")  # fmt: skip
+        ax.margins(y=0.15)  # the limits' labels clear of the frame
     else:
         _empty(ax, "two reported images with a known age")
     ax.set(xlabel="mean of X-ray and chronological age (years)",
@@ -85,7 +96,7 @@ def bland_altman(v: Validation) -> bytes:
 
 
 def gaps(v: Validation) -> bytes:
-    fig, ax = _figure(6, 4)
+    fig, ax = _figure(6, 4, v)
     real, xray = _arrays(v.pairs(rolling=False))
     if len(real):
         ax.hist(xray - real, bins=min(30, max(5, len(real) // 5)), color="#4a9be0")
@@ -117,19 +128,23 @@ def per_day(db: Database) -> bytes:
         _empty(ax, f"images in the last {DAYS} days")
     else:
         ax.legend(fontsize="small")
-    ax.xaxis.set_major_formatter(DateFormatter("%m-%d"))
-    fig.autofmt_xdate()
+    locator = AutoDateLocator(minticks=4, maxticks=8)  # a date label every few days, not 30
+    ax.xaxis.set_major_locator(locator)
+    ax.xaxis.set_major_formatter(ConciseDateFormatter(locator))
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))  # images come whole
     ax.set(ylabel="images (state now)", title=f"Images per day, last {DAYS} days (UTC)")
     return _svg(fig)
 
 
 def agreement(v: Validation) -> bytes:
-    fig, ax = _figure(8, 4)
+    fig, ax = _figure(8, 4, v)
     months = v.figures("month")
     if months:
         x = [m.period for m in months]
-        ax.plot(x, [m.mae for m in months], "o-", label="MAE")
-        ax.plot(x, [m.bias for m in months], "s--", label="bias")
+        # Large filled MAE markers under small hollow bias ones: both show when they are equal.
+        ax.plot(x, [m.mae for m in months], "o-", markersize=10, label="MAE", zorder=2)
+        ax.plot(x, [m.bias for m in months], "s--", markersize=5, fillstyle="none",
+                markeredgewidth=1.5, label="bias", zorder=3)  # fmt: skip
         if v.card.reference_mae is not None:
             ax.axhline(v.card.reference_mae, color="#888", lw=1,
                        label=f"stated MAE {v.card.reference_mae:g}")  # fmt: skip

@@ -83,7 +83,7 @@ class InferenceWorker(WorkerThread):
         self.store = store
         self.model = model
         card = model.card
-        self.identity = ModelIdentity(card.name, card.version, card.sha256)
+        self.identity = ModelIdentity(card.name, card.version, card.sha256, card.untrained)
         self.engine = make_engine(model, cfg)
         me = this_process()
         self.host, self.owner = me.host, str(me)

@@ -126,6 +126,7 @@ def as_parquet(rows: Sequence[dict[str, Any]]) -> bytes:
         "aging_rate": pa.float64(),
         "aging_rate_se": pa.float64(),
         "aging_rate_images": pa.int64(),
+        "untrained": pa.bool_(),
     }
     schema = pa.schema([(name, types.get(name, pa.string())) for name in COLUMNS])
     out = io.BytesIO()

@@ -21,7 +21,11 @@ def routes(db: Database, caller: Callable[..., str], validation: Validation | No
         with db.session() as s:
             record_event(s, "audit-query", actor=actor, detail="validation figures")
         return {
-            "model": {"name": validation.card.name, "sha256": validation.card.sha256},
+            "model": {
+                "name": validation.card.name,
+                "sha256": validation.card.sha256,
+                "untrained": validation.card.untrained,  # the pages show a banner
+            },
             "reference": validation.reference(),
             "window_days": validation.cfg.window_days,
             "rolling": [a.as_dict() for a in validation.rolling()],

@@ -26,3 +26,7 @@ function login(show) {
   });
   if (sessionStorage.getItem("token")) run();
 }
+// The banner (#untrained) over numbers from untrained weights: they must never look real.
+function showUntrained(untrained) {
+  document.getElementById("untrained").hidden = !untrained;
+}

@@ -15,6 +15,7 @@ login(async () => {
   }));
   document.getElementById("plots").replaceChildren(...images);
   const v = await api("/api/validation");
+  showUntrained(v.model.untrained);
   const all = v.rolling.find((a) => a.group === "all");
   const f = (x) => x === null || x === undefined ? "-" : x.toFixed(2);
   const parts = all ? [`last ${v.window_days} days: ${all.images} images of ${all.patients} patients`, `MAE ${f(all.mae)} years`,

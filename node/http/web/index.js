@@ -16,7 +16,9 @@ login(async () => {
     [api("/api/instances?limit=50"), api("/api/audit?limit=50"), api("/api/destinations")]);
   document.getElementById("counts").replaceChildren(...Object.entries(inst.counts).map(([k, v]) => {
     const s = document.createElement("span"); s.textContent = k + ": " + v; return s; }));
-  fill("#instances", inst.instances,
+  showUntrained(inst.instances.some((i) => i.untrained));
+  fill("#instances", inst.instances.map((i) => ({...i,
+    xray_age: i.xray_age === null ? null : i.xray_age + (i.untrained ? " (untrained)" : "")})),
        ["received_at", "state", "xray_age", "reason", "origin", "patient_id", "accession_number", "sop_instance_uid"]);
   fill("#destinations", dest.destinations.map(d => ({
     name: d.name, pending: d.counts.pending ?? 0, delivered: d.counts.delivered ?? 0,
