@@ -89,9 +89,9 @@ def resolve_weights(spec: str, cache_dir: Path | None = None) -> Path:
     if spec in PRESETS:
         path = (cache_dir or default_cache_dir()) / PRESETS[spec].filename
         if not path.is_file():
+            cache = f" --cache {cache_dir}" if cache_dir else ""
             raise WeightsNotFound(
-                f"model {spec} is not downloaded: run `xrayage model pull {spec}`"
-                + (f" --cache {cache_dir}" if cache_dir else "")
+                f"model {spec} is not downloaded: run `xrayage model pull {spec}{cache}`"
             )
         return path
     path = Path(spec).expanduser()

@@ -32,7 +32,7 @@ from node.config import ReportConfig, Settings
 from node.delivery.deliverer import Deliverer
 from node.dicom.scp import Receiver
 from node.gate import Gate
-from node.http.app import HttpServer, create_app
+from node.http.app import HttpServer, create_app, local_token
 from node.infer.process import InferenceProcess, event
 from node.report.identity import is_own_output
 from node.results.validation import Validation
@@ -128,7 +128,15 @@ class NodeService:
         metrics = next(
             (c.metrics_dir for c in self.components if isinstance(c, InferenceProcess)), None
         )
-        app = create_app(self.db, http.tokens, self.not_ready, metrics, self.validation)
+        tokens = http.tokens
+        if not tokens:
+            tokens, where = local_token(self.settings.storage.path)
+            log.warning(
+                "[http] has no tokens: the pages at http://%s:%d/ take the token in %s "
+                "(name 'local'); add [http] tokens for other readers",
+                http.host, http.port, where,
+            )  # fmt: skip
+        app = create_app(self.db, tokens, self.not_ready, metrics, self.validation)
         return HttpServer(app, http.host, http.port)
 
     def _scheduled_jobs(self) -> list[ScheduledJob]:
@@ -211,8 +219,8 @@ class NodeService:
                 "no [[destinations]]: reports are kept in %s and stay `reported`",
                 self.settings.storage.path / "dicom" / "reports",
             )
-        if self.settings.http.port and not self.settings.http.tokens:
-            log.warning("[http] has no tokens: only /healthz, /readyz and /metrics answer")
+        if "schedule" in self.roles and self.settings.retro.peer is None:
+            log.warning("no [retro] peer: no nightly re-scans of the archive")
         node = self.settings.node
         where = f" on port {node.port}" if "receive" in self.roles else ""
         with self.db.session() as s:

@@ -10,12 +10,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 import yaml
 
 from node.config import Settings, load_settings
 from node.metrics import registry_for
 from node.service import ROLES
 from storage import Database
+from tests.servers import NodeProcess, free_port, wait_until
 
 DEPLOY = Path(__file__).parents[1] / "deploy"
 EXAMPLE = DEPLOY / "xrayage.example.toml"
@@ -141,11 +143,13 @@ def test_setup_job_and_compose_migrate_before_the_node_starts(
     [c] = job["spec"]["template"]["spec"]["containers"]
     assert c["args"][0].startswith(f"xrayage db upgrade --config {IMAGE_CONFIG} && ")
     assert "xrayage model pull riken-senet154" in c["args"][0]
-    assert load_settings(EXAMPLE).model.weights == "riken-senet154"
+    config_map = _named("ConfigMap")["xrayage-env"]["data"]
+    assert config_map["XRAYAGE_MODEL__WEIGHTS"] == "riken-senet154"  # the weights it pulled
 
     services = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())["services"]
     node = services["xrayage"]
     settings = _settings(node["environment"], monkeypatch)
+    assert settings.model.weights == "riken-senet154"
     assert f"{settings.node.port}:{settings.node.port}" in node["ports"]
     assert f"127.0.0.1:{settings.http.port}:{settings.http.port}" in node["ports"]
     assert node["depends_on"]["setup"]["condition"] == "service_completed_successfully"
@@ -170,3 +174,34 @@ def test_systemd_unit_runs_a_role_per_instance() -> None:
     assert service["ExecStart"].endswith(f"xrayage serve --config {IMAGE_CONFIG} --role %i")
     assert service["User"] == "xrayage" and service["KillSignal"] == "SIGTERM"
     assert "xrayage@all" in (DEPLOY / "systemd" / "xrayage@.service").read_text()
+
+
+def test_the_example_config_copied_as_it_is_starts_and_says_what_to_fill_in(
+    tmp_path: Path,
+) -> None:
+    """A user who copies the example gets a node that starts; the log names what is still to
+    fill in, and setting the HTTP port alone serves the pages with a token made for them."""
+    config = tmp_path / "xrayage.toml"
+    config.write_text(EXAMPLE.read_text())
+    port, http = free_port(), free_port()
+    node = NodeProcess(
+        config, port, tmp_path / "node.log", http_port=http,
+        env={"XRAYAGE_STORAGE__PATH": str(tmp_path / "data"), "XRAYAGE_NODE__PORT": str(port)},
+    )  # fmt: skip
+    node.start()
+    try:
+        wait_until(lambda: "no [retro] peer" in node.log.read_text(), 30, "the start's warnings")
+        log = node.log.read_text()
+        for said in ("no [model] weights configured", "no [[destinations]]", "no [retro] peer",
+                     f"take the token in {tmp_path / 'data' / 'http-token'}"):  # fmt: skip
+            assert said in log, said
+        token_file = tmp_path / "data" / "http-token"
+        assert token_file.stat().st_mode & 0o777 == 0o600
+        token = token_file.read_text().strip()
+        page = f"http://127.0.0.1:{http}/api/instances"
+        assert requests.get(page, timeout=10).status_code == 401
+        answer = requests.get(page, headers={"Authorization": f"Bearer {token}"}, timeout=10)
+        assert answer.status_code == 200 and answer.json()["instances"] == []
+    finally:
+        node.stop()
+    assert EXAMPLE.read_text().count("TO FILL IN") == 4

@@ -7,6 +7,8 @@ everything under ``/api`` and the dashboard's plots need a bearer token of ``[ht
 """
 
 import logging
+import os
+import secrets
 import threading
 import time
 from collections.abc import Callable
@@ -79,6 +81,21 @@ def create_app(
         return app.openapi()
 
     return app
+
+
+LOCAL_TOKEN_FILE = "http-token"
+
+
+def local_token(folder: Path) -> tuple[dict[str, str], Path]:
+    """The token of a node configured with none: made once (32 random bytes, URL-safe) in
+    ``folder`` readable by its owner alone, so that serving the pages takes one setting, the
+    port. Returns the tokens by name (``local``) and the file."""
+    path = folder / LOCAL_TOKEN_FILE
+    if not path.exists():
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_urlsafe(32) + "\n")
+    return {"local": path.read_text().strip()}, path
 
 
 class HttpServer:
