@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -104,12 +103,21 @@ def test_user_mistakes_are_one_line(
 
 
 def test_demo_shows_the_sr_of_an_untrained_model(tmp_path: Path, chest_pa: Path) -> None:
+    """The demo ends with what happened and what to do next; its folder keeps the weights (the
+    same SHA-256 on the next run), the node's data and a config that `results` reads."""
     out = run("demo", "--data", str(tmp_path))
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "UNTRAINED" in out.stdout
-    sr = next((tmp_path / "dicom" / "reports").rglob("*.dcm"))
-    assert str(sr) in out.stdout or "SR:" in out.stdout
     assert 'NUM:(,,"X-ray age")' in out.stdout  # dsrdump's content tree
+    sr = next((tmp_path / "node" / "dicom" / "reports").rglob("*.dcm"))
+    tail = out.stdout[out.stdout.index("UNTRAINED demo weights, not an age estimate") :]
+    config = tmp_path / "xrayage.toml"
+    assert str(sr) in tail and f"xrayage results -c {config}" in tail and "Next:" in tail
+    rows = json.loads(run("results", "-f", "json", "-c", str(config)).stdout)
+    assert len(rows) == 1 and rows[0]["untrained"] is True
+    again = run("demo", "--data", str(tmp_path))
+    assert again.returncode == 0, again.stderr
+    later = json.loads(run("results", "-f", "json", "-c", str(config)).stdout)
+    assert [r["weights_sha256"] for r in later] == [rows[0]["weights_sha256"]]
 
 
 def test_version_and_help_keep_bracketed_config_keys() -> None:
@@ -182,13 +190,14 @@ def test_infer_table_shows_whole_paths_and_audit_lists_its_events(
     assert "'recieved' is not an event; events: received, skipped, queued" in error
 
 
-def test_demo_leaves_no_folder_behind_and_refuses_a_png_in_one_line(tmp_path: Path) -> None:
-    temp = tmp_path / "tmp"
-    temp.mkdir()
-    env = {**os.environ, "TMPDIR": str(temp)}
-    out = subprocess.run([str(XRAYAGE), "demo"], capture_output=True, text=True, env=env)
+def test_demo_keeps_its_folder_where_it_says_and_refuses_a_png_in_one_line(
+    tmp_path: Path,
+) -> None:
+    out = subprocess.run([str(XRAYAGE), "demo"], capture_output=True, text=True, cwd=tmp_path)
     assert out.returncode == 0 and "X-ray age" in out.stdout, out.stderr
-    assert "--data DIR keeps" in out.stdout and list(temp.iterdir()) == []
+    kept = tmp_path / "xrayage-demo"
+    assert f"Everything is kept in {kept}" in out.stdout
+    assert (kept / "models" / "untrained-seresnet.pt").is_file()
     png = tmp_path / "chest.png"
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(png)
     error = _one_line_error(run("demo", str(png)))

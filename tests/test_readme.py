@@ -35,3 +35,25 @@ def test_cpu_only_install_commands_are_what_pip_takes() -> None:
     assert "torch" in torch and torch[torch.index("--index-url") + 1].endswith("/whl/cpu")
     assert package[-1] == "'.[demo]'"  # as the quick start
     assert ".venv/bin/pip install -e '.[demo]'" in README.read_text().split("### CPU")[0]
+
+
+def _gigabytes(folder: Path) -> float:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 1e9
+
+
+def test_the_install_size_counts_each_large_part_as_installed() -> None:
+    """Each part the README names is within 15 % of what is installed here (CI installs the
+    default, CUDA build, as users do), and the parts add up to the total stated."""
+    text = " ".join(README.read_text().split("### CPU")[0].split())
+    stated = re.search(
+        r"about \*\*([\d.]+) GB\*\* on disk once installed \(([\d.]+) GB of NVIDIA libraries, "
+        r"([\d.]+) GB of torch, ([\d.]+) GB of triton,.* and ([\d.]+) GB for everything else",
+        text,
+    )
+    assert stated, "the quick start's install size"
+    total, nvidia, torch, triton, rest = map(float, stated.groups())
+    assert abs(nvidia + torch + triton + rest - total) < 0.15
+    packages = Path(next(p for p in sys.path if p.endswith("site-packages")))
+    for name, said in (("nvidia", nvidia), ("torch", torch), ("triton", triton)):
+        if (packages / name).is_dir():  # a CPU-only build has no nvidia nor triton
+            assert abs(_gigabytes(packages / name) - said) <= 0.15 * said + 0.05, name

@@ -6,7 +6,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from importlib.metadata import version
 from pathlib import Path
@@ -159,6 +158,9 @@ def _default_demo_file() -> Path:
     return Path(data_store.__file__).parent / "data" / "RG1_UNCR.dcm"
 
 
+DEMO_FOLDER = Path("xrayage-demo")
+
+
 @app.command()
 @user_errors
 def demo(
@@ -166,11 +168,12 @@ def demo(
         Path | None, typer.Argument(help="a chest radiograph (default: pydicom-data's)")
     ] = None,
     data: Annotated[
-        Path | None, typer.Option(help="folder for the demo's data (default: temp)")
-    ] = None,
+        Path, typer.Option(help="the demo's folder: weights, node data, its config")
+    ] = DEMO_FOLDER,
     timeout: Annotated[float, typer.Option(help="seconds to wait for the report")] = 300,
 ) -> None:
-    """First look, no PACS and no trained weights: send FILE to a node running here, show the SR."""
+    """First look, no PACS and no trained weights: send FILE to a node running here, show the
+    SR, and keep everything in --data (./xrayage-demo) for the next steps it prints."""
     source = file or _default_demo_file()
     if not source.is_file():
         raise UsageError(f"not a file: {source}")
@@ -181,13 +184,17 @@ def demo(
             f"{source}: not a DICOM image with a SOP Instance UID; the demo sends DICOM to the "
             f"node (for a PNG or JPEG: xrayage infer {source} --weights ...)"
         ) from None
-    if data is not None:
-        _demo(source, uid, data, timeout)
-        return
-    # Without --data the demo leaves nothing behind: its folder goes when it ends.
-    with tempfile.TemporaryDirectory(prefix="xrayage-demo-") as folder:
-        _demo(source, uid, Path(folder), timeout)
-    typer.echo("(the demo's folder was removed: --data DIR keeps the SR, image and database)")
+    _demo(source, uid, data.resolve(), timeout)
+
+
+def _demo_config(folder: Path, weights: Path) -> Path:
+    """The demo node's config, for ``xrayage results -c`` and ``serve -c`` afterwards."""
+    config = folder / "xrayage.toml"
+    config.write_text(
+        "# Written by `xrayage demo`: its node's data and UNTRAINED weights (not age estimates).\n"
+        f'[storage]\npath = "{folder / "node"}"\n[model]\nweights = "{weights}"\n'
+    )
+    return config
 
 
 def _demo(source: Path, uid: str, folder: Path, timeout: float) -> None:
@@ -196,14 +203,14 @@ def _demo(source: Path, uid: str, folder: Path, timeout: float) -> None:
     from node.service import NodeService
     from storage import Instance, Result
 
+    # Made once and kept: the same weights (and SHA-256, and SR UIDs) on every later run.
     weights = folder / "models" / "untrained-seresnet.pt"
-    build_untrained_model(weights)
+    if not weights.is_file():
+        build_untrained_model(weights)
+    config = _demo_config(folder, weights)
     port = _free_port()
     settings = load_settings(
-        None,
-        node={"ae_title": "XRAYAGE", "host": "127.0.0.1", "port": port},
-        storage={"path": folder},
-        model={"weights": str(weights)},
+        config, node={"ae_title": "XRAYAGE", "host": "127.0.0.1", "port": port}
     )
     configure_logging(settings.logging)
     node = NodeService(settings)
@@ -228,22 +235,31 @@ def _demo(source: Path, uid: str, folder: Path, timeout: float) -> None:
     if result is None:
         typer.echo(f"{source}: {state}: {reason}")
         raise typer.Exit(1)
-    typer.echo(
-        f"\nX-ray age {result.xray_age:.2f} years  (UNTRAINED demo weights: "
-        "not an age estimate; configure real weights for that)"
-    )
-    typer.echo(f"SR:               {result.sr_path}")
-    if result.sc_path:
-        typer.echo(f"Secondary Capture: {result.sc_path}")
-    typer.echo(f"data folder:      {folder}\n")
     dsrdump = shutil.which("dsrdump") or (
         "/usr/bin/dsrdump" if Path("/usr/bin/dsrdump").exists() else None
     )
-    if dsrdump:
+    if dsrdump:  # the SR's content tree first; what happened and what next come last
+        typer.echo("The SR's content tree (DCMTK dsrdump):\n")
         sys.stdout.flush()
         subprocess.run([dsrdump, str(result.sr_path)], check=False)
-    else:
-        typer.echo("(install DCMTK for dsrdump to print the SR's content tree)")
+    typer.echo(
+        "\n".join(
+            [
+                "",
+                f"X-ray age {result.xray_age:.2f}: UNTRAINED demo weights, not an age estimate.",
+                f"The node received {source.name}, analysed it and wrote:",
+                f"  SR                 {result.sr_path}",
+                *([f"  Secondary Capture  {result.sc_path}"] if result.sc_path else []),
+                f"Everything is kept in {folder} (weights in {weights.parent}).",
+                "",
+                "Next:",
+                f"  xrayage results -c {config}        # the result as a row",
+                f"  xrayage serve -c {config}          # this node, listening on port 11112",
+                "  xrayage model pull riken-senet154   # the published weights, for real ages",
+                *([] if dsrdump else ["  (install DCMTK for dsrdump to print the SR)"]),
+            ]
+        )
+    )
 
 
 if __name__ == "__main__":

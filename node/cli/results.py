@@ -28,7 +28,7 @@ from storage.results import ResultsQuery
 # What a person scans in a terminal; CSV, JSON and Parquet carry every column.
 TABLE_COLUMNS = (
     "reported_at", "patient_id", "study_date", "view_position", "xray_age",
-    "chronological_age", "age_gap", "aging_rate", "model_name", "state", "untrained",
+    "chronological_age", "age_gap", "aging_rate", "model_name", "state",
 )  # fmt: skip
 PER_PATIENT_COLUMNS = (
     "patient_id", "patient_sex", "model_name", "model_version", "weights_sha256", "images",
@@ -132,4 +132,9 @@ def results(
         sys.stdout.buffer.write(as_parquet(rows))
     else:
         shown = [{k: plain(v) for k, v in row.items()} for row in rows]
+        if format == Format.table and not per_patient_rows:  # to the minute: fits a terminal
+            shown = [
+                {**r, "reported_at": (r["reported_at"] or "")[:16].replace("T", " ")}
+                for r in shown
+            ]
         print_rows(shown, columns, format, noun, 0 if per_patient_rows else limit, table)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import json
+import shutil
 import socket
 import sys
 from collections.abc import Callable, Sequence
@@ -153,6 +154,16 @@ class Format(StrEnum):
     json = "json"
 
 
+# Short headers for the table view (the other formats keep the column names).
+HEADERS = {
+    "reported_at": "reported (UTC)", "at": "time (UTC)", "patient_id": "patient",
+    "study_date": "study", "first_study_date": "first study", "view_position": "view",
+    "xray_age": "X-ray age", "chronological_age": "age", "age_gap": "gap",
+    "aging_rate": "aging rate", "aging_rate_se": "rate SE", "aging_rate_images": "rate n",
+    "model_name": "model",
+}  # fmt: skip
+
+
 def print_rows(
     rows: list[dict[str, Any]],
     columns: Sequence[str],
@@ -170,10 +181,11 @@ def print_rows(
     elif format == Format.csv:
         write_csv(sys.stdout, columns, rows)
     else:
-        shown = Table(*(table or columns), box=None)
+        shown = Table(*(HEADERS.get(c, c) for c in table or columns), box=None)
         for row in rows:
             shown.add_row(*(_cell(row[c]) for c in table or columns))
-        Console().print(shown)
+        # A terminal's width; piped, 120 columns rather than rich's 80.
+        Console(width=shutil.get_terminal_size((120, 24)).columns).print(shown)
         reached = " (--limit reached)" if limit and len(rows) == limit else ""
         typer.echo(f"{len(rows)} {noun}{reached}")
 
