@@ -86,7 +86,9 @@ def bland_altman(v: Validation) -> bytes:
                                 (bias + spread, "--", f"{bias + spread:+.2f}")):  # fmt: skip
             ax.axhline(y, color="#c33", ls=style, lw=1)
             ax.annotate(label, (1, y), xycoords=("axes fraction", "data"), ha="right",
-                        va="bottom", xytext=(-6, 3), textcoords="offset points")  # fmt: skip
+                        va="bottom", xytext=(-6, 3), textcoords="offset points",
+                        bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.8,
+                              "pad": 1})  # fmt: skip
         ax.margins(y=0.15)  # the limits' labels clear of the frame
     else:
         _empty(ax, "two reported images with a known age")
