@@ -93,9 +93,8 @@ def test_a_database_from_before_migrations_is_refused_clearly(tmp_path: Path) ->
         Database.sqlite_in(tmp_path).create_schema()
 
 
-def test_migration_0004_names_the_model_of_jobs_and_the_kind_of_deliveries(tmp_path: Path) -> None:
-    """On a database holding data at 0003: a done job takes its result's model, a queued one
-    none; the SC's delivery becomes `sc`, the SR's `sr`."""
+def _migrated_from(tmp_path: Path, revision: str, *inserts: str) -> Database:
+    """A database at ``revision`` holding the rows of ``inserts``, then upgraded to head."""
     from alembic import command
     from sqlalchemy import text
 
@@ -105,29 +104,35 @@ def test_migration_0004_names_the_model_of_jobs_and_the_kind_of_deliveries(tmp_p
     cfg = _config()
     with db.engine.begin() as conn:
         cfg.attributes["connection"] = conn
-        command.upgrade(cfg, "0003")
-        conn.execute(text(
-            "INSERT INTO instances (id, sop_instance_uid, sop_class_uid, path, sha256, size, "
-            "origin, state, received_at, updated_at) VALUES "
-            "(1, '1.1', '1.2', 'a', '0', 0, 'push', 'delivered', '2026-11-01', '2026-11-01'), "
-            "(2, '2.1', '1.2', 'b', '0', 0, 'push', 'queued', '2026-11-01', '2026-11-01')"
-        ))  # fmt: skip
-        conn.execute(text(
-            "INSERT INTO jobs (id, instance_id, state, attempts, created_at) VALUES "
-            "(1, 1, 'done', 1, '2026-11-01'), (2, 2, 'queued', 0, '2026-11-01')"
-        ))  # fmt: skip
-        conn.execute(text(
-            "INSERT INTO results (id, instance_id, model_name, model_version, model_sha256, "
-            "xray_age, sr_sop_instance_uid, sc_sop_instance_uid, created_at) VALUES "
-            "(1, 1, 'm', '1', 'abc', 60.0, '9.1', '9.2', '2026-11-01')"
-        ))  # fmt: skip
-        conn.execute(text(
-            "INSERT INTO deliveries (id, instance_id, destination, sop_instance_uid, path, state, "
-            "attempts, next_attempt_at) VALUES (1, 1, 'pacs', '9.1', 'sr', 'delivered', 1, "
-            "'2026-11-01'), (2, 1, 'pacs', '9.2', 'sc', 'delivered', 1, '2026-11-01')"
-        ))  # fmt: skip
+        command.upgrade(cfg, revision)
+        for insert in inserts:
+            conn.execute(text(insert))
     db.create_schema()  # to head
     assert _differences(db) == []
+    return db
+
+
+def test_migration_0004_names_the_model_of_jobs_and_the_kind_of_deliveries(tmp_path: Path) -> None:
+    """On a database holding data at 0003: a done job takes its result's model, a queued one
+    none; the SC's delivery becomes `sc`, the SR's `sr`."""
+    from sqlalchemy import text
+
+    db = _migrated_from(
+        tmp_path,
+        "0003",
+        "INSERT INTO instances (id, sop_instance_uid, sop_class_uid, path, sha256, size, "
+        "origin, state, received_at, updated_at) VALUES "
+        "(1, '1.1', '1.2', 'a', '0', 0, 'push', 'delivered', '2026-11-01', '2026-11-01'), "
+        "(2, '2.1', '1.2', 'b', '0', 0, 'push', 'queued', '2026-11-01', '2026-11-01')",
+        "INSERT INTO jobs (id, instance_id, state, attempts, created_at) VALUES "
+        "(1, 1, 'done', 1, '2026-11-01'), (2, 2, 'queued', 0, '2026-11-01')",
+        "INSERT INTO results (id, instance_id, model_name, model_version, model_sha256, "
+        "xray_age, sr_sop_instance_uid, sc_sop_instance_uid, created_at) VALUES "
+        "(1, 1, 'm', '1', 'abc', 60.0, '9.1', '9.2', '2026-11-01')",
+        "INSERT INTO deliveries (id, instance_id, destination, sop_instance_uid, path, state, "
+        "attempts, next_attempt_at) VALUES (1, 1, 'pacs', '9.1', 'sr', 'delivered', 1, "
+        "'2026-11-01'), (2, 1, 'pacs', '9.2', 'sc', 'delivered', 1, '2026-11-01')",
+    )
     with db.engine.connect() as conn:
         jobs = conn.execute(text("SELECT id, model_sha256 FROM jobs ORDER BY id")).all()
         kinds = conn.execute(text("SELECT sop_instance_uid, kind FROM deliveries ORDER BY id"))
@@ -137,28 +142,18 @@ def test_migration_0004_names_the_model_of_jobs_and_the_kind_of_deliveries(tmp_p
 
 
 def test_migration_0005_marks_the_demo_models_results_untrained(tmp_path: Path) -> None:
-    from alembic import command
     from sqlalchemy import text
 
-    from storage.schema import _config
-
-    db = Database.sqlite_in(tmp_path)
-    cfg = _config()
-    with db.engine.begin() as conn:
-        cfg.attributes["connection"] = conn
-        command.upgrade(cfg, "0004")
-        conn.execute(text(
-            "INSERT INTO instances (id, sop_instance_uid, sop_class_uid, path, sha256, size, "
-            "origin, state, received_at, updated_at) VALUES "
-            "(1, '1.1', '1.2', 'a', '0', 0, 'push', 'delivered', '2026-11-01', '2026-11-01')"
-        ))  # fmt: skip
-        conn.execute(text(
-            "INSERT INTO results (id, instance_id, model_name, model_version, model_sha256, "
-            "xray_age, created_at) VALUES (1, 1, 'xrayage-untrained-seresnet', '1', 'a', 50.0, "
-            "'2026-11-01'), (2, 1, 'riken-senet154', '1', 'b', 60.0, '2026-11-01')"
-        ))  # fmt: skip
-    db.create_schema()  # to head
-    assert _differences(db) == []
+    db = _migrated_from(
+        tmp_path,
+        "0004",
+        "INSERT INTO instances (id, sop_instance_uid, sop_class_uid, path, sha256, size, "
+        "origin, state, received_at, updated_at) VALUES "
+        "(1, '1.1', '1.2', 'a', '0', 0, 'push', 'delivered', '2026-11-01', '2026-11-01')",
+        "INSERT INTO results (id, instance_id, model_name, model_version, model_sha256, "
+        "xray_age, created_at) VALUES (1, 1, 'xrayage-untrained-seresnet', '1', 'a', 50.0, "
+        "'2026-11-01'), (2, 1, 'riken-senet154', '1', 'b', 60.0, '2026-11-01')",
+    )
     with db.engine.connect() as conn:
         marked = conn.execute(text("SELECT id, untrained FROM results ORDER BY id")).all()
     assert [(i, bool(u)) for i, u in marked] == [(1, True), (2, False)]
