@@ -93,6 +93,13 @@ def test_a_database_from_before_migrations_is_refused_clearly(tmp_path: Path) ->
         Database.sqlite_in(tmp_path).create_schema()
 
 
+INSERT_INSTANCES = (
+    "INSERT INTO instances (id, sop_instance_uid, sop_class_uid, path, sha256, size, origin, "
+    "state, received_at, updated_at) VALUES "
+)
+DELIVERED = "(1, '1.1', '1.2', 'a', '0', 0, 'push', 'delivered', '2026-11-01', '2026-11-01')"
+
+
 def _migrated_from(tmp_path: Path, revision: str, *inserts: str) -> Database:
     """A database at ``revision`` holding the rows of ``inserts``, then upgraded to head."""
     from alembic import command
@@ -120,9 +127,7 @@ def test_migration_0004_names_the_model_of_jobs_and_the_kind_of_deliveries(tmp_p
     db = _migrated_from(
         tmp_path,
         "0003",
-        "INSERT INTO instances (id, sop_instance_uid, sop_class_uid, path, sha256, size, "
-        "origin, state, received_at, updated_at) VALUES "
-        "(1, '1.1', '1.2', 'a', '0', 0, 'push', 'delivered', '2026-11-01', '2026-11-01'), "
+        f"{INSERT_INSTANCES}{DELIVERED}, "
         "(2, '2.1', '1.2', 'b', '0', 0, 'push', 'queued', '2026-11-01', '2026-11-01')",
         "INSERT INTO jobs (id, instance_id, state, attempts, created_at) VALUES "
         "(1, 1, 'done', 1, '2026-11-01'), (2, 2, 'queued', 0, '2026-11-01')",
@@ -147,9 +152,7 @@ def test_migration_0005_marks_the_demo_models_results_untrained(tmp_path: Path) 
     db = _migrated_from(
         tmp_path,
         "0004",
-        "INSERT INTO instances (id, sop_instance_uid, sop_class_uid, path, sha256, size, "
-        "origin, state, received_at, updated_at) VALUES "
-        "(1, '1.1', '1.2', 'a', '0', 0, 'push', 'delivered', '2026-11-01', '2026-11-01')",
+        INSERT_INSTANCES + DELIVERED,
         "INSERT INTO results (id, instance_id, model_name, model_version, model_sha256, "
         "xray_age, created_at) VALUES (1, 1, 'xrayage-untrained-seresnet', '1', 'a', 50.0, "
         "'2026-11-01'), (2, 1, 'riken-senet154', '1', 'b', 60.0, '2026-11-01')",

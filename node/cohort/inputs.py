@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from node.results.aging import DAYS_PER_YEAR, MIN_SPAN_DAYS, aging_rate
 from node.results.spreadsheet import read_cell
 from xrayage.errors import UserError
 
@@ -259,9 +260,8 @@ def _lag(image: Image, origin: dt.date) -> int:
 
 def _rate(images: list[Image], until: dt.date) -> float | None:
     """The X-ray aging rate over the patient's images up to the time origin."""
-    from node.results.aging import aging_rate
-
-    found = aging_rate((i.study_date, i.xray_age) for i in _dated(images) if i.study_date <= until)  # type: ignore[operator,misc]
+    points = [(i.study_date, i.xray_age) for i in _dated(images)]
+    found = aging_rate((when, age) for when, age in points if when <= until)  # type: ignore[operator,misc]
     return found.rate if found is not None else None
 
 
@@ -277,8 +277,6 @@ def _reason(chosen: Image, outcome: Outcome, select: Selection, rate: float | No
     if "card_gap" in select.needs and chosen.card_gap is None:
         return "no corrected_age_gap (the model card states no bias correction)"
     if "aging_rate" in select.needs and rate is None:
-        from node.results.aging import MIN_SPAN_DAYS
-
         return f"no aging rate (fewer than 2 images {MIN_SPAN_DAYS}+ days apart by the origin)"
     return next((f"no {k}" for k, v in outcome.values.items() if v is None), None)
 
@@ -324,7 +322,7 @@ def build_cohort(outcomes: list[Outcome], images: list[Image], select: Selection
                 "followup_days": days,
                 "event": event,
                 "xray_age": chosen.xray_age,
-                "age": chosen.chronological_age + lag / 365.25,  # at the time origin
+                "age": chosen.chronological_age + lag / DAYS_PER_YEAR,  # at the time origin
                 "age_at_image": chosen.chronological_age,
                 "lag_days": lag,
                 "sex": 1.0 if chosen.sex == "M" else 0.0,
