@@ -15,7 +15,9 @@ more (a codestream that lies about its size, a deflated data set) fails with tha
 the host's memory is not the kernel's OOM killer's to share out.
 
 The same engine serves ``xrayage infer``, ``xrayage evaluate`` and the node's inference worker,
-so a number is computed the same way wherever it is shown.
+so a number is computed the same way wherever it is shown. The node asks it for several models
+on a file (a live model and its shadows, :class:`Request`): the file is decoded and made a tensor
+once, and each model runs on the batch of the files that asked for it.
 """
 
 from __future__ import annotations
@@ -54,10 +56,35 @@ _CONTEXT.set_forkserver_preload(["ai.decoding_server"])
 Submitted = tuple["Future[Read]", ProcessPoolExecutor]
 
 
+@dataclass(frozen=True)
+class Request:
+    """A file and the models that are to age it (all on the engine's device, with the engine's
+    model's input size: :func:`shared_input`)."""
+
+    path: Path
+    models: tuple[AgeModel, ...]
+
+
+def shared_input(models: Iterable[AgeModel]) -> None:
+    """Models that one engine runs share their device and input size: a file is decoded and
+    made a tensor once for all of them."""
+    first: AgeModel | None = None
+    for model in models:
+        if first is None:
+            first = model
+        elif (model.device, model.card.input_size) != (first.device, first.card.input_size):
+            raise ValueError(
+                f"{model.card.name} takes {model.card.input_size} px on {model.device}, "
+                f"{first.card.name} {first.card.input_size} px on {first.device}: the node "
+                "decodes each image once for all its models"
+            )
+
+
 @dataclass
 class Outcome:
     path: Path
-    xray_age: float | None = None
+    xray_age: float | None = None  # the (first) requested model's
+    ages: dict[str, float] = field(default_factory=dict)  # by each model's weights SHA-256
     error: str | None = None
     header: Dataset | None = None  # the DICOM header without Pixel Data; None for image files
     # Wall seconds of "decode" (a decoding process: file to stored values and table, and with
@@ -168,21 +195,23 @@ class Engine:
             )
         return self._pool
 
-    def run(self, paths: Iterable[Path]) -> Iterator[Outcome]:
-        """One outcome per path, in order; a file that cannot be read is an outcome with an
-        error, never an exception."""
-        todo = iter(paths)
-        pending: deque[tuple[Path, Submitted]] = deque()
+    def run(self, paths: Iterable[Path | Request]) -> Iterator[Outcome]:
+        """One outcome per path (by the engine's model) or request, in order; a file that
+        cannot be read is an outcome with an error, never an exception."""
+        todo = (p if isinstance(p, Request) else Request(p, (self.model,)) for p in paths)
+        pending: deque[tuple[Request, Submitted]] = deque()
 
         def fill() -> None:
-            while len(pending) < 2 * self.batch_size and (path := next(todo, None)):
-                pending.append((path, self._submit(path)))
+            while len(pending) < 2 * self.batch_size and (req := next(todo, None)):
+                pending.append((req, self._submit(req.path)))
 
         fill()
         while pending:
             batch = [pending.popleft() for _ in range(min(self.batch_size, len(pending)))]
             fill()  # the processes read the next batch while this one runs
-            yield from self._predict([(path, self._result(path, *sub)) for path, sub in batch])
+            yield from self._predict(
+                [(req, self._result(req.path, *sub)) for req, sub in batch]
+            )
 
     def _submit(self, path: Path) -> Submitted:
         pool = self._decoders()
@@ -239,15 +268,17 @@ class Engine:
                     batch[i] = (path, str(e))
         return batch, decoded
 
-    def _predict(self, batch: list[tuple[Path, Read | str]]) -> Iterator[Outcome]:
+    def _predict(self, requests: list[tuple[Request, Read | str]]) -> Iterator[Outcome]:
         started = time.perf_counter()
-        batch, decoded = self._decode_on_device(batch)
+        batch, decoded = self._decode_on_device([(q.path, r) for q, r in requests])
         outcomes = [
             Outcome(path, error=r)
             if isinstance(r, str)
             else Outcome(path, header=r.header, seconds={"decode": r.seconds})
             for path, r in batch
         ]
+        wanted = [q.models for (q, _), (_, r) in zip(requests, batch, strict=True)
+                  if not isinstance(r, str)]  # fmt: skip
         # Each file read, with its pixels if the device decoded them.
         reads = [(r, d) for (_, r), d in zip(batch, decoded, strict=True) if not isinstance(r, str)]
         if reads:
@@ -262,11 +293,18 @@ class Engine:
                     made[k] = tensor
             x = torch.stack(made)  # type: ignore[arg-type]
             prepared = time.perf_counter()
-            ages = iter(self.model.predict(x))
+            ages: list[dict[str, float]] = [{} for _ in reads]
+            for sha, model in {m.card.sha256: m for ms in wanted for m in ms}.items():
+                rows = [k for k, ms in enumerate(wanted) if any(m.card.sha256 == sha for m in ms)]
+                some = x if len(rows) == len(reads) else x[rows]  # the files that asked for it
+                for k, age in zip(rows, model.predict(some), strict=True):
+                    ages[k][sha] = age
             model_seconds = time.perf_counter() - prepared
             share = (prepared - started) / len(reads)
+            found = iter(zip(wanted, ages, strict=True))
             for outcome in outcomes:
                 if outcome.error is None:
-                    outcome.xray_age = next(ages)
+                    models, outcome.ages = next(found)
+                    outcome.xray_age = outcome.ages[models[0].card.sha256]
                     outcome.seconds.update(preprocess=share, model=model_seconds)
         yield from outcomes

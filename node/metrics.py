@@ -45,7 +45,8 @@ BATCH_SIZE = Histogram(
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=None,
 )  # fmt: skip
 INFERRED = Counter(
-    "xrayage_instances_inferred", "Instances through the model, by outcome (reported or failed)",
+    "xrayage_instances_inferred",
+    "Instances through a model, by outcome (reported, failed, or shadow: stored, not sent)",
     ["outcome"], registry=None,
 )  # fmt: skip
 DELIVERED = Counter(

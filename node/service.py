@@ -24,7 +24,6 @@ from apscheduler.triggers.cron import CronTrigger
 from sqlalchemy.exc import SQLAlchemyError
 
 from ai.card import ModelCard
-from ai.presets import model_card, resolve_weights
 from node.audit.atna import SyslogExporter
 from node.audit.changes import record_changes
 from node.components import Component, Signal
@@ -34,6 +33,7 @@ from node.dicom.scp import Receiver
 from node.gate import Gate
 from node.http.app import HttpServer, create_app, local_token
 from node.infer.process import InferenceProcess, event
+from node.infer.registry import live_card
 from node.report.identity import is_own_output
 from node.results.validation import Validation
 from node.retro.runner import RetroScanner, next_at
@@ -60,17 +60,16 @@ class NodeService:
         self.db.prepare_schema()
         self.store = settings.storage.open_file_store()
         cfg = settings.model
-        self.weights = resolve_weights(cfg.weights, cfg.cache_dir) if cfg.weights else None
-        # Only the inference part loads the network (and imports torch); the others need its
-        # card (the gate's age range, the model identity that retro-scans compare against).
-        self.card: ModelCard | None = model_card(self.weights) if self.weights else None
+        # Only the inference part loads the networks (and imports torch); the others need the
+        # live model's card (the gate's age range, the model that retro-scans compare against).
+        self.card: ModelCard | None = live_card(self.db, cfg)
         self.validation = (
             Validation(self.db, self.card, settings.validation) if self.card is not None else None
         )
         # Reports wake the deliverer, queued images the inference part: events that work across
         # processes where inference runs in one of its own (the default).
         self.isolated = (
-            self.weights is not None and "infer" in self.roles and cfg.isolation == "process"
+            self.card is not None and "infer" in self.roles and cfg.isolation == "process"
         )
         make: Callable[[], Signal] = event if self.isolated else threading.Event
         self.reported, self.queued = make(), make()
@@ -86,22 +85,23 @@ class NodeService:
 
     # -- the parts -------------------------------------------------------------------------
     def inference(self) -> Component | None:
-        if self.weights is None:
+        if self.card is None:
             return None
         s = self.settings
         takes = {d.name: frozenset(d.send) for d in s.destinations}
         reports = ReportConfig(s.report, s.node.ae_title, takes)
         if self.isolated:
             return InferenceProcess(
-                s.model, reports, s.storage, s.logging, self.db, self.weights,
+                s.model, reports, s.storage, s.logging, self.db,
                 wake=self.queued, reported=self.reported,
             )  # fmt: skip
-        from ai.model import AgeModel
+        from node.infer.models import ModelSet
         from node.infer.worker import InferenceWorker
 
-        model = AgeModel.load(self.weights, s.model.device, warm_up=True)
+        models = ModelSet(self.db, s.model.device)
+        models.refresh(force=True)
         return InferenceWorker(
-            s.model, reports, self.db, self.store, model, self.reported.set, self.queued
+            s.model, reports, self.db, self.store, models, self.reported.set, self.queued
         )
 
     def receiver(self) -> Receiver:
@@ -191,8 +191,8 @@ class NodeService:
             problems.append(f"database: {str(e).splitlines()[0]}")
         for part in self.components:
             problems += part.problems()
-        if "infer" in self.roles and self.weights is None:
-            problems.append("no [model] weights configured")
+        if "infer" in self.roles and self.card is None:
+            problems.append("no [model] weights configured and no live model")
         return problems
 
     def start(self) -> None:
@@ -201,10 +201,10 @@ class NodeService:
             log.info("removed %d partial files left by an earlier stop", removed)
         for part in self.components:
             part.start()
-        if "infer" in self.roles and self.weights is None:
+        if "infer" in self.roles and self.card is None:
             log.warning(
-                "no [model] weights configured: images are received and queued, "
-                "and inference waits until a model is configured"
+                "no [model] weights configured and no live model: images are received and "
+                "queued, and inference waits until a model is configured (then restart)"
             )
         storage = self.settings.storage
         if "receive" in self.roles and self.store.free_bytes() < 0:
@@ -254,7 +254,7 @@ def receiver_for(
     model) that never lets the node's own output through."""
     age_range = card.age_range if card else (0.0, 200.0)
     gate = Gate(settings.gate, age_range, is_own_output)
-    return Receiver(settings.node, gate, db, store, card.sha256 if card else None, on_queued)
+    return Receiver(settings.node, gate, db, store, on_queued)
 
 
 Build = Callable[[NodeService], Component | None]

@@ -48,12 +48,11 @@ class Intake(enum.Enum):
     QUEUED = "queued"
 
 
-def record_received(
-    session: Session, received: Received, skip_reason: str | None, model_sha256: str | None
-) -> Intake:
+def record_received(session: Session, received: Received, skip_reason: str | None) -> Intake:
     """The instance ``received``, then ``skipped`` with ``skip_reason`` or ``queued`` with a job
-    for ``model_sha256``; each audited. The same SOP Instance UID again (with the same bytes:
-    the file store checked) is a duplicate: audited, no new row, no new job."""
+    for each active model (:func:`storage.queue.queue_job`); each audited. The same SOP
+    Instance UID again (with the same bytes: the file store checked) is a duplicate: audited,
+    no new row, no new job."""
     existing = session.scalar(
         select(Instance).where(Instance.sop_instance_uid == received.sop_instance_uid)
     )
@@ -78,5 +77,5 @@ def record_received(
     if skip_reason is not None:
         change_state(session, inst, InstanceState.SKIPPED, reason=skip_reason)
         return Intake.SKIPPED
-    queue_job(session, inst, model_sha256)
+    queue_job(session, inst)
     return Intake.QUEUED

@@ -32,6 +32,8 @@ from storage.tables import (
     InstanceState,
     Job,
     JobState,
+    Model,
+    ModelRole,
     RetroScan,
     ScanState,
 )
@@ -39,6 +41,7 @@ from storage.tables import (
 log = logging.getLogger("xrayage.lifecycle")
 I = InstanceState  # noqa: E741 - the tables read as the diagrams
 J = JobState
+M = ModelRole
 D = DeliveryState
 S = ScanState
 
@@ -58,12 +61,21 @@ INSTANCE_TRANSITIONS: dict[InstanceState, frozenset[InstanceState]] = {
 
 JOB_TRANSITIONS: dict[JobState, frozenset[JobState]] = {
     # claimed under a lease; or ended at the poison ceiling, given back by a dead worker
-    J.QUEUED: frozenset({J.RUNNING, J.FAILED}),
+    J.QUEUED: frozenset({J.RUNNING, J.FAILED, J.CANCELLED}),
     # running -> running: claimed again by another worker once the lease expired; -> queued:
     # given back when its worker died (a supervisor, or a restart on the same host)
     J.RUNNING: frozenset({J.RUNNING, J.QUEUED, J.DONE, J.FAILED}),
     J.DONE: frozenset(),  # a retro-scan for another model makes a new job
     J.FAILED: frozenset(),
+    J.CANCELLED: frozenset(),  # a model retired before it ran: its queued jobs end here
+}
+
+MODEL_TRANSITIONS: dict[ModelRole, frozenset[ModelRole]] = {
+    # `xrayage model promote` (or [model] weights naming other weights) makes another model
+    # live: the live one is retired; `model retire`; `model add --shadow` of a retired model
+    M.LIVE: frozenset({M.RETIRED}),
+    M.SHADOW: frozenset({M.LIVE, M.RETIRED}),
+    M.RETIRED: frozenset({M.LIVE, M.SHADOW}),
 }
 
 DELIVERY_TRANSITIONS: dict[DeliveryState, frozenset[DeliveryState]] = {
@@ -90,6 +102,7 @@ class Lifecycle:
     transitions: dict[Any, frozenset[Any]]
     events: dict[Any, str | None]
     failed: enum.Enum | None
+    column: str = "state"  # a model's state is its role
 
 
 LIFECYCLES: dict[type[Base], Lifecycle] = {
@@ -104,6 +117,7 @@ LIFECYCLES: dict[type[Base], Lifecycle] = {
     # death is audited by its supervisor.
     Job: Lifecycle("jobs", JOB_TRANSITIONS, dict.fromkeys(J), J.FAILED),
     RetroScan: Lifecycle("retro_scans", SCAN_TRANSITIONS, dict.fromkeys(S, "retro-scan"), S.FAILED),
+    Model: Lifecycle("models", MODEL_TRANSITIONS, dict.fromkeys(M, "model"), None, "role"),
 }
 
 STATE_CHANGES = Counter(
@@ -128,7 +142,7 @@ def _check(cycle: Lifecycle, row_id: object, frm: enum.Enum, to: enum.Enum) -> N
 
 def change_state(
     session: Session,
-    row: Instance | Job | Delivery | RetroScan,
+    row: Instance | Job | Delivery | RetroScan | Model,
     to: enum.Enum,
     *,
     reason: str | None = None,
@@ -144,15 +158,19 @@ def change_state(
     instance's). One line goes to the application log, UIDs only: with ``summary`` instead of
     the reason where that may quote header values (a patient's name)."""
     cycle = LIFECYCLES[type(row)]
-    _check(cycle, row.id, row.state, to)  # type: ignore[arg-type]
-    row.state = to  # type: ignore[assignment]
+    _check(cycle, row.id, getattr(row, cycle.column), to)
+    setattr(row, cycle.column, to)
     if isinstance(row, Instance):
         row.reason = reason
     elif isinstance(row, Job) and reason is not None:
         row.error = reason
     STATE_CHANGES.labels(cycle.table, to.value).inc()
     instance = (
-        row if isinstance(row, Instance) else None if isinstance(row, RetroScan) else row.instance
+        row
+        if isinstance(row, Instance)
+        else None
+        if isinstance(row, RetroScan | Model)
+        else row.instance
     )
     what = _name(row)
     said = summary if summary is not None else detail if detail is not None else reason
@@ -174,13 +192,15 @@ def change_state(
         )
 
 
-def _name(row: Instance | Job | Delivery | RetroScan) -> str:
+def _name(row: Instance | Job | Delivery | RetroScan | Model) -> str:
     if isinstance(row, Instance):
         return row.sop_instance_uid
     if isinstance(row, Delivery):
         return f"{row.sop_instance_uid} to {row.destination}"
     if isinstance(row, Job):
         return f"job {row.id} ({row.instance.sop_instance_uid})"
+    if isinstance(row, Model):
+        return f"model {row.name} {row.version}"
     return f"retro-scan {row.id}"
 
 

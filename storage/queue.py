@@ -1,6 +1,12 @@
 """The inference queue: jobs, each naming its model, claimed in batches under leases so that a
 dead worker's jobs come back.
 
+An image gets one job per active model: the live model's, which makes its reports and moves the
+instance through its states, and one for each shadow model, whose result is stored and never
+sent and whose failure fails only that job. A worker claims images, with all their jobs for the
+models it holds, so that each image is decoded once for all of them; a shadow model's backfill
+of past images (priority 1) waits for received images (priority 0).
+
 On SQLite (one process) an UPDATE ... RETURNING claims atomically; PostgreSQL claims with
 ``FOR UPDATE SKIP LOCKED`` so several workers never take the same job. Every state change goes
 through :mod:`storage.lifecycle`.
@@ -9,14 +15,27 @@ through :mod:`storage.lifecycle`.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
-from sqlalchemy import ColumnElement, Select, func, or_, select, update
+from sqlalchemy import ColumnElement, and_, exists, func, or_, select, update
 from sqlalchemy.orm import Session
 
+from storage.audit import record_event
 from storage.lifecycle import change_state, move_rows
 from storage.owners import dead_here, pid_alive
-from storage.tables import Instance, InstanceState, Job, JobState, utcnow
+from storage.tables import (
+    Instance,
+    InstanceState,
+    Job,
+    JobState,
+    Model,
+    ModelRole,
+    Result,
+    utcnow,
+)
+
+BACKFILL_PRIORITY = 1
+WAITING = (InstanceState.QUEUED, InstanceState.INFERRED)  # for the live model's reports
 
 
 def _claimable(now: dt.datetime) -> ColumnElement[bool]:
@@ -26,47 +45,135 @@ def _claimable(now: dt.datetime) -> ColumnElement[bool]:
     )
 
 
-def _for_model(model_sha256: str) -> ColumnElement[bool]:
-    return or_(Job.model_sha256 == model_sha256, Job.model_sha256.is_(None))
+def _of(models: Collection[str], live: str | None) -> ColumnElement[bool]:
+    mine = Job.model_sha256.in_(models)
+    return or_(mine, Job.model_sha256.is_(None)) if live in models else mine
+
+
+def roles(session: Session) -> tuple[str | None, list[str]]:
+    """The live model's SHA-256 (None: no model yet) and the shadow models'."""
+    rows = session.execute(
+        select(Model.sha256, Model.role)
+        .where(Model.role.in_((ModelRole.LIVE, ModelRole.SHADOW)))
+        .order_by(Model.id)
+    ).all()
+    live = next((sha for sha, role in rows if role == ModelRole.LIVE), None)
+    return live, [sha for sha, role in rows if role == ModelRole.SHADOW]
+
+
+def is_live(session: Session, model_sha256: str | None) -> bool:
+    """Whether a job of this model makes its image's reports now (a job with no model is the
+    live model's; with no model registered, every job is)."""
+    live, _ = roles(session)
+    return live is None or model_sha256 is None or model_sha256 == live
 
 
 def queue_job(
     session: Session,
     instance: Instance,
-    model_sha256: str | None,
     *,
     actor: str = "xrayage",
     detail: str | None = None,
 ) -> Job:
-    """A job for ``model_sha256`` (None: whichever model claims it first) on ``instance``,
-    which becomes ``queued`` (audited, with ``detail``)."""
-    job = Job(instance_id=instance.id, state=JobState.QUEUED, model_sha256=model_sha256)
+    """A job for the live model (none yet: whichever model is live when it is claimed) and one
+    for each shadow model on ``instance``, which becomes ``queued`` (audited, with
+    ``detail``); returns the live model's job."""
+    live, shadows = roles(session)
+    job = Job(instance_id=instance.id, state=JobState.QUEUED, model_sha256=live)
     session.add(job)
+    for sha in shadows:
+        session.add(Job(instance_id=instance.id, state=JobState.QUEUED, model_sha256=sha))
     change_state(session, instance, InstanceState.QUEUED, actor=actor, detail=detail)
     return job
 
 
-def backlog(session: Session, model_sha256: str | None = None) -> tuple[int, dt.datetime | None]:
-    """How many jobs this model's worker (any model's: None) could claim now (queued, or
-    running under an expired lease), and when the oldest of them was queued."""
-    stmt = select(func.count(Job.id), func.min(Job.created_at)).where(_claimable(utcnow()))
-    if model_sha256 is not None:
-        stmt = stmt.where(_for_model(model_sha256))
+def queue_backfill(session: Session, model_sha256: str, since: dt.datetime) -> int:
+    """Jobs for ``model_sha256`` on the images received since ``since`` that the node analysed
+    and that this model has neither a result nor a job for, at the backfill's priority; the
+    instances' states are left alone (their reports are the live model's). Returns how many."""
+    has_result = exists().where(
+        Result.instance_id == Instance.id, Result.model_sha256 == model_sha256
+    )
+    has_job = exists().where(
+        Job.instance_id == Instance.id,
+        Job.model_sha256 == model_sha256,
+        Job.state.in_((JobState.QUEUED, JobState.RUNNING)),
+    )
+    ids = session.scalars(
+        select(Instance.id)
+        .where(
+            Instance.received_at >= since,
+            Instance.state.in_((InstanceState.REPORTED, InstanceState.DELIVERED)),
+            ~has_result,
+            ~has_job,
+        )
+        .order_by(Instance.id)
+    ).all()
+    session.add_all(
+        Job(instance_id=i, state=JobState.QUEUED, model_sha256=model_sha256,
+            priority=BACKFILL_PRIORITY)
+        for i in ids
+    )  # fmt: skip
+    return len(ids)
+
+
+def backlog(
+    session: Session, models: Collection[str] | None = None, live: str | None = None
+) -> tuple[int, dt.datetime | None]:
+    """How many images a worker holding ``models`` (any: None; ``live`` as in
+    :func:`claim_jobs`) could claim now (jobs queued, or running under an expired lease), and
+    when the oldest of those jobs was queued."""
+    stmt = select(func.count(Job.instance_id.distinct()), func.min(Job.created_at)).where(
+        _claimable(utcnow())
+    )
+    if models is not None:
+        stmt = stmt.where(_of(models, live))
     count, oldest = session.execute(stmt).one()
     return int(count), oldest
 
 
-def adopt_jobs(session: Session, model_sha256: str) -> int:
-    """Point the queued jobs of other models at this one: the node runs one model, and jobs
-    queued before its weights changed are analysed by the new weights, as they always were."""
-    return len(
+def adopt_jobs(session: Session, live: str | None, active: Collection[str]) -> int:
+    """Hand the queued jobs over to the models' roles as they are now; returns how many jobs
+    changed. Jobs queued while no model was configured are the live model's. A job of a model
+    that is no longer active (retired, or weights the config no longer names) is re-pointed at
+    the live model where it was to make its image's reports (the image is waiting and has no
+    job of the live model), else cancelled. An image still waiting for its reports whose live
+    job was done by a model that is live no more (promoted away while it ran) gets a job of
+    the live model, which reuses a result that model stored as a shadow."""
+    if live is None:
+        return 0
+    changed = len(
         session.scalars(
             update(Job)
-            .where(Job.state == JobState.QUEUED, Job.model_sha256 != model_sha256)
-            .values(model_sha256=model_sha256)
+            .where(Job.state == JobState.QUEUED, Job.model_sha256.is_(None))
+            .values(model_sha256=live)
             .returning(Job.id)
         ).all()
     )
+    live_job = exists().where(
+        Job.instance_id == Instance.id,
+        Job.model_sha256 == live,
+        Job.state.in_((JobState.QUEUED, JobState.RUNNING)),
+    )
+    stale = session.scalars(
+        select(Job)
+        .where(Job.state == JobState.QUEUED, Job.model_sha256.not_in(list(active)))
+        .order_by(Job.id)
+    ).all()
+    for job in stale:
+        changed += 1
+        if job.instance.state in WAITING and not session.scalar(
+            select(live_job).where(Instance.id == job.instance_id)
+        ):
+            job.model_sha256, job.priority = live, 0
+            session.flush()
+        else:
+            change_state(session, job, JobState.CANCELLED, reason="its model was retired")
+    waiting = session.scalars(
+        select(Instance.id).where(Instance.state.in_(WAITING), ~live_job).order_by(Instance.id)
+    ).all()
+    session.add_all(Job(instance_id=i, state=JobState.QUEUED, model_sha256=live) for i in waiting)
+    return changed + len(waiting)
 
 
 def claim_jobs(
@@ -76,33 +183,41 @@ def claim_jobs(
     lease: dt.timedelta,
     max_attempts: int = 3,
     *,
-    model_sha256: str,
+    models: Collection[str],
+    live: str | None = None,
 ) -> list[Job]:
-    """Claim up to ``limit`` of this model's jobs under a lease. A job claimed before and not
-    finished was in a batch whose worker died: it is claimed alone, so that one image that
-    kills its worker costs no other image an attempt, and jobs at ``max_attempts`` are left to
-    :func:`fail_exhausted`."""
+    """Claim, under a lease, the jobs of ``models`` on up to ``limit`` images (each image with
+    all its jobs of those models, to be decoded once), received images before a backfill's;
+    with the ``live`` model among them, the jobs queued while no model was live too. A
+    job claimed before and not finished was in a batch whose worker died: it is claimed alone,
+    so that one image that kills its worker costs no other image an attempt, and jobs at
+    ``max_attempts`` are left to :func:`fail_exhausted`."""
     now = utcnow()
     base = (
-        select(Job.id)
-        .where(_claimable(now), _for_model(model_sha256), Job.attempts < max_attempts)
-        .order_by(Job.id)
+        select(Job.id, Job.instance_id)
+        .where(_claimable(now), _of(models, live), Job.attempts < max_attempts)
+        .order_by(Job.priority, Job.id)
     )
-    values = dict(
-        owner=owner, lease_until=now + lease, attempts=Job.attempts + 1, model_sha256=model_sha256
-    )
-    ids = _claim(session, base.where(Job.attempts > 0).limit(1), values)
-    if not ids:
-        ids = _claim(session, base.where(Job.attempts == 0).limit(limit), values)
+    if session.get_bind().dialect.name == "postgresql":
+        base = base.with_for_update(skip_locked=True)
+    retried = session.execute(base.where(Job.attempts > 0).limit(1)).all()
+    if retried:
+        ids = [retried[0].id]
+    else:
+        rows = session.execute(base.where(Job.attempts == 0).limit(limit * len(models))).all()
+        images = list(dict.fromkeys(r.instance_id for r in rows))[:limit]
+        ids = [r.id for r in rows if r.instance_id in images]
     if not ids:
         return []
-    return list(session.scalars(select(Job).where(Job.id.in_(ids)).order_by(Job.id)))
-
-
-def _claim(session: Session, pick: Select[tuple[int]], values: dict[str, object]) -> list[int]:
-    if session.get_bind().dialect.name == "postgresql":
-        pick = pick.with_for_update(skip_locked=True)
-    return move_rows(session, Job, Job.id.in_(pick.scalar_subquery()), JobState.RUNNING, **values)
+    values = dict(
+        owner=owner, lease_until=now + lease, attempts=Job.attempts + 1,
+        model_sha256=func.coalesce(Job.model_sha256, live),
+    )  # fmt: skip
+    claimed = move_rows(session, Job, and_(Job.id.in_(ids), _claimable(now)), JobState.RUNNING,
+                        **values)  # fmt: skip
+    if not claimed:
+        return []
+    return list(session.scalars(select(Job).where(Job.id.in_(claimed)).order_by(Job.id)))
 
 
 def held_job(session: Session, job_id: int, owner: str) -> Job | None:
@@ -119,12 +234,19 @@ def finish_job(session: Session, job: Job) -> None:
 
 
 def fail_job(session: Session, job: Job, reason: str, summary: str | None = None) -> None:
-    """The job and its instance end ``failed`` with ``reason`` (audited once, on the
-    instance); ``summary`` is what the application log says instead, where the reason may
-    quote header values."""
+    """The job ends ``failed`` with ``reason``, and so does its instance where the job was
+    the live model's (audited once, on the instance); a shadow model's failure is its job's
+    alone, audited as the model's. ``summary`` is what the application log says instead,
+    where the reason may quote header values."""
     job.lease_until = None
     change_state(session, job, JobState.FAILED, reason=reason, summary=summary)
-    change_state(session, job.instance, InstanceState.FAILED, reason=reason, summary=summary)
+    if is_live(session, job.model_sha256):
+        change_state(session, job.instance, InstanceState.FAILED, reason=reason, summary=summary)
+    else:
+        record_event(
+            session, "model", outcome="failure", instance=job.instance,
+            detail=f"shadow model {job.model_sha256} failed on this image: {reason}",
+        )  # fmt: skip
 
 
 def fail_exhausted(session: Session, max_attempts: int) -> list[tuple[int, str]]:

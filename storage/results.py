@@ -15,6 +15,7 @@ from typing import Any
 from sqlalchemy import desc, func, select
 from sqlalchemy.orm import Session
 
+from storage.audit import record_event
 from storage.deliveries import StoredObject, add_deliveries
 from storage.lifecycle import change_state
 from storage.tables import DeliveryKind, Instance, InstanceState, Result, utcnow
@@ -57,10 +58,13 @@ class Ages:
     corrected_age_gap: float | None
 
 
-def record_inferred(session: Session, instance: Instance, model: ModelIdentity, ages: Ages) -> None:
-    """Store the model's output and make the instance ``inferred`` (audited once per model):
-    from here on a crash does not run the model again. Reports of an earlier run are dropped
-    from the row; they are built again from this age."""
+def record_inferred(
+    session: Session, instance: Instance, model: ModelIdentity, ages: Ages, live: bool = True
+) -> None:
+    """Store the model's output and, for the ``live`` model, make the instance ``inferred``
+    (audited once per model): from here on a crash does not run the model again. Reports of an
+    earlier run are dropped from the row; they are built again from this age. A shadow model's
+    output is audited as such and leaves the instance's state alone."""
     result = _result(session, instance, model.sha256)
     if result is None:
         result = Result(
@@ -78,14 +82,11 @@ def record_inferred(session: Session, instance: Instance, model: ModelIdentity, 
     result.reported_at = None
     result.sr_sop_instance_uid = result.sr_path = None
     result.sc_sop_instance_uid = result.sc_path = None
-    if instance.state != InstanceState.INFERRED:  # by an earlier model: already audited
-        change_state(
-            session,
-            instance,
-            InstanceState.INFERRED,
-            detail=f"x-ray age {ages.xray_age} a, model {model.name} {model.version} "
-            f"sha256 {model.sha256}",
-        )
+    said = f"x-ray age {ages.xray_age} a, model {model.name} {model.version} sha256 {model.sha256}"
+    if not live:
+        record_event(session, "inferred", instance=instance, detail=f"shadow (not sent): {said}")
+    elif instance.state != InstanceState.INFERRED:  # by an earlier model: already audited
+        change_state(session, instance, InstanceState.INFERRED, detail=said)
 
 
 def record_reports(
@@ -227,11 +228,11 @@ def instance_page(
     if before_id is not None:
         stmt = stmt.where(Instance.id < before_id)
     rows = list(session.scalars(stmt.order_by(desc(Instance.id)).limit(limit)))
-    ages: dict[int, tuple[float, bool]] = {}  # by the newest result (the current model's)
+    ages: dict[int, tuple[float, bool]] = {}  # the newest reported result, else the newest
     for instance_id, age, untrained in session.execute(
         select(Result.instance_id, Result.xray_age, Result.untrained)
         .where(Result.instance_id.in_([i.id for i in rows]))
-        .order_by(Result.id)
+        .order_by(Result.reported_at.is_not(None), Result.id)
     ):
         ages[instance_id] = (age, untrained)
     return [InstanceRow(i.id, _instance(i, *ages.get(i.id, (None, False)))) for i in rows]

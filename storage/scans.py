@@ -176,11 +176,12 @@ def triage(
     return fetch, done, again
 
 
-def requeue(session: Session, instance_ids: list[int], model_sha256: str, actor: str) -> None:
-    """Queue again, for ``model_sha256``, instances another model reported (from their files)."""
+def requeue(session: Session, instance_ids: list[int], actor: str) -> None:
+    """Queue again, for the live model (and the shadows), instances another model reported
+    (from their files)."""
     for inst in session.scalars(select(Instance).where(Instance.id.in_(instance_ids))):
         queue_job(
-            session, inst, model_sha256, actor=actor,
+            session, inst, actor=actor,
             detail="retro-scan: queued again from the stored file for the current model",
         )  # fmt: skip
 

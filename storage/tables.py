@@ -67,6 +67,16 @@ class JobState(enum.StrEnum):
     RUNNING = "running"
     DONE = "done"
     FAILED = "failed"
+    CANCELLED = "cancelled"  # its model was retired before it ran
+
+
+class ModelRole(enum.StrEnum):
+    """A model's part in the node: ``live`` makes the reports; a ``shadow`` runs on the same
+    images, its results stored and never sent; ``retired`` runs no more."""
+
+    LIVE = "live"
+    SHADOW = "shadow"
+    RETIRED = "retired"
 
 
 class DeliveryState(enum.StrEnum):
@@ -133,6 +143,9 @@ class Job(Base):
     # The model that is to analyse the image (its weights' SHA-256, as results name it); None:
     # queued while no model was configured, taken by the first that claims it.
     model_sha256: Mapped[str | None] = mapped_column(String(64))
+    # Claimed in this order: 0 for received images (live and shadow jobs alike), 1 for a
+    # shadow model's backfill of past images, which waits for live traffic.
+    priority: Mapped[int] = mapped_column(Integer, default=0)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     owner: Mapped[str | None] = mapped_column(String(128))
     lease_until: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
@@ -168,6 +181,27 @@ class Result(Base):
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
     instance: Mapped[Instance] = relationship(back_populates="results")
+
+
+class Model(Base):
+    """A model the node knows: its weights (by path and SHA-256), its card as JSON (storage
+    reads no cards: :mod:`node.models` does), and its role, changed only by audited commands
+    (``xrayage model``) or by ``[model] weights`` naming other weights at start."""
+
+    __tablename__ = "models"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(128))  # what results call it (model_name)
+    version: Mapped[str] = mapped_column(String(64))
+    sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    path: Mapped[str] = mapped_column(Text)
+    card_json: Mapped[str] = mapped_column(Text)
+    role: Mapped[ModelRole] = mapped_column(_enum(ModelRole), index=True)
+    since: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)  # in this role
+    added_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    # When ``[model] weights`` last named these weights at a start: the config names the live
+    # model when it changes, and a promotion made since then stands until it does.
+    configured_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
 
 
 class Delivery(Base):

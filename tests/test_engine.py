@@ -20,6 +20,8 @@ from pydicom.uid import generate_uid
 from ai import AgeModel, Engine, display_values
 from ai.evaluate import agreement, read_labels
 from node.config import ReportConfig, load_settings
+from node.infer.models import ModelSet
+from node.infer.registry import live_card
 from node.infer.worker import InferenceWorker
 from storage import Database, FileStore, Instance, InstanceState, Job, JobState, Result
 from tests.test_cli import run
@@ -67,12 +69,17 @@ def test_the_worker_waits_for_a_full_batch(
     """With max_wait_ms long, one queued image waits until the batch of 4 is full, and then
     all four run in one claim."""
     settings = load_settings(
-        None, storage={"path": tmp_path}, model={"batch_size": 4, "max_wait_ms": 600_000}
+        None,
+        storage={"path": tmp_path},
+        model={"batch_size": 4, "max_wait_ms": 600_000, "weights": str(weights), "device": "cpu"},
     )
     db = Database(f"sqlite:///{tmp_path / 'x.db'}")
     db.create_schema()
+    live_card(db, settings.model)  # the weights registered as the live model, as at a start
+    models = ModelSet(db, "cpu")
+    models.refresh(force=True)
     reports = ReportConfig(settings.report, "XRAYAGE", {})
-    worker = InferenceWorker(settings.model, reports, db, FileStore(tmp_path / "dicom"), model)
+    worker = InferenceWorker(settings.model, reports, db, FileStore(tmp_path / "dicom"), models)
     files = _variants(chest_ds, tmp_path / "in", 4)
 
     def enqueue(path: Path) -> None:

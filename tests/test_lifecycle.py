@@ -98,7 +98,7 @@ def test_an_image_that_kills_its_worker_fails_after_max_attempts_and_costs_other
 
     def claim(limit: int = 8) -> list[int]:
         with db.session() as s:
-            claimed = claim_jobs(s, owner, limit, LEASE, max_attempts=3, model_sha256="m")
+            claimed = claim_jobs(s, owner, limit, LEASE, max_attempts=3, models=["m"], live="m")
             return [j.instance_id for j in claimed]
 
     deaths = iter([
@@ -145,7 +145,7 @@ def test_restarts_of_a_node_cost_the_images_in_flight_no_attempt(tmp_path: Path)
     owner = f"ward:{dead.pid}"
     for _ in range(3):
         with db.session() as s:
-            claimed = claim_jobs(s, owner, 8, LEASE, max_attempts=3, model_sha256="m")
+            claimed = claim_jobs(s, owner, 8, LEASE, max_attempts=3, models=["m"], live="m")
             assert [j.instance_id for j in claimed] == images  # one batch, not one at a time
         with db.session() as s:
             assert requeue_orphans(s, "ward", counted=False) == 3
@@ -256,12 +256,18 @@ def test_a_second_scheduler_on_postgresql_says_so_and_waits_for_the_first(
 def test_jobs_and_scans_have_their_tables_and_illegal_moves_are_refused(tmp_path: Path) -> None:
     """Every kind of state has its table in storage/lifecycle.py; each refuses what it lacks,
     one row at a time (change_state) and as a set (move_rows leaves rows that may not move)."""
-    from storage.lifecycle import JOB_TRANSITIONS, LIFECYCLES, SCAN_TRANSITIONS, move_rows
+    from storage.lifecycle import (
+        JOB_TRANSITIONS,
+        LIFECYCLES,
+        MODEL_TRANSITIONS,
+        SCAN_TRANSITIONS,
+        move_rows,
+    )
     from storage.scans import close_scan, open_scan, take_over
-    from storage.tables import Delivery, RetroScan, ScanState
+    from storage.tables import Delivery, Model, RetroScan, ScanState
 
-    assert set(LIFECYCLES) == {Instance, Job, Delivery, RetroScan}
-    for table in (JOB_TRANSITIONS, SCAN_TRANSITIONS):
+    assert set(LIFECYCLES) == {Instance, Job, Delivery, RetroScan, Model}
+    for table in (JOB_TRANSITIONS, SCAN_TRANSITIONS, MODEL_TRANSITIONS):
         assert all(targets <= set(table) for targets in table.values())
     db = Database.sqlite_in(tmp_path)
     db.create_schema()

@@ -61,8 +61,8 @@ log = logging.getLogger("xrayage.receive")
 
 class Receiver:
     """The SCP under ``[node]``: C-STORE handling with the ``gate``'s rules; images to analyse
-    are queued for the model ``model_sha256`` (None: none configured yet, the first to run
-    takes them) and ``on_queued`` wakes the inference worker. The retro-scan's C-GET uses
+    are queued for the node's models (storage/queue.py) and ``on_queued`` wakes the inference
+    worker. The retro-scan's C-GET uses
     :meth:`handle_store` alone."""
 
     def __init__(
@@ -71,11 +71,9 @@ class Receiver:
         gate: Gate,
         db: Database,
         store: FileStore,
-        model_sha256: str | None = None,
         on_queued: Callable[[], None] = lambda: None,
     ) -> None:
         self.node = node
-        self.model_sha256 = model_sha256
         self.gate = gate
         self.server: GuardedServer | None = None
         self.db = db
@@ -228,7 +226,7 @@ class Receiver:
         )
         decision = self.gate.decide(ds)
         with self.db.session() as s:
-            intake = record_received(s, received, decision.reason, self.model_sha256)
+            intake = record_received(s, received, decision.reason)
         return None if intake == Intake.DUPLICATE else decision
 
     def make_ae(self) -> AE:

@@ -69,15 +69,14 @@ class InferenceProcess:
         storage: StorageSection,
         logging_cfg: LoggingSection,
         db: Database,
-        weights: Path,
         wake: Any,
         reported: Any,
     ) -> None:
         """``wake`` (a job was queued) and ``reported`` (wakes the deliverer): events from
-        :func:`event`, shared with the process."""
+        :func:`event`, shared with the process. The process loads the models the models table
+        names (node/infer/models.py)."""
         self.config = (cfg, reports, storage, logging_cfg)
         self.db = db
-        self.weights = weights
         self.wake = wake
         self.reported = reported
         self.ready = event()
@@ -102,7 +101,6 @@ class InferenceProcess:
             target=run_child,
             args=(
                 *self.config,
-                str(self.weights),
                 self.wake,
                 self.reported,
                 self.ready,
@@ -216,14 +214,13 @@ def run_child(
     reports: ReportConfig,
     storage: StorageSection,
     logging_cfg: LoggingSection,
-    weights: str,
     wake: Any,
     reported: Any,
     ready: Any,
     stop: Any,
     errors: Connection,
 ) -> None:
-    """The inference process: the model and the worker loop, until ``stop`` or the parent's
+    """The inference process: the models and the worker loop, until ``stop`` or the parent's
     death (a child of a killed ``serve`` must not go on claiming jobs)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent
     signal.signal(signal.SIGTERM, lambda *_: stop.set())  # decides; a plain kill stops cleanly
@@ -232,21 +229,23 @@ def run_child(
     # C-STORE or a retro-scan's retrieve is never slowed by the model; idle cores are shared.
     os.nice(INFERENCE_NICENESS)
     keep_freed_memory()  # the model's and the batches' tensors reuse memory (ai/processes.py)
-    from ai.model import AgeModel  # torch loads here, in the child only
+    from node.infer.models import ModelSet  # torch loads here, in the child only
     from node.infer.worker import InferenceWorker
     from node.logs import configure_logging
 
     configure_logging(logging_cfg)
     db = storage.open_database()
+    models = ModelSet(db, cfg.device)
     try:
-        model = AgeModel.load(Path(weights), cfg.device, warm_up=True)
+        models.refresh(force=True)
+        worker = InferenceWorker(
+            cfg, reports, db, storage.open_file_store(), models, reported.set, wake,
+            in_own_process=True,
+        )  # fmt: skip
     except Exception as e:  # the parent reports it as the user's error, once
         errors.send(str(e) or type(e).__name__)
         raise SystemExit(1) from None
     errors.close()
-    worker = InferenceWorker(
-        cfg, reports, db, storage.open_file_store(), model, reported.set, wake, in_own_process=True
-    )
     worker.start()
     ready.set()
     parent = multiprocessing.parent_process()

@@ -345,7 +345,7 @@ class RetroScanner:
             done += plan.already_done
             if plan.again:
                 with self.db.session() as s:
-                    requeue(s, plan.again, self.model_sha256, "retro-scan")
+                    requeue(s, plan.again, "retro-scan")
                 again += len(plan.again)
             granted = budget.take(plan.count, all_or_none=bool(plan.series_size))
             if granted:
