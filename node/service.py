@@ -18,6 +18,7 @@ import logging
 import signal
 import threading
 from collections.abc import Callable
+from functools import partial
 from typing import Literal, get_args
 
 from apscheduler.triggers.cron import CronTrigger
@@ -33,9 +34,9 @@ from node.dicom.scp import Receiver
 from node.gate import Gate
 from node.http.app import HttpServer, create_app, local_token
 from node.infer.process import InferenceProcess, event
-from node.infer.registry import live_card
+from node.infer.registry import active_cards, live_card
 from node.report.identity import is_own_output
-from node.results.validation import Validation
+from node.results.validation import Validations
 from node.retro.runner import RetroScanner, next_at
 from node.schedule import ScheduledJob, Scheduler
 from storage import Database, FileStore, record_event
@@ -63,9 +64,7 @@ class NodeService:
         # Only the inference part loads the networks (and imports torch); the others need the
         # live model's card (the gate's age range, the model that retro-scans compare against).
         self.card: ModelCard | None = live_card(self.db, cfg)
-        self.validation = (
-            Validation(self.db, self.card, settings.validation) if self.card is not None else None
-        )
+        self.validations = Validations(self.db, settings.validation, partial(active_cards, self.db))
         # Reports wake the deliverer, queued images the inference part: events that work across
         # processes where inference runs in one of its own (the default).
         self.isolated = (
@@ -136,7 +135,7 @@ class NodeService:
                 "(name 'local'); add [http] tokens for other readers",
                 http.host, http.port, where,
             )  # fmt: skip
-        app = create_app(self.db, tokens, self.not_ready, metrics, self.validation)
+        app = create_app(self.db, tokens, self.not_ready, metrics, self.validations)
         return HttpServer(app, http.host, http.port)
 
     def _scheduled_jobs(self) -> list[ScheduledJob]:
@@ -161,8 +160,8 @@ class NodeService:
                     "retro-scan", retro.schedule, grace, scanner.nightly, scanner.stopping.set
                 )
             )
-        if self.validation is not None:
-            check = self.validation.check
+        if self.card is not None:
+            check = self.validations.check
             jobs.append(ScheduledJob("validation-check", VALIDATION_CHECK, 3600, check))
         if s.audit.retention_days is not None:
             jobs.append(ScheduledJob("audit-purge", s.audit.purge_schedule, 86400, self.purge))

@@ -17,12 +17,13 @@ from sqlalchemy.orm import Session
 from storage.lifecycle import change_state
 from storage.queue import adopt_jobs
 from storage.tables import Model, ModelRole, Result, utcnow
+from xrayage.errors import UserError
 
 REFRESH_SECONDS = 10.0  # how often an inference process reads the table (a minute at most)
 SHA_PREFIX = 8  # the shortest SHA-256 prefix that names a model
 
 
-class ModelError(LookupError):
+class ModelError(UserError, LookupError):
     """A model command that cannot be done: unknown or ambiguous name, a live model retired."""
 
 
@@ -94,8 +95,10 @@ def _check_name(session: Session, weights: Weights) -> None:
 def add_model(session: Session, weights: Weights, role: ModelRole, actor: str) -> Model:
     """Register ``weights`` in ``role`` (audited); weights known already change role instead.
     A new live model retires the live one (:func:`set_role`)."""
-    _check_name(session, weights)
     model = _same_sha(session, weights.sha256)
+    if model is not None and model.role in (role, ModelRole.LIVE):
+        raise ModelError(f"model {model.name} is already {model.role.value}")
+    _check_name(session, weights)
     if model is None:
         model = Model(
             name=weights.name, version=weights.version, sha256=weights.sha256,
@@ -103,8 +106,6 @@ def add_model(session: Session, weights: Weights, role: ModelRole, actor: str) -
         )  # fmt: skip
         session.add(model)
         session.flush()
-    elif model.role in (role, ModelRole.LIVE):
-        raise ModelError(f"model {model.name} is already {model.role.value}")
     else:  # a retired model back, under the name asked for and from where it is now
         model.name, model.path = weights.name, weights.path
     set_role(session, model, role, actor, f"model {model.name} {model.version} "

@@ -311,6 +311,7 @@ class AgePair:
     at: dt.datetime  # when the age was estimated
     patient_id: str | None
     study_date: dt.date | None
+    instance_id: int | None = None  # pairs one model's image with another's
 
 
 def age_pairs(
@@ -345,6 +346,7 @@ def age_pairs(
             r.created_at,
             i.patient_id,
             i.study_date,
+            i.id,
         )
         for r, i in session.execute(stmt)
     ]

@@ -105,7 +105,7 @@ def test_pull_records_the_checksum_and_the_preset_name_then_works(
     config.write_text(f'[model]\nweights = "riken-senet154"\ncache_dir = "{cache}"\n')
     info = run("model", "info", "riken-senet154", "--config", str(config))
     assert json.loads(info.stdout)["downloaded"] is True
-    listing = run("model", "list", "--cache", str(cache))
+    listing = run("model", "presets", "--cache", str(cache))
     assert digest[:16] in listing.stdout and "not downloaded" not in listing.stdout
 
 

@@ -70,7 +70,7 @@ def test_equal_mae_and_bias_both_show_and_untrained_figures_say_so(
 ) -> None:
     """Every image 2 years over: MAE equals bias each month; the bias marker is drawn hollow
     and smaller over the MAE's, so both are seen."""
-    svg = plots.agreement(Validation(db, TRAINED, ValidationSection()))
+    svg = plots.agreement([Validation(db, TRAINED, ValidationSection())])
     assert plots.UNTRAINED not in _texts(svg)
     lines = {line.get_label(): line for line in drawn[0].axes[0].get_lines()}
     mae, bias = lines["MAE"], lines["bias"]
@@ -79,7 +79,7 @@ def test_equal_mae_and_bias_both_show_and_untrained_figures_say_so(
     assert bias.get_zorder() > mae.get_zorder()
     untrained = ModelCard(name="demo", sha256="ab" * 32, untrained=True)
     for plot in (plots.scatter, plots.bland_altman, plots.gaps, plots.agreement):
-        assert plots.UNTRAINED in _texts(plot(Validation(db, untrained, ValidationSection())))
+        assert plots.UNTRAINED in _texts(plot([Validation(db, untrained, ValidationSection())]))
 
 
 def test_the_forest_plot_names_its_rows_in_words_and_writes_each_estimate() -> None:

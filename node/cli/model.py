@@ -1,4 +1,5 @@
-"""``xrayage model pull|list|info``: weights by name, in a local cache; never at serve time."""
+"""``xrayage model pull|presets|info``: weights by name, in a local cache, never fetched at serve
+time; and the node's models and their roles (node/cli/model_roles.py)."""
 
 from __future__ import annotations
 
@@ -22,12 +23,20 @@ from ai import PRESETS, default_cache_dir
 from ai.card import card_path
 from ai.download import pull as download
 from ai.presets import Preset, model_card
+from node.cli import model_roles
 from node.cli.support import ConfigOption, UsageError, user_errors
 from node.config import load_settings
 
 model_app = typer.Typer(
-    help="Weights: download presets, list and describe them.", rich_markup_mode="markdown"
+    help="The node's models (add, promote, retire, list, backfill) and weights (pull, presets, "
+    "info).",
+    rich_markup_mode="markdown",
 )
+model_app.command()(model_roles.add)
+model_app.command()(model_roles.promote)
+model_app.command()(model_roles.retire)
+model_app.command("list")(model_roles.list_models)
+model_app.command()(model_roles.backfill)
 
 CacheOption = Annotated[
     Path | None,
@@ -78,9 +87,9 @@ def pull(
     typer.echo(f"{name}: {path}\nsha256 {card.sha256} {how}")
 
 
-@model_app.command("list")
+@model_app.command()
 @user_errors
-def list_models(cache: CacheOption = None, config: ConfigOption = None) -> None:
+def presets(cache: CacheOption = None, config: ConfigOption = None) -> None:
     """Presets, whether they are downloaded, and other weights in the cache."""
     folder = _cache(cache, config)
     table = Table("name", "architecture", title=f"models in {folder}")

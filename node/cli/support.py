@@ -39,7 +39,7 @@ ConfigOption = Annotated[
 ]
 WeightsOption = Annotated[
     str | None,
-    typer.Option(help="preset name (see `xrayage model list`) or TorchScript/safetensors file"),
+    typer.Option(help="preset name (see `xrayage model presets`) or TorchScript/safetensors file"),
 ]
 DeviceOption = Annotated[str | None, typer.Option(help="auto, cpu or cuda")]
 

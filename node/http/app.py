@@ -19,6 +19,7 @@ import uvicorn
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import Response
 
+from node.config import ValidationSection
 from node.http.routes import (
     audit,
     dashboard,
@@ -30,7 +31,7 @@ from node.http.routes import (
     validation,
 )
 from node.http.routes.common import token_caller
-from node.results.validation import Validation
+from node.results.validation import Validations
 from storage import Database
 from xrayage.errors import CannotListen
 
@@ -52,11 +53,12 @@ def create_app(
     tokens: dict[str, str],
     readiness: Callable[[], list[str]] = list,
     child_metrics: Path | None = None,
-    validation_figures: Validation | None = None,
+    validations: Validations | None = None,
 ) -> FastAPI:
     """``readiness`` lists what keeps this process from being ready (empty: ready);
     ``child_metrics``: the inference process's metric files, summed into ``/metrics``;
-    ``validation_figures``: the current model's agreement figures (none without a model)."""
+    ``validations``: the active models' agreement figures (none without a model)."""
+    figures = validations or Validations(db, ValidationSection(), list)
     # The schema is served behind the token like the rest of /api (route below).
     app = FastAPI(title="xrayage", docs_url=None, redoc_url=None, openapi_url=None)
 
@@ -67,12 +69,12 @@ def create_app(
         return response
 
     caller = token_caller(tokens)
-    app.include_router(probes.routes(db, readiness, child_metrics, validation_figures))
+    app.include_router(probes.routes(db, readiness, child_metrics, figures))
     app.include_router(pages.routes())
-    app.include_router(dashboard.routes(db, caller, validation_figures))
+    app.include_router(dashboard.routes(db, caller, figures))
     app.include_router(audit.routes(db, caller))
     app.include_router(results.routes(db, caller))
-    app.include_router(validation.routes(db, caller, validation_figures))
+    app.include_router(validation.routes(db, caller, figures))
     app.include_router(instances.routes(db, caller))
     app.include_router(deliveries.routes(db, caller))
 

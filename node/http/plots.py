@@ -1,6 +1,8 @@
 """The dashboard's plots, drawn on the server with matplotlib (SVG, nothing fetched by the
 browser from elsewhere): agreement of X-ray age with chronological age on this site's patients
-(node/results/validation.py's pairs) and what the node did per day."""
+(node/results/validation.py's pairs) and what the node did per day. Each plot takes the active
+models' figures, the live model's first: the agreement per month draws one series per model,
+the others the live model's images."""
 
 from __future__ import annotations
 
@@ -59,7 +61,8 @@ def _arrays(pairs: list[AgePair]) -> tuple[np.ndarray, np.ndarray]:
     )
 
 
-def scatter(v: Validation) -> bytes:
+def scatter(models: list[Validation]) -> bytes:
+    v = models[0]
     fig, ax = _figure(5, 5, v)
     real, xray = _arrays(v.pairs(rolling=False))
     lo, hi = v.card.age_range
@@ -74,7 +77,8 @@ def scatter(v: Validation) -> bytes:
     return _svg(fig)
 
 
-def bland_altman(v: Validation) -> bytes:
+def bland_altman(models: list[Validation]) -> bytes:
+    v = models[0]
     fig, ax = _figure(6, 4, v)
     real, xray = _arrays(v.pairs(rolling=False))
     if len(real) > 1:
@@ -97,7 +101,8 @@ def bland_altman(v: Validation) -> bytes:
     return _svg(fig)
 
 
-def gaps(v: Validation) -> bytes:
+def gaps(models: list[Validation]) -> bytes:
+    v = models[0]
     fig, ax = _figure(6, 4, v)
     real, xray = _arrays(v.pairs(rolling=False))
     if len(real):
@@ -138,18 +143,27 @@ def per_day(db: Database) -> bytes:
     return _svg(fig)
 
 
-def agreement(v: Validation) -> bytes:
-    fig, ax = _figure(8, 4, v)
-    months = v.figures("month")
-    if months:
+def agreement(models: list[Validation]) -> bytes:
+    live = models[0]
+    fig, ax = _figure(8, 4, live)
+    drawn = False
+    for n, v in enumerate(models):
+        months = v.figures("month")
+        if not months:
+            continue
+        drawn = True
         x = [m.period for m in months]
+        who = f"{v.card.name}{'' if n == 0 else ' (shadow)'}" if len(models) > 1 else ""
         # Large filled MAE markers under small hollow bias ones: both show when they are equal.
-        ax.plot(x, [m.mae for m in months], "o-", markersize=10, label="MAE", zorder=2)
+        line = ax.plot(x, [m.mae for m in months], "o-", markersize=10 - 2 * n,
+                       label=f"MAE {who}".strip(), zorder=2)  # fmt: skip
         ax.plot(x, [m.bias for m in months], "s--", markersize=5, fillstyle="none",
-                markeredgewidth=1.5, label="bias", zorder=3)  # fmt: skip
-        if v.card.reference_mae is not None:
-            ax.axhline(v.card.reference_mae, color="#888", lw=1,
-                       label=f"stated MAE {v.card.reference_mae:g}")  # fmt: skip
+                markeredgewidth=1.5, label=f"bias {who}".strip(), zorder=3,
+                color=line[0].get_color())  # fmt: skip
+    if drawn:
+        if live.card.reference_mae is not None:
+            ax.axhline(live.card.reference_mae, color="#888", lw=1,
+                       label=f"stated MAE {live.card.reference_mae:g}")  # fmt: skip
         ax.axhline(0, color="#ccc", lw=1)
         ax.legend(fontsize="small")
     else:
@@ -158,7 +172,7 @@ def agreement(v: Validation) -> bytes:
     return _svg(fig)
 
 
-PLOTS: dict[str, Callable[[Validation], bytes]] = {
+PLOTS: dict[str, Callable[[list[Validation]], bytes]] = {
     "scatter": scatter,
     "bland-altman": bland_altman,
     "gaps": gaps,

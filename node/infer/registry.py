@@ -16,7 +16,7 @@ from ai.card import ModelCard
 from ai.presets import model_card, resolve_weights
 from node.config import ModelSection
 from storage import Database
-from storage.models import Weights, configure, live_model
+from storage.models import Weights, active_models, configure, live_model
 from storage.tables import Model
 
 log = logging.getLogger("xrayage.models")
@@ -54,3 +54,9 @@ def live_card(db: Database, cfg: ModelSection) -> ModelCard | None:
     with db.session() as s:
         live = live_model(s)
         return card_of(live) if live is not None else None
+
+
+def active_cards(db: Database) -> list[ModelCard]:
+    """The cards of the live model and the shadows, live first."""
+    with db.session() as s:
+        return [card_of(m) for m in active_models(s)]

@@ -29,6 +29,7 @@ from sqlalchemy import select
 
 from ai.card import ModelCard
 from node.config import ValidationSection
+from node.results.compare import Comparison, compare
 from storage import AuditEvent, Database, record_event, utcnow
 from storage.results import AgePair, age_pairs
 
@@ -112,13 +113,14 @@ def study_month(p: AgePair) -> str:
 
 
 class ValidationCollector(Collector):
-    """The rolling window's figures as Prometheus gauges, read at each scrape."""
+    """The rolling window's figures of each active model as Prometheus gauges, read at each
+    scrape, labelled by model (its name) and group."""
 
-    def __init__(self, validation: Validation) -> None:
-        self.validation = validation
+    def __init__(self, validations: Validations) -> None:
+        self.validations = validations
 
     def collect(self) -> Iterator[Metric]:
-        figures = self.validation.rolling()
+        figures = [(v.card.name, a) for v in self.validations.models() for a in v.rolling()]
         gauges = [
             ("mae_years", "Mean absolute difference of X-ray and chronological age", "mae"),
             ("bias_years", "Mean X-ray age minus chronological age", "bias"),
@@ -127,10 +129,11 @@ class ValidationCollector(Collector):
         ]
         for name, doc, field in gauges:
             family = GaugeMetricFamily(
-                f"xrayage_validation_{name}", f"{doc}, rolling window, by group", labels=["group"]
-            )
-            for a in figures:
-                family.add_metric([a.group], getattr(a, field))
+                f"xrayage_validation_{name}", f"{doc}, rolling window, by model and group",
+                labels=["model", "group"],
+            )  # fmt: skip
+            for model, a in figures:
+                family.add_metric([model, a.group], getattr(a, field))
             yield family
 
 
@@ -206,3 +209,44 @@ class Validation:
             record_event(s, ALERT_EVENT, outcome="failure", detail=why)
         log.warning("validation: %s", why)
         return why
+
+
+class Validations:
+    """The figures of each active model, the live one first, with each shadow compared with
+    the live model on the same images (:mod:`node.results.compare`). ``cards`` reads the models
+    table at each call: a promotion shows at once."""
+
+    def __init__(
+        self, db: Database, cfg: ValidationSection, cards: Callable[[], list[ModelCard]]
+    ) -> None:
+        self.db = db
+        self.cfg = cfg
+        self.cards = cards
+
+    def models(self) -> list[Validation]:
+        return [Validation(self.db, card, self.cfg) for card in self.cards()]
+
+    def live(self) -> Validation | None:
+        return next(iter(self.models()), None)
+
+    def comparisons(self) -> list[Comparison]:
+        """Each shadow against the live model, on all their images with a known age."""
+        live, *shadows = self.models() or [None]
+        if live is None:
+            return []
+        reference = live.pairs(rolling=False)
+        return [paired(live, v, reference) for v in shadows]
+
+    def check(self) -> str | None:
+        """The live model's drift check (:meth:`Validation.check`): its reports are sent."""
+        live = self.live()
+        return live.check() if live is not None else None
+
+
+def paired(
+    reference: Validation, candidate: Validation, pairs: list[AgePair] | None = None
+) -> Comparison:
+    """``candidate`` against ``reference`` on the images both analysed (``pairs``: the
+    reference's, when already read)."""
+    ref = pairs if pairs is not None else reference.pairs(rolling=False)
+    return compare(reference.card.name, candidate.card.name, ref, candidate.pairs(rolling=False))

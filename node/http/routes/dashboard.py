@@ -6,11 +6,11 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, HTTPException, status
 from fastapi.responses import Response
 
-from node.results.validation import Validation
+from node.results.validation import Validations
 from storage import Database
 
 
-def routes(db: Database, caller: Callable[..., str], validation: Validation | None) -> APIRouter:
+def routes(db: Database, caller: Callable[..., str], validations: Validations) -> APIRouter:
     router = APIRouter()
     Caller = Annotated[str, Depends(caller)]
 
@@ -23,8 +23,9 @@ def routes(db: Database, caller: Callable[..., str], validation: Validation | No
             return Response(per_day(db), media_type="image/svg+xml")
         if name not in PLOTS:
             raise HTTPException(status.HTTP_404_NOT_FOUND, f"no plot {name!r}")
-        if validation is None:
+        models = validations.models()
+        if not models:
             raise HTTPException(status.HTTP_404_NOT_FOUND, "no [model] weights configured")
-        return Response(PLOTS[name](validation), media_type="image/svg+xml")
+        return Response(PLOTS[name](models), media_type="image/svg+xml")
 
     return router

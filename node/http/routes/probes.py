@@ -11,7 +11,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 
 from node.metrics import registry_for
-from node.results.validation import Validation, ValidationCollector
+from node.results.validation import ValidationCollector, Validations
 from storage import Database
 
 
@@ -19,7 +19,7 @@ def routes(
     db: Database,
     readiness: Callable[[], list[str]],
     child_metrics: Path | None,
-    validation: Validation | None,
+    validations: Validations,
 ) -> APIRouter:
     router = APIRouter()
 
@@ -39,8 +39,7 @@ def routes(
             raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "; ".join(problems))
         return {"status": "ready"}
 
-    more = [ValidationCollector(validation)] if validation is not None else []
-    metrics = registry_for(db, child_metrics, more)
+    metrics = registry_for(db, child_metrics, [ValidationCollector(validations)])
 
     @router.get("/metrics")
     def prometheus() -> Response:

@@ -41,9 +41,7 @@ def upgrade() -> None:
     with op.batch_alter_table("models", schema=None) as batch_op:
         batch_op.create_index(batch_op.f("ix_models_role"), ["role"], unique=False)
     with op.batch_alter_table("jobs", schema=None) as batch_op:
-        batch_op.add_column(
-            sa.Column("priority", sa.Integer(), nullable=False, server_default="0")
-        )
+        batch_op.add_column(sa.Column("priority", sa.Integer(), nullable=False, server_default="0"))
     with op.batch_alter_table("jobs", schema=None) as batch_op:
         batch_op.alter_column("priority", server_default=None)
 
