@@ -55,7 +55,8 @@ def worker(url: str, batch: int, start: mp.synchronize.Event, out: mp.Queue) -> 
     start.wait()
     while True:
         with db.session() as s:
-            ids = [job.id for job in claim_jobs(s, owner, batch, LEASE, model_sha256="bench")]
+            claimed_now = claim_jobs(s, owner, batch, LEASE, models=["bench"], live="bench")
+            ids = [job.id for job in claimed_now]
         if not ids:
             break
         with db.session() as s:

@@ -161,3 +161,42 @@ def test_migration_0005_marks_the_demo_models_results_untrained(tmp_path: Path) 
         marked = conn.execute(text("SELECT id, untrained FROM results ORDER BY id")).all()
     assert [(i, bool(u)) for i, u in marked] == [(1, True), (2, False)]
     db.dispose()
+
+
+def test_migration_0006_keeps_jobs_and_results_and_the_next_start_registers_the_live_model(
+    tmp_path: Path, weights: Path
+) -> None:
+    """On a database holding data at 0005: jobs keep their state at priority 0, and the first
+    start registers ``[model] weights`` as the live model, which counts the results of these
+    weights and takes the job queued while no model was configured."""
+    from sqlalchemy import text
+
+    from ai.presets import model_card
+    from node.config import ModelSection
+    from node.infer.registry import live_card
+    from storage.models import images_seen, live_model
+
+    sha = model_card(weights).sha256
+    db = _migrated_from(
+        tmp_path,
+        "0005",
+        f"{INSERT_INSTANCES}{DELIVERED}, "
+        "(2, '2.1', '1.2', 'b', '0', 0, 'push', 'queued', '2026-11-01', '2026-11-01')",
+        "INSERT INTO jobs (id, instance_id, state, model_sha256, attempts, created_at) VALUES "
+        f"(1, 1, 'done', '{sha}', 1, '2026-11-01'), (2, 2, 'queued', NULL, 0, '2026-11-01')",
+        "INSERT INTO results (id, instance_id, model_name, model_version, model_sha256, "
+        f"xray_age, untrained, created_at) VALUES (1, 1, 'm', '1', '{sha}', 60.0, 0, "
+        "'2026-11-01')",
+    )
+    with db.engine.connect() as conn:
+        jobs = conn.execute(text("SELECT id, state, priority FROM jobs ORDER BY id")).all()
+        assert conn.execute(text("SELECT count(*) FROM models")).scalar() == 0
+    assert [tuple(r) for r in jobs] == [(1, "done", 0), (2, "queued", 0)]
+    card = live_card(db, ModelSection(weights=str(weights)))
+    assert card is not None and card.sha256 == sha
+    with db.session() as s:
+        assert live_model(s).sha256 == sha  # type: ignore[union-attr]
+        assert images_seen(s) == {sha: 1}
+        # registering it handed the queued job over (storage.queue.adopt_jobs)
+        assert s.execute(text("SELECT model_sha256 FROM jobs WHERE id = 2")).scalar() == sha
+    db.dispose()

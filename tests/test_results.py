@@ -236,12 +236,15 @@ def test_validation_figures_are_those_of_the_rows(reported: Reported) -> None:
     }
     headers = {"Authorization": f"Bearer {TOKEN}"}
     api = requests.get(f"{base}/api/validation", headers=headers, timeout=10).json()
+    model = overall.pop("model")  # each row names its model
     assert api["rolling"][0] == overall and api["months"][0]["images"] == 3
-    assert api["model"]["untrained"] is True
+    assert api["model"]["untrained"] is True and api["model"]["name"] == model
+    assert [m["model"]["name"] for m in api["models"]] == [model] and api["comparisons"] == []
     metrics = requests.get(f"{base}/metrics", timeout=10).text
-    assert 'xrayage_validation_images{group="view=PA"} 3.0' in metrics
-    assert 'xrayage_validation_patients{group="view=PA"} 2.0' in metrics
-    assert f'xrayage_validation_mae_years{{group="all"}} {overall["mae"]}' in metrics
+    assert f'xrayage_validation_images{{model="{model}",group="view=PA"}} 3.0' in metrics
+    assert f'xrayage_validation_patients{{model="{model}",group="view=PA"}} 2.0' in metrics
+    mae = f'xrayage_validation_mae_years{{model="{model}",group="all"}} {overall["mae"]}'
+    assert mae in metrics
 
 
 def test_the_dashboard_draws_its_plots_in_chromium(reported: Reported, tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
+import requests
 from sqlalchemy import func, select, update
 
 from ai.untrained import build_untrained_model
@@ -178,7 +179,7 @@ def test_a_shadow_model_runs_beside_the_live_one_and_is_promoted(
     port = free_port()
     config = node_config(tmp_path, port, weights, orthanc,
                          validation="promote_min_patients = 50")  # fmt: skip
-    node = NodeProcess(config, port, tmp_path / "node.log")
+    node = NodeProcess(config, port, tmp_path / "node.log", http_port=free_port())
     node.start()
     db = Database(f"sqlite:///{tmp_path / 'data' / 'xrayage.db'}")
     try:
@@ -211,6 +212,20 @@ def test_a_shadow_model_runs_beside_the_live_one_and_is_promoted(
         assert all(r[2] is None for r in by_model["candidate"])  # stored, never sent
         assert {r[1] for r in by_model[live_name]} != {r[1] for r in by_model["candidate"]}
         assert len(orthanc.find({"Modality": "SR", "PatientID": "P0"})) == 1  # the live one's
+
+        token = (tmp_path / "data" / "http-token").read_text().strip()
+        api = requests.get(
+            f"http://127.0.0.1:{node.http_port}/api/validation",
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=30,
+        ).json()
+        assert [m["model"]["name"] for m in api["models"]] == [live_name, "candidate"]
+        assert api["model"]["name"] == live_name  # the live model's at the top level
+        assert api["comparisons"][0]["candidate"] == "candidate"
+        assert api["comparisons"][0]["images"] == 6
+        gauges = node.metrics()
+        assert gauges['xrayage_validation_images{model="candidate",group="all"}'] == 6.0
+        assert gauges[f'xrayage_validation_images{{model="{live_name}",group="all"}}'] == 6.0
 
         compared = _run("validation", "--compare", live_name, "candidate", "-f", "json",
                         "-c", str(config))  # fmt: skip

@@ -23,4 +23,13 @@ login(async () => {
   if (v.reference.mae !== null) parts.push(`stated MAE ${v.reference.mae} (${v.reference.set})`);
   document.getElementById("validation").replaceChildren(...parts.map((t) => {
     const s = document.createElement("span"); s.textContent = t; return s; }));
+  // Each shadow model against the live one, on the images both analysed.
+  document.getElementById("comparisons").replaceChildren(...v.comparisons.map((c) => {
+    const p = document.createElement("p");
+    const ci = c.ci95 ? ` (95 % CI ${f(c.ci95[0])} to ${f(c.ci95[1])}, by patient)` : "";
+    p.textContent = c.images ? `shadow ${c.candidate} vs live ${c.reference}, same ${c.images} images of ` +
+      `${c.patients} patients: MAE ${f(c.mae_candidate)} vs ${f(c.mae_reference)} years, difference ` +
+      `${f(c.difference)}${ci}` : `shadow ${c.candidate}: no image analysed by both models yet`;
+    return p;
+  }));
 });
