@@ -241,9 +241,9 @@ def test_validation_figures_are_those_of_the_rows(reported: Reported) -> None:
     assert api["model"]["untrained"] is True and api["model"]["name"] == model
     assert [m["model"]["name"] for m in api["models"]] == [model] and api["comparisons"] == []
     metrics = requests.get(f"{base}/metrics", timeout=10).text
-    assert f'xrayage_validation_images{{model="{model}",group="view=PA"}} 3.0' in metrics
-    assert f'xrayage_validation_patients{{model="{model}",group="view=PA"}} 2.0' in metrics
-    mae = f'xrayage_validation_mae_years{{model="{model}",group="all"}} {overall["mae"]}'
+    assert f'xrayage_validation_images{{group="view=PA",model="{model}"}} 3.0' in metrics
+    assert f'xrayage_validation_patients{{group="view=PA",model="{model}"}} 2.0' in metrics
+    mae = f'xrayage_validation_mae_years{{group="all",model="{model}"}} {overall["mae"]}'
     assert mae in metrics
 
 

@@ -120,7 +120,7 @@ def test_readyz_says_what_keeps_a_role_from_working(tmp_path: Path) -> None:
     with node_in_process(tmp_path, role="infer", http={"port": http}):
         answer = requests.get(f"http://127.0.0.1:{http}/readyz", timeout=5)
         assert answer.status_code == 503
-        assert answer.json()["detail"] == "no [model] weights configured"
+        assert answer.json()["detail"] == "no [model] weights configured and no live model"
         assert requests.get(f"http://127.0.0.1:{http}/healthz", timeout=5).ok  # alive, not ready
     with node_in_process(tmp_path, role="receive", http={"port": http}) as service:
         assert requests.get(f"http://127.0.0.1:{http}/readyz", timeout=5).json() == {

@@ -224,8 +224,8 @@ def test_a_shadow_model_runs_beside_the_live_one_and_is_promoted(
         assert api["comparisons"][0]["candidate"] == "candidate"
         assert api["comparisons"][0]["images"] == 6
         gauges = node.metrics()
-        assert gauges['xrayage_validation_images{model="candidate",group="all"}'] == 6.0
-        assert gauges[f'xrayage_validation_images{{model="{live_name}",group="all"}}'] == 6.0
+        assert gauges['xrayage_validation_images{group="all",model="candidate"}'] == 6.0
+        assert gauges[f'xrayage_validation_images{{group="all",model="{live_name}"}}'] == 6.0
 
         compared = _run("validation", "--compare", live_name, "candidate", "-f", "json",
                         "-c", str(config))  # fmt: skip
