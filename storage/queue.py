@@ -17,7 +17,7 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Callable, Collection
 
-from sqlalchemy import ColumnElement, and_, exists, func, or_, select, update
+from sqlalchemy import ColumnElement, Select, exists, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from storage.audit import record_event
@@ -186,38 +186,37 @@ def claim_jobs(
     models: Collection[str],
     live: str | None = None,
 ) -> list[Job]:
-    """Claim, under a lease, the jobs of ``models`` on up to ``limit`` images (each image with
+    """Claim, under a lease, ``limit`` images' worth of the jobs of ``models`` (an image with
     all its jobs of those models, to be decoded once), received images before a backfill's;
     with the ``live`` model among them, the jobs queued while no model was live too. A
     job claimed before and not finished was in a batch whose worker died: it is claimed alone,
     so that one image that kills its worker costs no other image an attempt, and jobs at
     ``max_attempts`` are left to :func:`fail_exhausted`."""
     now = utcnow()
+    # An image's jobs are adjacent in this order, so a claim of ``limit`` images' worth of
+    # jobs splits at most the last image (its other jobs come with the next claim).
     base = (
-        select(Job.id, Job.instance_id)
+        select(Job.id)
         .where(_claimable(now), _of(models, live), Job.attempts < max_attempts)
-        .order_by(Job.priority, Job.id)
+        .order_by(Job.priority, Job.instance_id, Job.id)
     )
-    if session.get_bind().dialect.name == "postgresql":
-        base = base.with_for_update(skip_locked=True)
-    retried = session.execute(base.where(Job.attempts > 0).limit(1)).all()
-    if retried:
-        ids = [retried[0].id]
-    else:
-        rows = session.execute(base.where(Job.attempts == 0).limit(limit * len(models))).all()
-        images = list(dict.fromkeys(r.instance_id for r in rows))[:limit]
-        ids = [r.id for r in rows if r.instance_id in images]
-    if not ids:
-        return []
     values = dict(
         owner=owner, lease_until=now + lease, attempts=Job.attempts + 1,
         model_sha256=func.coalesce(Job.model_sha256, live),
     )  # fmt: skip
-    claimed = move_rows(session, Job, and_(Job.id.in_(ids), _claimable(now)), JobState.RUNNING,
-                        **values)  # fmt: skip
-    if not claimed:
+    ids = _claim(session, base.where(Job.attempts > 0).limit(1), values)
+    if not ids:
+        ids = _claim(session, base.where(Job.attempts == 0).limit(limit * len(models)), values)
+    if not ids:
         return []
-    return list(session.scalars(select(Job).where(Job.id.in_(claimed)).order_by(Job.id)))
+    return list(session.scalars(select(Job).where(Job.id.in_(ids)).order_by(Job.id)))
+
+
+def _claim(session: Session, pick: Select[tuple[int]], values: dict[str, object]) -> list[int]:
+    """One UPDATE: on PostgreSQL its subquery skips the rows another worker is claiming."""
+    if session.get_bind().dialect.name == "postgresql":
+        pick = pick.with_for_update(skip_locked=True)
+    return move_rows(session, Job, Job.id.in_(pick.scalar_subquery()), JobState.RUNNING, **values)
 
 
 def held_job(session: Session, job_id: int, owner: str) -> Job | None:
