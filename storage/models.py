@@ -126,8 +126,7 @@ def set_role(session: Session, model: Model, role: ModelRole, actor: str, detail
     model.since = utcnow()
     change_state(session, model, role, actor=actor, detail=detail)
     session.flush()
-    live = live_model(session)
-    adopt_jobs(session, live.sha256 if live else None, {m.sha256 for m in active_models(session)})
+    adopt_jobs(session)
 
 
 def retire_model(session: Session, model: Model, actor: str) -> None:

@@ -87,6 +87,15 @@ def queue_job(
     return job
 
 
+def _pending_job(model_sha256: str) -> ColumnElement[bool]:
+    """The instance has a job of this model that is queued or running."""
+    return exists().where(
+        Job.instance_id == Instance.id,
+        Job.model_sha256 == model_sha256,
+        Job.state.in_((JobState.QUEUED, JobState.RUNNING)),
+    )
+
+
 def queue_backfill(session: Session, model_sha256: str, since: dt.datetime) -> int:
     """Jobs for ``model_sha256`` on the images received since ``since`` that the node analysed
     and that this model has neither a result nor a job for, at the backfill's priority; the
@@ -94,18 +103,13 @@ def queue_backfill(session: Session, model_sha256: str, since: dt.datetime) -> i
     has_result = exists().where(
         Result.instance_id == Instance.id, Result.model_sha256 == model_sha256
     )
-    has_job = exists().where(
-        Job.instance_id == Instance.id,
-        Job.model_sha256 == model_sha256,
-        Job.state.in_((JobState.QUEUED, JobState.RUNNING)),
-    )
     ids = session.scalars(
         select(Instance.id)
         .where(
             Instance.received_at >= since,
             Instance.state.in_((InstanceState.REPORTED, InstanceState.DELIVERED)),
             ~has_result,
-            ~has_job,
+            ~_pending_job(model_sha256),
         )
         .order_by(Instance.id)
     ).all()
@@ -132,16 +136,19 @@ def backlog(
     return int(count), oldest
 
 
-def adopt_jobs(session: Session, live: str | None, active: Collection[str]) -> int:
-    """Hand the queued jobs over to the models' roles as they are now; returns how many jobs
+def adopt_jobs(session: Session) -> int:
+    """Hand the queued jobs over to the models' roles as the table has them now (a model this
+    process could not load keeps its jobs); returns how many jobs
     changed. Jobs queued while no model was configured are the live model's. A job of a model
     that is no longer active (retired, or weights the config no longer names) is re-pointed at
     the live model where it was to make its image's reports (the image is waiting and has no
     job of the live model), else cancelled. An image still waiting for its reports whose live
     job was done by a model that is live no more (promoted away while it ran) gets a job of
     the live model, which reuses a result that model stored as a shadow."""
+    live, shadows = roles(session)
     if live is None:
         return 0
+    active = [live, *shadows]
     changed = len(
         session.scalars(
             update(Job)
@@ -150,14 +157,10 @@ def adopt_jobs(session: Session, live: str | None, active: Collection[str]) -> i
             .returning(Job.id)
         ).all()
     )
-    live_job = exists().where(
-        Job.instance_id == Instance.id,
-        Job.model_sha256 == live,
-        Job.state.in_((JobState.QUEUED, JobState.RUNNING)),
-    )
+    live_job = _pending_job(live)
     stale = session.scalars(
         select(Job)
-        .where(Job.state == JobState.QUEUED, Job.model_sha256.not_in(list(active)))
+        .where(Job.state == JobState.QUEUED, Job.model_sha256.not_in(active))
         .order_by(Job.id)
     ).all()
     for job in stale:

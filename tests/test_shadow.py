@@ -125,7 +125,7 @@ def test_each_image_gets_a_job_per_model_claimed_together_and_roles_hand_jobs_ov
     assert (later.id, "a", JobState.QUEUED) not in jobs
     assert len([j for j in jobs if j[0] == later.id and j[1:] == ("b", JobState.QUEUED)]) == 1
     with db.session() as s:
-        assert adopt_jobs(s, "b" * 64, {"b" * 64}) == 0  # handed over once
+        assert adopt_jobs(s) == 0  # handed over once
         add_model(s, _weights("c", "gamma"), ModelRole.SHADOW, "cli:test")
         queue_job(s, _instance(s, "1.2.3.5"))
         retire_model(s, find_model(s, "gamma"), "cli:test")

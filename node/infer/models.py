@@ -19,7 +19,6 @@ from ai.model import AgeModel
 from node.infer.registry import card_of
 from storage import Database, record_event
 from storage.models import REFRESH_SECONDS, active_models
-from storage.queue import adopt_jobs
 from storage.results import ModelIdentity
 from storage.tables import ModelRole
 
@@ -69,12 +68,10 @@ class ModelSet:
                 loaded[sha] = model
         self.loaded, self.live = loaded, live
         self._started = True
-        if changed:
+        if changed:  # the jobs were handed over with the role change (storage.models.set_role)
             names = [f"{m.card.name} ({'live' if s == live else 'shadow'})"
                      for s, m in loaded.items()]  # fmt: skip
             log.info("models: %s", ", ".join(names) or "none")
-            with self.db.session() as s:
-                adopt_jobs(s, live, set(wanted))
         return changed
 
     def _load(self, sha: str, role: ModelRole, path: Path, card: ModelCard) -> AgeModel | None:

@@ -50,7 +50,6 @@ from storage.queue import (
     held_job,
     is_live,
     requeue_orphans,
-    roles,
 )
 from storage.results import (
     Ages,
@@ -98,8 +97,7 @@ class InferenceWorker(WorkerThread):
     def start(self) -> None:
         with self.db.session() as s:
             orphans = requeue_orphans(s, self.host, counted=not self.in_own_process)
-            live, _ = roles(s)
-            adopted = adopt_jobs(s, live, set(self.models.loaded))
+            adopted = adopt_jobs(s)
         if orphans:
             log.info("requeued %d jobs held by a stopped process on this host", orphans)
         if adopted:
