@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime as dt
 import os
-from collections.abc import Mapping
 from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
@@ -20,6 +19,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -181,15 +181,19 @@ class ReportSection(_Section):
     sr_series_number: int = 9901
     sc_series_number: int = 9902
     institution_name: str | None = None
+    # The system of the patient identifier in FHIR Observations (the EHR's MRN system, e.g.
+    # "urn:oid:1.2.36.146.595.217.0.1"); unset, the identifier has the Patient ID alone.
+    patient_identifier_system: str | None = None
 
 
 class ReportConfig(NamedTuple):
     """What the inference worker needs to report: the ``[report]`` section, the node's AE title
-    (the SR's device observer) and each destination's name with the kinds of object it takes."""
+    (the SR's device observer) and the destinations, which route each result
+    (:mod:`node.delivery.routes`)."""
 
     section: ReportSection
     ae_title: str
-    destinations: Mapping[str, frozenset[DeliveryKind]]
+    destinations: tuple[Destination, ...]
 
 
 class DeliverySection(_Section):
@@ -209,10 +213,38 @@ class Peer(_Section):
     _check_ae = field_validator("ae_title")(_ae_title)
 
 
+class RouteConditions(_Section):
+    """``when = {...}`` on a destination: it takes an image's results only where every
+    condition given holds (README "Routing")."""
+
+    calling_ae: list[str] | None = None  # the AE titles whose images it takes
+    station_name: list[str] | None = None  # Station Name (0008,1010) values it takes
+    trained_model: bool = False  # true: never a result of untrained (demo) weights
+
+
+# What each kind of destination is given by, and what it can take of a result.
+PROTOCOLS: dict[str, tuple[tuple[str, ...], frozenset[DeliveryKind]]] = {
+    "C-STORE": (("ae_title", "host", "port"), frozenset({DeliveryKind.SR, DeliveryKind.SC})),
+    "STOW-RS": (("stow_url",), frozenset({DeliveryKind.SR, DeliveryKind.SC})),
+    "FHIR": (("fhir_url",), frozenset({DeliveryKind.OBSERVATION})),
+    "HL7 MLLP": (("hl7_host", "hl7_port"), frozenset({DeliveryKind.ORU})),
+}
+_HTTP = ("STOW-RS", "FHIR")
+
+
 class Destination(_Section):
-    """Where reports go: a DICOM node by C-STORE (``ae_title``, ``host``, ``port``, optional
-    ``tls``), or a DICOMweb origin server by STOW-RS (``stow_url``, with a bearer ``token`` or
-    ``username`` and ``password``; ``tls.ca_certificates`` verifies an https server)."""
+    """Where results go (one kind per destination):
+
+    - a DICOM node by C-STORE (``ae_title``, ``host``, ``port``, optional ``tls``): SR and SC;
+    - a DICOMweb origin server by STOW-RS (``stow_url``): SR and SC;
+    - a FHIR R4 server (``fhir_url``, its base): the result as an Observation;
+    - an HL7 v2 interface engine over MLLP (``hl7_host``, ``hl7_port``, optional ``tls``): the
+      result as an ORU^R01.
+
+    HTTP destinations take a bearer ``token`` (or ``token_file``, read at each request so that
+    a rotated token is used at once) or ``username`` and ``password``;
+    ``tls.ca_certificates`` verifies an https server. ``when`` restricts what it takes.
+    """
 
     name: str
     ae_title: str | None = None
@@ -220,40 +252,80 @@ class Destination(_Section):
     port: int | None = Field(None, ge=1, le=65535)
     tls: DestinationTls | None = None
     stow_url: str | None = None
-    # What it takes of each result: the SR, the SC summary image (made when [report]
-    # secondary_capture is on), or both.
-    send: list[DeliveryKind] = Field(default=[DeliveryKind.SR, DeliveryKind.SC], min_length=1)
+    fhir_url: str | None = None
+    hl7_host: str | None = None
+    hl7_port: int | None = Field(None, ge=1, le=65535)
+    # What it takes of each result; by default all its kind can take (SR and SC, made when
+    # [report] secondary_capture is on; the Observation; the ORU).
+    send: list[DeliveryKind] | None = Field(None, min_length=1)
     token: str | None = None
+    token_file: Path | None = None
     username: str | None = None
     password: str | None = None
+    when: RouteConditions | None = None
 
     @field_validator("ae_title")
     @classmethod
     def _check_ae(cls, value: str | None) -> str | None:
         return None if value is None else _ae_title(value)
 
-    @field_validator("stow_url")
+    @field_validator("stow_url", "fhir_url")
     @classmethod
-    def _check_url(cls, value: str | None) -> str | None:
+    def _check_url(cls, value: str | None, info: ValidationInfo) -> str | None:
         if value is not None and not value.startswith(("http://", "https://")):
-            raise ValueError("stow_url must start with http:// or https://")
+            raise ValueError(f"{info.field_name} must start with http:// or https://")
         return value
 
     @model_validator(mode="after")
     def _one_kind(self) -> Destination:
-        dimse = [k for k in ("ae_title", "host", "port") if getattr(self, k) is not None]
-        if self.stow_url is None:
-            if len(dimse) < 3:
-                raise ValueError("a destination needs ae_title, host and port, or stow_url")
-            if self.token or self.username or self.password:
-                raise ValueError("token, username and password are for stow_url destinations")
-        elif dimse:
-            raise ValueError(f"a stow_url destination takes no {', '.join(dimse)}")
-        elif self.token and (self.username or self.password):
-            raise ValueError("give a token or a username and password, not both")
+        given = [p for p, (keys, _) in PROTOCOLS.items() if any(getattr(self, k) for k in keys)]
+        if len(given) != 1:
+            raise ValueError(
+                "a destination is one of: ae_title, host and port (C-STORE); stow_url; "
+                "fhir_url; hl7_host and hl7_port"
+            )
+        protocol = given[0]
+        keys, takes = PROTOCOLS[protocol]
+        missing = [k for k in keys if getattr(self, k) is None]
+        if missing:
+            raise ValueError(f"a {protocol} destination needs {' and '.join(missing)} too")
+        credentials = [k for k in ("token", "token_file", "username") if getattr(self, k)]
+        if protocol not in _HTTP:
+            if credentials or self.password:
+                raise ValueError(
+                    "token, token_file, username and password are for stow_url and fhir_url "
+                    "destinations"
+                )
+        elif len(credentials) > 1:
+            raise ValueError("give one of token, token_file, or username and password")
         elif (self.username is None) != (self.password is None):
             raise ValueError("username and password go together")
+        wrong = sorted(set(self.send or ()) - takes)
+        if wrong:
+            raise ValueError(
+                f"a {protocol} destination takes {', '.join(sorted(takes))}, "
+                f"not {', '.join(wrong)}"
+            )
         return self
+
+    @property
+    def protocol(self) -> str:
+        """``C-STORE``, ``STOW-RS``, ``FHIR`` or ``HL7 MLLP``."""
+        return next(p for p, (keys, _) in PROTOCOLS.items() if getattr(self, keys[0]))
+
+    @property
+    def takes(self) -> frozenset[DeliveryKind]:
+        """The kinds of report object it takes."""
+        return frozenset(self.send) if self.send else PROTOCOLS[self.protocol][1]
+
+    @property
+    def where(self) -> str:
+        """Where it is, as its errors name it."""
+        if self.stow_url or self.fhir_url:
+            return str(self.stow_url or self.fhir_url)
+        if self.hl7_host:
+            return f"{self.hl7_host}:{self.hl7_port}"
+        return f"{self.ae_title}@{self.host}:{self.port}"
 
     @property
     def peer(self) -> Peer:

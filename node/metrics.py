@@ -50,11 +50,13 @@ INFERRED = Counter(
     ["outcome"], registry=None,
 )  # fmt: skip
 DELIVERED = Counter(
-    "xrayage_deliveries", "Report objects delivered, by destination", ["destination"],
+    "xrayage_deliveries", "Report objects delivered, by destination and kind",
+    ["destination", "kind"],
     registry=None,
 )  # fmt: skip
 DELIVERY_FAILURES = Counter(
-    "xrayage_delivery_failures", "Failed delivery attempts, by destination", ["destination"],
+    "xrayage_delivery_failures", "Failed delivery attempts, by destination and kind",
+    ["destination", "kind"],
     registry=None,
 )  # fmt: skip
 STAGE_SECONDS = Histogram(

@@ -87,8 +87,7 @@ class NodeService:
         if self.card is None:
             return None
         s = self.settings
-        takes = {d.name: frozenset(d.send) for d in s.destinations}
-        reports = ReportConfig(s.report, s.node.ae_title, takes)
+        reports = ReportConfig(s.report, s.node.ae_title, tuple(s.destinations))
         if self.isolated:
             return InferenceProcess(
                 s.model, reports, s.storage, s.logging, self.db,

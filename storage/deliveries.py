@@ -166,6 +166,7 @@ class AttemptOutcome:
     attempt: Attempt
     delivery_id: int
     destination: str
+    kind: DeliveryKind
     detail: str  # what was sent where, and the error if any
     wait_seconds: float | None = None  # before the next attempt (RETRY)
 
@@ -187,7 +188,7 @@ def record_attempt(
     inst = d.instance
     d.attempts += 1
     d.owner = None
-    what = f"{d.sop_instance_uid} to {d.destination}"
+    what = f"{d.kind.value} {d.sop_instance_uid} to {d.destination}"
     if error is None:
         d.delivered_at, d.last_error = utcnow(), None
         change_state(session, d, DeliveryState.DELIVERED, detail=what)
@@ -199,7 +200,7 @@ def record_attempt(
         if pending is None and inst.state == InstanceState.REPORTED:
             # audited by the last delivery's event above
             change_state(session, inst, InstanceState.DELIVERED, audit=False)
-        return AttemptOutcome(Attempt.DELIVERED, d.id, d.destination, what)
+        return AttemptOutcome(Attempt.DELIVERED, d.id, d.destination, d.kind, what)
     d.last_error = error
     if final or d.attempts >= max_attempts:
         detail = f"{what} after {d.attempts} attempts: {error}"
@@ -209,14 +210,16 @@ def record_attempt(
                 session, inst, InstanceState.FAILED, audit=False,
                 reason=f"delivery to {d.destination} failed: {error}",
             )  # fmt: skip
-        return AttemptOutcome(Attempt.GAVE_UP, d.id, d.destination, detail)
+        return AttemptOutcome(Attempt.GAVE_UP, d.id, d.destination, d.kind, detail)
     wait = backoff(d.attempts)
     d.next_attempt_at = utcnow() + dt.timedelta(seconds=wait)
     record_event(
         session, "delivery-retry", outcome="failure", instance=inst,
         detail=f"{what}: {error}; attempt {d.attempts}, next in {wait:.0f} s",
     )  # fmt: skip
-    return AttemptOutcome(Attempt.RETRY, d.id, d.destination, f"{what}: {error}", wait)
+    return AttemptOutcome(
+        Attempt.RETRY, d.id, d.destination, d.kind, f"{what}: {error}", wait
+    )
 
 
 class NotRetriable(UserError, ValueError):

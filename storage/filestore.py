@@ -253,10 +253,10 @@ class FileStore:
                     os.close(fd)
             return self._own_tmp
 
-    def path_for(self, area: str, sop_instance_uid: str) -> Path:
+    def path_for(self, area: str, sop_instance_uid: str, suffix: str = ".dcm") -> Path:
         uid = validate_uid(sop_instance_uid)
         shard = hashlib.sha1(uid.encode()).hexdigest()[:2]
-        return self.root / area / shard / f"{uid}.dcm"
+        return self.root / area / shard / f"{uid}{suffix}"
 
     def open_tmp(self, suffix: str) -> tuple[int, str]:
         """A new file in :meth:`writing_dir`, opened for ``O_DIRECT`` writes where the file
@@ -337,9 +337,10 @@ class FileStore:
         _fsync_dir(final.parent)
         return final, digest, False
 
-    def store_report(self, sop_instance_uid: str, data: bytes) -> Path:
-        """Store an object the node made; its UID is deterministic, so a rewrite replaces."""
-        final = self.path_for("reports", sop_instance_uid)
+    def store_report(self, sop_instance_uid: str, data: bytes, suffix: str = ".dcm") -> Path:
+        """Store an object the node made (a DICOM file, or a FHIR ``.json`` or HL7 ``.hl7``
+        message); its UID is deterministic, so a rewrite replaces."""
+        final = self.path_for("reports", sop_instance_uid, suffix)
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp, _ = self._write_tmp([data])
         os.replace(tmp, final)

@@ -95,10 +95,11 @@ def record_reports(
     model_sha256: str,
     objects: list[StoredObject],
     destinations: Mapping[str, frozenset[DeliveryKind]],
+    routing: str = "",
 ) -> None:
-    """Attach the stored SR (and SC) to the instance's result, make it ``reported`` and add a
-    pending delivery of each object to each destination that takes it
-    (:func:`storage.deliveries.add_deliveries`)."""
+    """Attach the stored SR (and SC) to the instance's result, make it ``reported`` (audited
+    with ``routing``, where its objects go and why not elsewhere) and add a pending delivery of
+    each object to each destination that takes it (:func:`storage.deliveries.add_deliveries`)."""
     result = _result(session, instance, model_sha256)
     assert result is not None, "a report follows its result"
     for obj in objects:
@@ -111,7 +112,8 @@ def record_reports(
         session,
         instance,
         InstanceState.REPORTED,
-        detail=f"SR {result.sr_sop_instance_uid}; x-ray age {result.xray_age} a",
+        detail=f"SR {result.sr_sop_instance_uid}; x-ray age {result.xray_age} a"
+        + (f"; to {routing}" if routing else ""),
     )
     add_deliveries(session, instance, objects, destinations)
 

@@ -90,6 +90,8 @@ class DeliveryKind(enum.StrEnum):
 
     SR = "sr"  # the TID 1500 Structured Report
     SC = "sc"  # the Secondary Capture summary image
+    OBSERVATION = "observation"  # the FHIR R4 Observation, for the EHR
+    ORU = "oru"  # the HL7 v2.5.1 ORU^R01 message, for the EHR
 
 
 def _enum(cls: type[enum.Enum]) -> Enum:

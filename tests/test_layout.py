@@ -25,6 +25,7 @@ from node.report.findings import Findings
 from node.report.uids import ReportUIDs
 from node.schedule import Scheduler
 from node.service import NodeService, Role
+from storage.tables import DeliveryKind
 
 ROOT = Path(__file__).parents[1]
 
@@ -119,8 +120,14 @@ def test_reports_are_built_as_objects_and_nothing_else(
     uids = ReportUIDs(header.SOPInstanceUID, card.sha256)
     findings = Findings(61.5, 58.0, card)
     both = build_reports(header, findings, ReportSection(), "XRAYAGE")
-    assert [o.sop_instance_uid for o in both.objects] == [uids.sr_instance, uids.sc_instance]
-    sr = pydicom.dcmread(BytesIO(both.sr.data))
+    assert [o.sop_instance_uid for o in both] == [uids.sr_instance, uids.sc_instance]
+    sr = pydicom.dcmread(BytesIO(both[0].data))
     assert sr.SOPInstanceUID == uids.sr_instance and sr.StudyInstanceUID == header.StudyInstanceUID
     sr_only = build_reports(header, findings, ReportSection(secondary_capture=False), "XRAYAGE")
-    assert sr_only.sc is None and sr_only.sr.sop_instance_uid == uids.sr_instance
+    assert [(o.kind, o.sop_instance_uid) for o in sr_only] == [(DeliveryKind.SR, uids.sr_instance)]
+    ehr = frozenset({DeliveryKind.OBSERVATION, DeliveryKind.ORU})
+    every = build_reports(header, findings, ReportSection(secondary_capture=False), "X", ehr)
+    assert [(o.kind, o.sop_instance_uid, o.suffix) for o in every[1:]] == [
+        (DeliveryKind.OBSERVATION, uids.observation, ".json"),
+        (DeliveryKind.ORU, uids.oru, ".hl7"),
+    ]

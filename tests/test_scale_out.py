@@ -92,7 +92,7 @@ def test_three_workers_share_the_queue_and_nothing_is_done_twice(
         per_worker = [m['xrayage_instances_inferred_total{outcome="reported"}'] for m in workers]
         assert sum(per_worker) == IMAGES and min(per_worker) > 0
         assert sum(m["xrayage_inference_batch_size_sum"] for m in workers) == IMAGES
-        assert deliverer['xrayage_deliveries_total{destination="pacs"}'] == IMAGES
+        assert deliverer['xrayage_deliveries_total{destination="pacs",kind="sr"}'] == IMAGES
         assert deliverer["xrayage_queue_depth"] == 0
         assert deliverer['xrayage_instances{state="delivered"}'] == IMAGES
 

@@ -1,5 +1,5 @@
-"""Delivery of report objects to the configured destinations, by C-STORE or STOW-RS, with
-retries.
+"""Delivery of report objects to the configured destinations, by C-STORE, STOW-RS, FHIR or
+HL7 MLLP (one :class:`Sender` per kind of destination), with retries.
 
 A failed attempt is recorded and retried after a random wait between half the initial delay and
 an exponential ceiling (``retry_initial_seconds * 2**(attempts - 1)``, capped at
@@ -7,7 +7,8 @@ an exponential ceiling (``retry_initial_seconds * 2**(attempts - 1)``, capped at
 ``max_attempts`` the delivery is ``failed`` with its last error and the instance too.
 
 Each object answers for itself: a report file that cannot be read fails its own delivery at
-once (no retry can help), and anything a destination's sender raises (a host name that does not
+once (no retry can help), as does one the destination refused (:class:`Refused`: a FHIR 4xx,
+an HL7 AE or AR), and anything a destination's sender raises (a host name that does not
 resolve, a TLS error, a library's bug) is that destination's failed attempt, recorded with the
 reason; the other destinations and objects go on in the same round.
 
@@ -27,7 +28,7 @@ from pathlib import Path
 
 from node.components import Signal, WorkerThread
 from node.config import DeliverySection, Destination
-from node.delivery.sender import Sender, sender_for, unreadable
+from node.delivery.sender import Refused, Sender, sender_for, unreadable
 from node.metrics import DELIVERED, DELIVERY_FAILURES, STAGE_SECONDS
 from storage import Database
 from storage.deliveries import (
@@ -68,8 +69,7 @@ class Deliverer(WorkerThread):
         self.senders: dict[str, Sender] = {
             d.name: sender_for(d, ae_title, policy.timeout_seconds) for d in destinations
         }
-        # Where each destination is, as its errors name it.
-        self.where = {d.name: d.stow_url or f"{d.ae_title}@{d.host}:{d.port}" for d in destinations}
+        self.where = {d.name: d.where for d in destinations}
         # A claim holds a delivery this long: past it, another deliverer may send it again.
         self.lease = dt.timedelta(seconds=4 * policy.timeout_seconds + 60)
         me = this_process()
@@ -92,15 +92,15 @@ class Deliverer(WorkerThread):
     def run_once(self) -> int:
         with self.db.session() as s:
             due = [
-                (d.id, d.destination, Path(d.path))
+                (d.id, d.destination, Path(d.path), d.kind)
                 for d in claim_deliveries(s, 64, self.lease, self.owner)
             ]
         for name, batch in groupby(sorted(due, key=lambda d: d[1]), key=lambda d: d[1]):
             # Files that cannot be read fail alone and at once; the rest go in one attempt.
             failures: dict[int, tuple[str | None, bool]] = {}
             sendable = []
-            for delivery_id, _, path in batch:
-                problem = unreadable(path)
+            for delivery_id, _, path, kind in batch:
+                problem = unreadable(path, kind)
                 if problem is None:
                     sendable.append((delivery_id, path))
                 else:
@@ -110,7 +110,7 @@ class Deliverer(WorkerThread):
             seconds = time.perf_counter() - started
             for (delivery_id, _), error in zip(sendable, errors, strict=True):
                 STAGE_SECONDS.labels("send").observe(seconds)  # each waited for the attempt
-                failures[delivery_id] = (error, False)
+                failures[delivery_id] = (error, isinstance(error, Refused))
             self._record(failures)
         return len(due)
 
@@ -134,9 +134,9 @@ class Deliverer(WorkerThread):
                     backoff=lambda n: backoff_seconds(n, policy, self.rng), final=final,
                 )  # fmt: skip
                 if outcome.attempt == Attempt.DELIVERED:
-                    DELIVERED.labels(outcome.destination).inc()
+                    DELIVERED.labels(outcome.destination, outcome.kind.value).inc()
                     continue
-                DELIVERY_FAILURES.labels(outcome.destination).inc()
+                DELIVERY_FAILURES.labels(outcome.destination, outcome.kind.value).inc()
                 if outcome.attempt == Attempt.GAVE_UP:
                     log.warning(
                         "delivery %d gave up: %s (`xrayage retry %d` queues it again)",

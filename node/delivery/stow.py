@@ -15,6 +15,7 @@ import requests
 from dicomweb_client import DICOMwebClient
 
 from node.config import Destination
+from node.delivery.session import http_session
 
 # PS3.18 Table 10.5.3-1 failure reasons most often seen, to name them in the error.
 _REASONS = {
@@ -34,15 +35,8 @@ class StowSender:
 
 def _client(dest: Destination, timeout: float) -> DICOMwebClient:
     assert dest.stow_url is not None
-    session = requests.Session()
-    if dest.token:
-        session.headers["Authorization"] = f"Bearer {dest.token}"
-    elif dest.username is not None:
-        session.auth = (dest.username, dest.password or "")
-    if dest.tls is not None and dest.tls.ca_certificates is not None:
-        session.verify = str(dest.tls.ca_certificates)
     root = dest.stow_url.rstrip("/").removesuffix("/studies")  # the client appends /studies
-    client = DICOMwebClient(root, session=session, timeout=timeout)
+    client = DICOMwebClient(root, session=http_session(dest), timeout=timeout)
     client.set_http_retry_params(retry=False)
     return client
 

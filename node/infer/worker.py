@@ -32,12 +32,13 @@ from ai.device_decode import device_decoder
 from ai.engine import Request
 from node.components import Signal, WorkerThread
 from node.config import ModelSection, ReportConfig
+from node.delivery.routes import ImageFacts, route
 from node.dicom.header import chronological_age, parse_da
 from node.infer.models import ModelSet, identity
 from node.metrics import BATCH_SIZE, INFERENCE_SECONDS, INFERRED, STAGE_SECONDS
 from node.report.build import build_reports
 from node.report.findings import EarlierAge, Findings
-from storage import Database, FileStore, Job, utcnow
+from storage import Database, FileStore, Instance, Job, utcnow
 from storage.deliveries import StoredObject
 from storage.owners import this_process
 from storage.queue import (
@@ -232,16 +233,20 @@ class InferenceWorker(WorkerThread):
 
     def _report(self, claimed: Job, header: Dataset, findings: Findings) -> None:
         sha = findings.card.sha256
-        if self.reports.section.secondary_capture:  # the summary image plots the earlier ones
-            with self.db.session() as s:
+        with self.db.session() as s:
+            calling_ae = s.get_one(Instance, claimed.instance_id).calling_ae
+            if self.reports.section.secondary_capture:  # the summary image plots the earlier
                 earlier = earlier_ages(s, claimed.instance_id, sha)
-            findings = replace(
-                findings,
-                study_date=parse_da(header.get("StudyDate")),
-                earlier=tuple(EarlierAge(*row) for row in earlier),
-            )
+                findings = replace(
+                    findings,
+                    study_date=parse_da(header.get("StudyDate")),
+                    earlier=tuple(EarlierAge(*row) for row in earlier),
+                )
+        facts = ImageFacts(calling_ae, header.get("StationName"), not findings.card.untrained)
+        routing = route(self.reports.destinations, facts)
+        section, ae_title = self.reports.section, self.reports.ae_title
         try:
-            built = build_reports(header, findings, self.reports.section, self.reports.ae_title)
+            built = build_reports(header, findings, section, ae_title, routing.ehr_kinds)
         except ValueError as e:  # highdicom's validation of what the source header gave it
             self._fail(
                 claimed,
@@ -251,8 +256,8 @@ class InferenceWorker(WorkerThread):
             return
         try:
             stored = []
-            for obj in built.objects:
-                path = self.store.store_report(obj.sop_instance_uid, obj.data)
+            for obj in built:
+                path = self.store.store_report(obj.sop_instance_uid, obj.data, obj.suffix)
                 stored.append(StoredObject(obj.kind, obj.sop_instance_uid, str(path)))
         except OSError as e:
             self._fail(claimed, f"report cannot be stored: {e}")
@@ -262,7 +267,7 @@ class InferenceWorker(WorkerThread):
             if held is None:
                 return
             INFERRED.labels("reported").inc()
-            record_reports(s, held.instance, sha, stored, self.reports.destinations)
+            record_reports(s, held.instance, sha, stored, routing.takes, routing.summary())
             finish_job(s, held)
         self.on_reported()
 

@@ -1,6 +1,7 @@
 """From an age to the report objects: the SR (TID 1500) and, when configured, the Secondary
-Capture summary, encoded as DICOM Part 10 files. Pure: nothing is stored or recorded here
-(storing is the file store's, recording storage/results.py's)."""
+Capture summary, encoded as DICOM Part 10 files; for destinations that take them, the FHIR
+Observation (JSON) and the HL7 ORU^R01 (ER7) of the same result. Pure: nothing is stored or
+recorded here (storing is the file store's, recording storage/results.py's)."""
 
 from __future__ import annotations
 
@@ -9,52 +10,79 @@ from dataclasses import dataclass
 from io import BytesIO
 
 import pydicom
+from hl7apy.exceptions import HL7apyException
 from pydicom.dataset import Dataset
 
 from node.config import ReportSection
+from node.report.fhir import build_observation, encode_observation
 from node.report.findings import Findings
+from node.report.hl7 import build_oru, encode_oru
 from node.report.sc import build_sc
 from node.report.sr import build_sr
 from node.report.uids import ReportUIDs
 from storage import InvalidUID, validate_uid
 from storage.tables import DeliveryKind
 
+# How each kind is stored in the file store.
+SUFFIXES = {
+    DeliveryKind.SR: ".dcm",
+    DeliveryKind.SC: ".dcm",
+    DeliveryKind.OBSERVATION: ".json",
+    DeliveryKind.ORU: ".hl7",
+}
+
 
 @dataclass(frozen=True)
 class ReportObject:
-    """One encoded report object, of the kind a destination may take."""
+    """One encoded report object, of the kind a destination may take; ``sop_instance_uid`` is
+    its key (for the Observation and the ORU, a UID derived like the SR's: they are no DICOM
+    objects, and each carries the SR's identity in its own way)."""
 
     kind: DeliveryKind
     sop_instance_uid: str
     data: bytes
 
-
-@dataclass(frozen=True)
-class Reports:
-    sr: ReportObject
-    sc: ReportObject | None
-
     @property
-    def objects(self) -> list[ReportObject]:
-        return [self.sr] if self.sc is None else [self.sr, self.sc]
+    def suffix(self) -> str:
+        return SUFFIXES[self.kind]
 
 
 def build_reports(
-    header: Dataset, findings: Findings, cfg: ReportSection, ae_title: str
-) -> Reports:
-    """The reports of ``findings`` on the image ``header`` describes; ``ae_title`` names the
-    device observer. ValueError (highdicom's validation) when the header cannot make a valid
-    report: the reason names what was wrong."""
+    header: Dataset,
+    findings: Findings,
+    cfg: ReportSection,
+    ae_title: str,
+    ehr: frozenset[DeliveryKind] = frozenset(),
+) -> list[ReportObject]:
+    """The reports of ``findings`` on the image ``header`` describes: the SR, the SC when
+    configured, and the EHR forms in ``ehr``; ``ae_title`` names the device observer.
+    ValueError (highdicom's, fhir.resources' or hl7apy's validation) when the header cannot
+    make a valid report: the reason names what was wrong."""
     _check_uids(header)
     uids = ReportUIDs(header.SOPInstanceUID, findings.card.sha256)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # highdicom on odd source names
         sr = build_sr(header, findings, uids, ae_title, cfg.sr_series_number, cfg.institution_name)
-        sc = None
+        made = [ReportObject(DeliveryKind.SR, uids.sr_instance, _encode(sr))]
         if cfg.secondary_capture:
-            made = build_sc(header, findings, uids, cfg.sc_series_number)
-            sc = ReportObject(DeliveryKind.SC, uids.sc_instance, _encode(made))
-    return Reports(ReportObject(DeliveryKind.SR, uids.sr_instance, _encode(sr)), sc)
+            sc = build_sc(header, findings, uids, cfg.sc_series_number)
+            made.append(ReportObject(DeliveryKind.SC, uids.sc_instance, _encode(sc)))
+    if DeliveryKind.OBSERVATION in ehr:
+        observation = build_observation(
+            header, findings, uids.sr_instance, cfg.patient_identifier_system
+        )
+        made.append(
+            ReportObject(
+                DeliveryKind.OBSERVATION, uids.observation, encode_observation(observation)
+            )
+        )
+    if DeliveryKind.ORU in ehr:
+        try:
+            oru = build_oru(header, findings, uids.oru, ae_title, cfg.institution_name)
+        except HL7apyException as e:
+            raise ValueError(f"HL7 ORU: {e}") from None
+        made.append(ReportObject(DeliveryKind.ORU, uids.oru, encode_oru(oru)))
+    return made
 
 
 # The source UIDs a report copies or references (study, series in the evidence, frame of

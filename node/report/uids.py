@@ -13,12 +13,12 @@ import uuid
 
 from pydicom.uid import UID
 
-_NAMESPACE = uuid.UUID("8d6f1c2e-5b0a-4c8e-9d27-3f1a6b4e7c90")  # xrayage's, fixed forever
+NAMESPACE = uuid.UUID("8d6f1c2e-5b0a-4c8e-9d27-3f1a6b4e7c90")  # xrayage's, fixed forever
 
 
 def derived_uid(role: str, *parts: str) -> UID:
     # NUL cannot occur in a UID or a hex digest, so the joined name is unambiguous.
-    return UID(f"2.25.{uuid.uuid5(_NAMESPACE, chr(0).join((role, *parts))).int}")
+    return UID(f"2.25.{uuid.uuid5(NAMESPACE, chr(0).join((role, *parts))).int}")
 
 
 class ReportUIDs:
@@ -31,6 +31,9 @@ class ReportUIDs:
         self.sc_series = derived_uid("sc-series", *key)
         self.sc_instance = derived_uid("sc-instance", *key)
         self.tracking = derived_uid("tracking", *key)
+        # Keys of the EHR forms of the result (file store, deliveries), not DICOM objects.
+        self.observation = derived_uid("fhir-observation", *key)
+        self.oru = derived_uid("hl7-oru", *key)
 
 
 def device_uid(ae_title: str) -> str:

@@ -1,0 +1,82 @@
+"""FHIR R4 delivery: each result's Observation by a conditional create (FHIR R4 3.1.0.8.1,
+``If-None-Exist``) on its identifier, the SR's UID, so a resend after a lost answer makes no
+second Observation.
+
+- 201 (created) or 200 (it was there already): delivered.
+- 4xx: the server refused the resource; the delivery fails at once with the
+  OperationOutcome's diagnostics (no resend can change the answer), except 408 and 429.
+- 5xx, 408, 429, a timeout or no connection: retried under ``[delivery]``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import requests
+from fhir.resources.R4B.operationoutcome import OperationOutcome
+from pydantic import ValidationError
+
+from node.config import Destination
+from node.delivery.sender import Refused
+from node.delivery.session import http_session
+from node.report.fhir import read_observation
+
+FHIR_JSON = "application/fhir+json"
+_RETRIED = (408, 429)
+
+
+class FhirSender:
+    def __init__(self, dest: Destination, timeout: float) -> None:
+        assert dest.fhir_url is not None
+        self.url = dest.fhir_url.rstrip("/") + "/Observation"
+        self.session = http_session(dest)
+        self.timeout = timeout
+
+    def send(self, paths: list[Path]) -> list[str | None]:
+        errors: list[str | None] = []
+        for i, path in enumerate(paths):
+            error = self._create(path)
+            errors.append(error)
+            if error is not None and not isinstance(error, Refused):
+                # The server is away: the rest would wait out the same timeout each.
+                return errors + [error] * (len(paths) - i - 1)
+        return errors
+
+    def _create(self, path: Path) -> str | None:
+        observation = read_observation(path)
+        identifier = observation.identifier[0]  # type: ignore[index]
+        try:
+            response = self.session.post(
+                self.url,
+                data=path.read_bytes(),
+                headers={
+                    "Content-Type": FHIR_JSON,
+                    "Accept": FHIR_JSON,
+                    "If-None-Exist": f"identifier={identifier.system}|{identifier.value}",
+                    "Prefer": "return=minimal",
+                },
+                timeout=self.timeout,
+            )
+        except requests.RequestException as e:
+            return f"FHIR {self.url}: {type(e).__name__}: {e}"
+        if response.status_code in (200, 201):
+            return None
+        why = f"FHIR {self.url}: HTTP {response.status_code}"
+        outcome = _diagnostics(response)
+        if outcome:
+            why += f": {outcome}"
+        if 400 <= response.status_code < 500 and response.status_code not in _RETRIED:
+            return Refused(why)
+        return why
+
+
+def _diagnostics(response: requests.Response) -> str:
+    """The OperationOutcome's issues, one clause each, or '' when the body is none."""
+    try:
+        outcome = OperationOutcome.model_validate_json(response.content)
+    except (ValidationError, ValueError):
+        return ""
+    return "; ".join(
+        f"{issue.severity} {issue.code}: {issue.diagnostics or getattr(issue.details, 'text', '')}"
+        for issue in outcome.issue
+    )[:500]
