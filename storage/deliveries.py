@@ -78,10 +78,12 @@ def delivery_counts(session: Session) -> dict[DeliveryState, int]:
 
 @dataclass(frozen=True)
 class DestinationStatus:
-    """One destination as the status page and ``/readyz`` show it: its deliveries by state,
-    and, while its latest attempts fail, the newest error (None: not failing)."""
+    """One destination as the status page and ``/readyz`` show it: the kinds of object it has
+    carried, its deliveries by state, and, while its latest attempts fail, the newest error
+    (None: not failing)."""
 
     name: str
+    kinds: list[str]
     counts: dict[str, int]
     failing: str | None
 
@@ -103,13 +105,18 @@ def failing_destinations(session: Session) -> dict[str, str]:
 def destination_status(session: Session) -> list[DestinationStatus]:
     """Every destination that has deliveries, by name, with :func:`failing_destinations`."""
     counts: dict[str, dict[str, int]] = {}
-    for name, state, n in session.execute(
-        select(Delivery.destination, Delivery.state, func.count())
-        .group_by(Delivery.destination, Delivery.state)
+    kinds: dict[str, set[str]] = {}
+    for name, kind, state, n in session.execute(
+        select(Delivery.destination, Delivery.kind, Delivery.state, func.count())
+        .group_by(Delivery.destination, Delivery.kind, Delivery.state)
     ):
-        counts.setdefault(name, {})[state.value] = n
+        by_state = counts.setdefault(name, {})
+        by_state[state.value] = by_state.get(state.value, 0) + n
+        kinds.setdefault(name, set()).add(kind.value)
     failing = failing_destinations(session)
-    return [DestinationStatus(n, counts[n], failing.get(n)) for n in sorted(counts)]
+    return [
+        DestinationStatus(n, sorted(kinds[n]), counts[n], failing.get(n)) for n in sorted(counts)
+    ]
 
 
 def claim_deliveries(

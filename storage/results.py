@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 from storage.audit import record_event
 from storage.deliveries import StoredObject, add_deliveries
 from storage.lifecycle import change_state
-from storage.tables import DeliveryKind, Instance, InstanceState, Result, utcnow
+from storage.tables import Delivery, DeliveryKind, Instance, InstanceState, Result, utcnow
 
 
 @dataclass(frozen=True)
@@ -139,6 +139,7 @@ RESULT_COLUMNS = (
     "state",
     "reported_at",
     "untrained",
+    "deliveries",
 )
 
 
@@ -274,7 +275,28 @@ def query_results(session: Session, q: ResultsQuery) -> list[ResultRow]:
     if q.before_id is not None:
         stmt = stmt.where(Result.id < q.before_id)
     rows = session.execute(stmt.order_by(desc(Result.id)).limit(q.limit)).all()
-    return [ResultRow(result.id, _values(result, inst)) for result, inst in rows]
+    sent = _deliveries(session, [inst.id for result, inst in rows if result.reported_at])
+    return [
+        ResultRow(
+            result.id,
+            _values(result, inst)
+            | {"deliveries": sent.get(inst.id, "") if result.reported_at else ""},
+        )
+        for result, inst in rows
+    ]
+
+
+def _deliveries(session: Session, instance_ids: list[int]) -> dict[int, str]:
+    """Each instance's deliveries, one ``destination kind state`` clause each: where the
+    report went, in every form (SR, SC, Observation, ORU), and how far it got."""
+    out: dict[int, list[str]] = {}
+    for instance_id, name, kind, state in session.execute(
+        select(Delivery.instance_id, Delivery.destination, Delivery.kind, Delivery.state)
+        .where(Delivery.instance_id.in_(instance_ids))
+        .order_by(Delivery.id)
+    ):
+        out.setdefault(instance_id, []).append(f"{name} {kind.value} {state.value}")
+    return {i: "; ".join(clauses) for i, clauses in out.items()}
 
 
 def _values(result: Result, inst: Instance) -> dict[str, Any]:

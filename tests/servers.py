@@ -277,3 +277,115 @@ class PostgreSQL:
     def stop(self) -> None:
         self._run("pg_ctl", "-D", str(self.folder / "data"), "-m", "fast", "-w", "stop")
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+@dataclass
+class FhirServer:
+    """sekmet-fhir (PyPI) as the EHR's FHIR R4 server: SQLite in ``folder``, a static bearer
+    ``token``, strict validation of what it is sent (fhir.resources' R4B models, refusals as
+    OperationOutcome), conditional create and search by identifier."""
+
+    folder: Path
+    port: int
+    token: str = "ehr-token-0123456789"
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/fhir"
+
+    def start(self) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        settings = self.folder / "settings.yaml"
+        settings.write_text(
+            f"base_url: {self.url}\ndata_dir: {self.folder / 'data'}\n"
+            f"server_auth:\n  types: [bearer]\n  tokens: [{self.token}]\n"
+            "validation:\n  inbound: strict\n"
+        )
+        log = (self.folder / "fhir.log").open("wb")
+        self.proc = subprocess.Popen(
+            [str(XRAYAGE.parent / "sekmet"), "serve", "--config", str(settings),
+             "--host", "127.0.0.1", "--port", str(self.port)],
+            stdout=log, stderr=subprocess.STDOUT, cwd=self.folder,
+        )  # fmt: skip
+        wait_until(self._up, 60, "the FHIR server")
+
+    def _up(self) -> bool:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise AssertionError(f"sekmet exited: {(self.folder / 'fhir.log').read_text()}")
+        try:
+            return requests.get(f"{self.url}/metadata", timeout=1).ok
+        except requests.ConnectionError:
+            return False
+
+    def post(self, resource: dict[str, Any]) -> requests.Response:
+        return requests.post(
+            f"{self.url}/{resource['resourceType']}", json=resource, timeout=10,
+            headers={"Authorization": f"Bearer {self.token}"},
+        )  # fmt: skip
+
+    def search(self, resource_type: str, **params: str) -> list[dict[str, Any]]:
+        r = requests.get(
+            f"{self.url}/{resource_type}", params=params, timeout=10,
+            headers={"Authorization": f"Bearer {self.token}"},
+        )  # fmt: skip
+        r.raise_for_status()
+        return [e["resource"] for e in r.json().get("entry", [])]
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            _stop(self.proc)
+
+
+class MllpListener:
+    """An HL7 v2 receiver: hl7apy's MLLP server on a thread, on 127.0.0.1. It keeps every
+    message it gets and answers with an ACK of ``ack`` (``AA``, ``AE`` or ``AR``, with
+    ``text``), or, with ``ack=None``, never answers (a receiver that hangs)."""
+
+    def __init__(self, ack: str | None = "AA", text: str = "") -> None:
+        import threading
+
+        from hl7apy.mllp import AbstractHandler, MLLPServer
+
+        listener = self
+        self.received: list[str] = []
+        self.ack, self.text = ack, text
+        self.release = threading.Event()
+
+        class Answer(AbstractHandler):  # type: ignore[misc]
+            def reply(self) -> str:
+                listener.received.append(self.incoming_message)
+                if listener.ack is None:
+                    listener.release.wait(60)
+                    raise ConnectionAbortedError  # closes without an answer
+                return listener.answer(self.incoming_message)
+
+        self.port = free_port()
+        self.server = MLLPServer("127.0.0.1", self.port, {"ORU^R01^ORU_R01": (Answer,)}, 30)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def answer(self, incoming: str) -> str:
+        from hl7apy.core import Message
+        from hl7apy.parser import parse_message
+
+        msh = parse_message(incoming, find_groups=False).msh
+        ack = Message("ACK", version="2.5.1")
+        ack.msh.msh_3 = "EHR"
+        ack.msh.msh_9 = "ACK^R01^ACK"
+        ack.msh.msh_10 = f"A{msh.msh_10.value}"[:20]
+        ack.msh.msh_11 = "P"
+        ack.msh.msh_12 = "2.5.1"
+        ack.msa.msa_1 = self.ack
+        ack.msa.msa_2 = msh.msh_10.value
+        if self.text:
+            ack.msa.msa_3 = self.text
+        return str(ack.to_mllp())
+
+    def start(self) -> MllpListener:
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.release.set()
+        self.server.shutdown()
+        self.server.server_close()

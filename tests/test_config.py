@@ -116,16 +116,37 @@ def test_environment_variables_are_named_in_their_errors(
         ('[http]\nport = 8080\ntokens = { ward = "short" }\n', "tokens shorter than 16"),
         (
             '[[destinations]]\nname = "a"\nhost = "h"\n',
-            "needs ae_title, host and port, or stow_url",
+            "a C-STORE destination needs ae_title and port too",
+        ),
+        ('[[destinations]]\nname = "a"\n', "a destination is one of: ae_title, host and port"),
+        (
+            '[[destinations]]\nname = "a"\nhl7_host = "h"\nhl7_port = 2575\nsend = ["sr"]\n',
+            "a HL7 MLLP destination takes oru, not sr",
+        ),
+        (
+            '[[destinations]]\nname = "a"\nfhir_url = "http://x"\nhl7_host = "h"\n',
+            "a destination is one of",
+        ),
+        (
+            '[[destinations]]\nname = "a"\nhl7_host = "h"\nhl7_port = 2575\ntoken = "t"\n',
+            "token, token_file, username and password are for stow_url and fhir_url",
+        ),
+        (
+            '[[destinations]]\nname = "a"\nfhir_url = "x"\n',
+            "fhir_url must start with http://",
+        ),
+        (
+            '[[destinations]]\nname = "a"\nfhir_url = "http://x"\nwhen = { station = ["A"] }\n',
+            "destinations.0.when.station",
         ),
         ('[[destinations]]\nname = "a"\nstow_url = "ftp://x"\n', "must start with http://"),
         (
             '[[destinations]]\nname = "a"\nstow_url = "http://x"\nport = 104\n',
-            "a stow_url destination takes no port",
+            "a destination is one of",
         ),
         (
             '[[destinations]]\nname = "a"\nstow_url = "http://x"\ntoken = "t"\nusername = "u"\n',
-            "give a token or a username and password, not both",
+            "give one of token, token_file, or username and password",
         ),
         ('[[destinations]]\nname = "a"\nstow_url = "http://x"\nusername = "u"\n', "go together"),
         ('[logging]\nformat = "xml"\n', "x.toml: logging.format: 'xml' is not one of 'text' or"),

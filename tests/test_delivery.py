@@ -220,7 +220,7 @@ def test_each_destination_gets_the_kinds_it_takes(tmp_path: Path) -> None:
              "send": ["sc"]},
         ],
     )  # fmt: skip
-    takes = {d.name: frozenset(d.send) for d in settings.destinations}
+    takes = {d.name: d.takes for d in settings.destinations}
     assert takes == {"pacs": {DeliveryKind.SR, DeliveryKind.SC}, "viewer": {DeliveryKind.SC}}
     with pytest.raises(Exception, match="send"):
         load_settings(None, destinations=[{"name": "x", "stow_url": "http://h", "send": ["pdf"]}])
@@ -286,6 +286,7 @@ def test_a_destination_whose_name_does_not_resolve_fails_alone_with_its_reason(
             ).json()["destinations"]  # fmt: skip
             named = {d["name"]: d for d in listed}
             assert named["pacs"]["failing"] is None and named["pacs"]["counts"] == {"delivered": 1}
+            assert named["pacs"]["kinds"] == ["sr"]
             assert "no-such-host.invalid" in named["nowhere"]["failing"]
             with status_page(f"http://127.0.0.1:{http}", token) as browser:
                 rows = browser.find_elements(By.CSS_SELECTOR, "#destinations tbody tr")

@@ -23,6 +23,7 @@ from node.cli.model import model_app
 from node.cli.rescan import rescan
 from node.cli.results import results
 from node.cli.retry import retry
+from node.cli.routes import routes
 from node.cli.support import ConfigOption, UsageError, check_listen, make_folder, user_errors
 from node.cli.train import train
 from node.cli.validation import validation
@@ -90,6 +91,7 @@ def run() -> None:
 app.command()(infer)
 app.command()(evaluate)
 app.command()(retry)
+app.command()(routes)
 app.command()(rescan)
 app.command()(train)
 app.command()(results)

@@ -45,8 +45,11 @@ def _show(rows: list[Delivery]) -> None:
     if not rows:
         typer.echo("no failed deliveries")
         return
-    table = Table("ID", "destination", "object", "attempts", "last error", box=None)
+    table = Table("ID", "destination", "kind", "object", "attempts", "last error", box=None)
     for d in rows:
-        table.add_row(str(d.id), d.destination, d.sop_instance_uid, str(d.attempts), d.last_error)
+        table.add_row(
+            str(d.id), d.destination, d.kind.value, d.sop_instance_uid, str(d.attempts),
+            d.last_error,
+        )  # fmt: skip
     Console(width=200).print(table)
     typer.echo("queue again with: xrayage retry ID... | --all-failed")

@@ -1,5 +1,6 @@
 """HL7 v2 delivery over MLLP (HL7 v2.5.1 Appendix C, the Minimal Lower Layer Protocol), in
-original-mode acknowledgement: each ORU^R01 is sent and its ACK awaited before the next.
+original-mode acknowledgement: each ORU^R01 is sent on its own connection and its ACK awaited
+before the next.
 
 - ``AA`` (or ``CA``) whose MSA-2 names the message: delivered.
 - ``AE``/``AR`` (``CE``/``CR``): the receiver refused it; the delivery fails at once with the
@@ -36,37 +37,38 @@ class MllpSender:
         self.tls = client_context(dest.tls, dest.hl7_host) if dest.tls else None
 
     def send(self, paths: list[Path]) -> list[str | None]:
-        return asyncio.run(self._send_all(paths))
-
-    async def _send_all(self, paths: list[Path]) -> list[str | None]:
-        messages = [path.read_bytes() for path in paths]
         errors: list[str | None] = []
+        for path in paths:
+            error = asyncio.run(self._send(path.read_bytes()))
+            errors.append(error)
+            if error is not None and not isinstance(error, Refused):
+                # The receiver is away: the rest would wait out the same timeout each.
+                return errors + [error] * (len(paths) - len(errors))
+        return errors
+
+    async def _send(self, data: bytes) -> str | None:
+        """One message on its own connection: many receivers close theirs after each ACK."""
+        ssl_args = {}
+        if self.tls is not None:
+            ssl_args = {"ssl": self.tls[0], "server_hostname": self.tls[1]}
         try:
-            ssl_args = {}
-            if self.tls is not None:
-                ssl_args = {"ssl": self.tls[0], "server_hostname": self.tls[1]}
             reader, writer = await asyncio.wait_for(
                 open_hl7_connection(self.host, self.port, limit=ACK_LIMIT, **ssl_args),
                 self.timeout,
             )
         except (OSError, TimeoutError) as e:
-            return [f"HL7 {self.where}: cannot connect ({type(e).__name__}: {e})"] * len(paths)
+            return f"HL7 {self.where}: cannot connect ({type(e).__name__}: {e})"
         try:
-            for data in messages:
-                expected = read_control_id(data)
-                writer.writeblock(data)
-                await writer.drain()
-                try:
-                    ack = await asyncio.wait_for(reader.readblock(), self.timeout)
-                except TimeoutError:
-                    return errors + _rest(paths, errors, f"HL7 {self.where}: no ACK in time")
-                except (OSError, ValueError, asyncio.IncompleteReadError) as e:
-                    why = f"HL7 {self.where}: connection lost before the ACK ({type(e).__name__})"
-                    return errors + _rest(paths, errors, why)
-                errors.append(self._outcome(ack, expected))
+            writer.writeblock(data)
+            await writer.drain()
+            ack = await asyncio.wait_for(reader.readblock(), self.timeout)
+        except TimeoutError:
+            return f"HL7 {self.where}: no ACK within {self.timeout:g} s"
+        except (OSError, ValueError, asyncio.IncompleteReadError) as e:
+            return f"HL7 {self.where}: connection lost before the ACK ({type(e).__name__})"
         finally:
             writer.close()
-        return errors
+        return self._outcome(ack, read_control_id(data))
 
     def _outcome(self, ack: bytes, control_id: str) -> str | None:
         try:
@@ -83,10 +85,6 @@ class MllpSender:
 
 def read_control_id(data: bytes) -> str:
     return str(parse(data).msh.msh_10.value)
-
-
-def _rest(paths: list[Path], done: list[str | None], why: str) -> list[str | None]:
-    return [why] * (len(paths) - len(done))
 
 
 def _ack_text(ack: Message) -> str:

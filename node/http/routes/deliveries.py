@@ -1,4 +1,5 @@
-"""``/api/destinations``: each destination's deliveries by state, and whether it is failing."""
+"""``/api/destinations``: each destination's deliveries by state, the kinds of object it
+carried (sr, sc, observation, oru), and whether it is failing."""
 
 from collections.abc import Callable
 from typing import Annotated, Any
@@ -20,7 +21,8 @@ def routes(db: Database, caller: Callable[..., str]) -> APIRouter:
             status = destination_status(s)
         return {
             "destinations": [
-                {"name": d.name, "counts": d.counts, "failing": d.failing} for d in status
+                {"name": d.name, "kinds": d.kinds, "counts": d.counts, "failing": d.failing}
+                for d in status
             ]
         }
 

@@ -21,9 +21,9 @@ login(async () => {
     xray_age: i.xray_age === null ? null : i.xray_age + (i.untrained ? " (untrained)" : "")})),
        ["received_at", "state", "xray_age", "reason", "origin", "patient_id", "accession_number", "sop_instance_uid"]);
   fill("#destinations", dest.destinations.map(d => ({
-    name: d.name, pending: d.counts.pending ?? 0, delivered: d.counts.delivered ?? 0,
+    name: d.name, kinds: d.kinds.join(", "), pending: d.counts.pending ?? 0, delivered: d.counts.delivered ?? 0,
     failed: d.counts.failed ?? 0, failing: d.failing ?? ""})),
-       ["name", "pending", "delivered", "failed", "failing"]);
+       ["name", "kinds", "pending", "delivered", "failed", "failing"]);
   fill("#events", audit.events,
        ["at", "event", "outcome", "actor", "patient_id", "sop_instance_uid", "detail"]);
 });
