@@ -33,6 +33,7 @@ from tests.servers import FhirServer, MllpListener, NodeProcess, free_port, wait
 from tests.test_cli import run
 
 TRAINED = ModelCard(name="seresnet-test", version="2", sha256="ab" * 32, gap_correction=(0.1, -3))
+OPS = "ehr-test-ops-token-0123"
 UNTRAINED = ModelCard(name="demo", version="0", sha256="cd" * 32, untrained=True)
 
 
@@ -236,7 +237,7 @@ def test_results_reach_the_ehr_as_each_destination_is_routed(
         tmp_path, port, weights, None,
         report='secondary_capture = false\npatient_identifier_system = "urn:oid:1.2.36.9"',
         delivery="retry_initial_seconds = 1\nretry_max_seconds = 2",
-        http=f'host = "127.0.0.1"\nport = {http}',
+        http=f'host = "127.0.0.1"\nport = {http}\ntokens = {{ ops = "{OPS}" }}',
     )  # fmt: skip
     config.write_text(
         config.read_text()
@@ -249,17 +250,21 @@ def test_results_reach_the_ehr_as_each_destination_is_routed(
         + 'when = { station_name = ["WARD-3"] }\n'
     )
     images = small_chests(chest_ds, tmp_path / "in", 2, AccessionNumber="ACC-9")
-    routes = run("routes", str(images[0]), "--calling-ae", "STORESCU", "--config", str(config))
-    assert routes.returncode == 0, routes.stderr
-    lines = {line.split()[0]: line for line in routes.stdout.splitlines()[1:] if line.strip()}
-    assert "analysed by the gate" in routes.stdout.splitlines()[0]
-    assert lines["ehr"].rstrip().endswith("sent") and "observation" in lines["ehr"]
-    assert "untrained" in lines["cardiology"] and "not sent" in lines["cardiology"]
-    assert lines["hl7"].rstrip().endswith("sent") and "oru" in lines["hl7"]
-    assert "station name" in lines["ward"] and "WARD-3" in lines["ward"]
+    table = run("routes", str(images[0]), "--calling-ae", "STORESCU", "--config", str(config))
+    assert table.returncode == 0, table.stderr
+    assert "analysed by the gate" in table.stdout.splitlines()[0]
+    assert "4 destinations" in table.stdout
+    routes = run("routes", str(images[0]), "--calling-ae", "STORESCU", "--config", str(config),
+                 "-f", "json")  # fmt: skip
+    decided = {r["destination"]: (r["takes"], r["decision"]) for r in json.loads(routes.stdout)}
+    assert decided["ehr"] == ("observation", "sent") and decided["hl7"] == ("oru", "sent")
+    assert decided["cardiology"][1] == (
+        "not sent: the model's weights are untrained and it takes trained models only"
+    )
+    assert decided["ward"][1] == "not sent: station name (THORAVISION) is not one of WARD-3"
     other = run("routes", str(images[0]), "--config", str(config), "-f", "json")
-    decided = {r["destination"]: r["decision"] for r in json.loads(other.stdout)}
-    assert decided["hl7"].startswith("not sent: calling AE (none")
+    decided = {r["destination"]: (r["takes"], r["decision"]) for r in json.loads(other.stdout)}
+    assert decided["hl7"][1].startswith("not sent: calling AE (none")
 
     node = NodeProcess(config, port, tmp_path / "node.log", http_port=http)
     node.start()
@@ -318,7 +323,10 @@ def test_results_reach_the_ehr_as_each_destination_is_routed(
         assert metrics['xrayage_deliveries_total{destination="ehr",kind="observation"}'] == 2
         assert metrics['xrayage_deliveries_total{destination="hl7",kind="oru"}'] == 2
         assert metrics['xrayage_delivery_failures_total{destination="hl7",kind="oru"}'] == 2
-        listed = requests.get(f"http://127.0.0.1:{http}/api/destinations", timeout=5).json()
+        listed = requests.get(
+            f"http://127.0.0.1:{http}/api/destinations",
+            headers={"Authorization": f"Bearer {OPS}"}, timeout=5,
+        ).json()  # fmt: skip
         kinds = {d["name"]: d["kinds"] for d in listed["destinations"]}
         assert kinds == {"ehr": ["observation"], "hl7": ["oru"]}
     finally:
