@@ -389,3 +389,88 @@ class MllpListener:
         self.release.set()
         self.server.shutdown()
         self.server.server_close()
+
+
+OHIF_DIST = Path(__file__).parents[1] / ".ohif" / "dist"  # @ohif/app's dist/, by .ci/setup
+
+
+class OhifServer:
+    """The OHIF Viewer (``@ohif/app`` from the npm registry, its built ``dist/``) served on
+    127.0.0.1, with ``/dicom-web`` proxied to Orthanc's DICOMweb plugin on the same origin, as
+    a site deploys it behind one web server. Every path that is no file is the single-page
+    app's ``index.html``; ``/app-config.js`` points the viewer at the proxy."""
+
+    def __init__(self, dicomweb: str) -> None:
+        import functools
+        import threading
+        from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = OHIF_CONFIG.replace("ROOT", f"{self.url}/dicom-web").encode()
+        assert (OHIF_DIST / "index.html").is_file(), "no OHIF: run the README's test command"
+
+        class Handler(SimpleHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                path = self.path.split("?")[0]
+                if path.startswith("/dicom-web/"):
+                    self._proxy()
+                elif path == "/app-config.js":
+                    self._send(200, "application/javascript", config)
+                else:
+                    if not (OHIF_DIST / path.lstrip("/")).is_file():
+                        self.path = "/index.html"
+                    super().do_GET()
+
+            def _proxy(self) -> None:
+                upstream = dicomweb + self.path.removeprefix("/dicom-web")
+                accept = self.headers.get("Accept", "*/*")
+                r = requests.get(upstream, headers={"Accept": accept}, timeout=30)
+                self._send(r.status_code, r.headers.get("Content-Type", ""), r.content)
+
+            def _send(self, status: int, kind: str, body: bytes) -> None:
+                self.send_response(status)
+                self.send_header("Content-Type", kind)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        handler = functools.partial(Handler, directory=str(OHIF_DIST))
+        self.server = ThreadingHTTPServer(("127.0.0.1", self.port), handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def start(self) -> OhifServer:
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+OHIF_CONFIG = """window.config = {
+  routerBasename: '/',
+  extensions: [],
+  modes: [],
+  showStudyList: true,
+  showWarningMessageForCrossOrigin: false,
+  showCPUFallbackMessage: false,
+  defaultDataSourceName: 'orthanc',
+  dataSources: [{
+    namespace: '@ohif/extension-default.dataSourcesModule.dicomweb',
+    sourceName: 'orthanc',
+    configuration: {
+      friendlyName: 'Orthanc', name: 'orthanc',
+      wadoUriRoot: 'ROOT', qidoRoot: 'ROOT', wadoRoot: 'ROOT',
+      qidoSupportsIncludeField: false, imageRendering: 'wadors', thumbnailRendering: 'wadors',
+      enableStudyLazyLoad: true, supportsFuzzyMatching: false, supportsWildcard: true,
+      staticWado: false, singlepart: 'bulkdata,video',
+      bulkDataURI: { enabled: true, relativeResolution: 'studies' },
+      omitQuotationForMultipartRequest: true,
+    },
+  }],
+};
+"""
