@@ -46,7 +46,8 @@ def test_the_example_config_in_deploy_loads(tmp_path: Path) -> None:
     assert s.node.port == 11112 and s.destinations == [] and s.retro.peer is None
     assert s.model.weights is None and s.model.max_wait_ms == 0 and s.http.port is None
     starts = ("# weights", "# peer", "# [[destinations]]", "# name =", "# ae_title =",
-              '# host = "pacs', "# port = 104", "# port = 8080")  # fmt: skip
+              '# host = "pacs', "# port = 104", "# port = 8080", "# fhir_url", "# token_file",
+              "# when", "# hl7_")  # fmt: skip
     filled = tmp_path / "filled.toml"
     filled.write_text("".join(
         line[2:] if line.startswith(starts) else line
@@ -54,7 +55,10 @@ def test_the_example_config_in_deploy_loads(tmp_path: Path) -> None:
     ))  # fmt: skip
     s = load_settings(filled)
     assert s.model.weights == "riken-senet154" and s.http.port == 8080
-    assert s.retro.peer is not None and [d.name for d in s.destinations] == ["pacs"]
+    assert s.retro.peer is not None
+    assert [(d.name, d.protocol) for d in s.destinations] == [
+        ("pacs", "C-STORE"), ("ehr", "FHIR"), ("interface-engine", "HL7 MLLP"),
+    ]  # fmt: skip
 
 
 def test_environment_overrides_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
