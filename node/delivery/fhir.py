@@ -23,6 +23,7 @@ from node.report.fhir import read_observation
 
 FHIR_JSON = "application/fhir+json"
 _RETRIED = (408, 429)
+BODY_LIMIT = 1024 * 1024  # bytes of an answer read: an OperationOutcome is a few hundred
 
 
 class FhirSender:
@@ -56,13 +57,16 @@ class FhirSender:
                     "Prefer": "return=minimal",
                 },
                 timeout=self.timeout,
+                stream=True,  # read no more of the answer than BODY_LIMIT
             )
-        except requests.RequestException as e:
+            with response:
+                body = response.raw.read(BODY_LIMIT, decode_content=True)
+        except (requests.RequestException, OSError) as e:
             return f"FHIR {self.url}: {type(e).__name__}: {e}"
         if response.status_code in (200, 201):
             return None
         why = f"FHIR {self.url}: HTTP {response.status_code}"
-        outcome = _diagnostics(response)
+        outcome = _diagnostics(body)
         if outcome:
             why += f": {outcome}"
         if 400 <= response.status_code < 500 and response.status_code not in _RETRIED:
@@ -70,10 +74,10 @@ class FhirSender:
         return why
 
 
-def _diagnostics(response: requests.Response) -> str:
+def _diagnostics(body: bytes) -> str:
     """The OperationOutcome's issues, one clause each, or '' when the body is none."""
     try:
-        outcome = OperationOutcome.model_validate_json(response.content)
+        outcome = OperationOutcome.model_validate_json(body)
     except (ValidationError, ValueError):
         return ""
     return "; ".join(
