@@ -83,8 +83,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         files: dict[DeliveryKind, list[Path]] = {k: [] for k in DeliveryKind}
-        for i, objects in enumerate(built[str(sorted(EHR))]):
-            for obj in objects:
+        for i, reports in enumerate(built[str(sorted(EHR))]):
+            for obj in reports.objects:
                 path = folder / f"{i}-{obj.kind}{obj.suffix}"
                 path.write_bytes(obj.data)
                 files[obj.kind].append(path)

@@ -23,11 +23,13 @@ from ai.card import ModelCard
 from node.config import Destination
 from node.delivery.fhir import FhirSender
 from node.delivery.mllp import MllpSender
+from node.delivery.routes import ImageFacts, route
 from node.delivery.sender import Refused
 from node.report.fhir import CODE_SYSTEM, build_observation, encode_observation
 from node.report.findings import Findings
 from node.report.hl7 import build_oru, control_id, encode_oru, parse
 from node.report.uids import ReportUIDs
+from storage.tables import DeliveryKind
 from tests.conftest import node_config, small_chests, storescu
 from tests.servers import FhirServer, MllpListener, NodeProcess, free_port, wait_until
 from tests.test_cli import run
@@ -332,3 +334,17 @@ def test_results_reach_the_ehr_as_each_destination_is_routed(
     finally:
         node.stop()
         listener.stop()
+
+
+def test_routing_without_conditions_keeps_todays_behaviour_and_names_what_it_drops() -> None:
+    pacs = Destination(name="pacs", ae_title="PACS", host="pacs", port=104)
+    ehr = Destination(name="ehr", fhir_url="https://ehr/fhir")
+    retro = ImageFacts(calling_ae=None, station_name=None, trained=False)
+    routing = route([pacs, ehr], retro)
+    assert routing.takes == {
+        "pacs": {DeliveryKind.SR, DeliveryKind.SC}, "ehr": {DeliveryKind.OBSERVATION},
+    }  # fmt: skip
+    assert routing.skipped == {} and routing.ehr_kinds == {DeliveryKind.OBSERVATION}
+    routing.drop({DeliveryKind.OBSERVATION: "FHIR Observation: no Patient ID"})
+    assert list(routing.takes) == ["pacs"] and routing.ehr_kinds == frozenset()
+    assert routing.summary() == "pacs (sc, sr); not ehr: FHIR Observation: no Patient ID"

@@ -119,15 +119,24 @@ def test_reports_are_built_as_objects_and_nothing_else(
     header = chest_ds
     uids = ReportUIDs(header.SOPInstanceUID, card.sha256)
     findings = Findings(61.5, 58.0, card)
-    both = build_reports(header, findings, ReportSection(), "XRAYAGE")
+    both = build_reports(header, findings, ReportSection(), "XRAYAGE").objects
     assert [o.sop_instance_uid for o in both] == [uids.sr_instance, uids.sc_instance]
     sr = pydicom.dcmread(BytesIO(both[0].data))
     assert sr.SOPInstanceUID == uids.sr_instance and sr.StudyInstanceUID == header.StudyInstanceUID
-    sr_only = build_reports(header, findings, ReportSection(secondary_capture=False), "XRAYAGE")
+    sr_only = build_reports(
+        header, findings, ReportSection(secondary_capture=False), "XRAYAGE"
+    ).objects
     assert [(o.kind, o.sop_instance_uid) for o in sr_only] == [(DeliveryKind.SR, uids.sr_instance)]
     ehr = frozenset({DeliveryKind.OBSERVATION, DeliveryKind.ORU})
     every = build_reports(header, findings, ReportSection(secondary_capture=False), "X", ehr)
-    assert [(o.kind, o.sop_instance_uid, o.suffix) for o in every[1:]] == [
+    assert [(o.kind, o.sop_instance_uid, o.suffix) for o in every.objects[1:]] == [
         (DeliveryKind.OBSERVATION, uids.observation, ".json"),
         (DeliveryKind.ORU, uids.oru, ".hl7"),
     ]
+    # No Patient ID: the EHR forms are not made, with the reason; the SR still is.
+    anonymous = header.copy()
+    del anonymous.PatientID
+    nobody = build_reports(anonymous, findings, ReportSection(secondary_capture=False), "X", ehr)
+    assert [o.kind for o in nobody.objects] == [DeliveryKind.SR]
+    assert all("no Patient ID" in why for why in nobody.unbuilt.values())
+    assert set(nobody.unbuilt) == ehr

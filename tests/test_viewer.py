@@ -80,7 +80,7 @@ def test_ohif_shows_the_summary_image_and_lists_the_sr(
         header.PatientAge = "061Y"
         findings = Findings(55.3, 61.0, model_card(weights))
         pacs.upload(chest_pa)
-        for obj in build_reports(header, findings, ReportSection(), "XRAYAGE"):
+        for obj in build_reports(header, findings, ReportSection(), "XRAYAGE").objects:
             path = tmp_path / f"{obj.kind}.dcm"
             path.write_bytes(obj.data)
             pacs.upload(path)

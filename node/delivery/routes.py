@@ -55,6 +55,15 @@ class Routing:
         wanted = frozenset().union(*self.takes.values())
         return wanted & {DeliveryKind.OBSERVATION, DeliveryKind.ORU}
 
+    def drop(self, unbuilt: dict[DeliveryKind, str]) -> None:
+        """Move each destination that takes an object that could not be built to ``skipped``,
+        with the reason."""
+        for name, kinds in list(self.takes.items()):
+            missing = sorted(kinds & unbuilt.keys())
+            if missing:
+                del self.takes[name]
+                self.skipped[name] = "; ".join(f"{unbuilt[k]}" for k in missing)
+
     def summary(self) -> str:
         """One line for the audit entry of the report."""
         parts = [f"{n} ({', '.join(sorted(k))})" for n, k in self.takes.items()]

@@ -254,9 +254,15 @@ class InferenceWorker(WorkerThread):
                 f"report cannot be built ({type(e).__name__}; the reason is in the database)",
             )
             return
+        if built.unbuilt:
+            routing.drop(built.unbuilt)
+            log.warning(
+                "instance %d: %s not built; its destinations are skipped (the reason is in the "
+                "audit log)", claimed.instance_id, ", ".join(sorted(built.unbuilt)),
+            )  # fmt: skip
         try:
             stored = []
-            for obj in built:
+            for obj in built.objects:
                 path = self.store.store_report(obj.sop_instance_uid, obj.data, obj.suffix)
                 stored.append(StoredObject(obj.kind, obj.sop_instance_uid, str(path)))
         except OSError as e:

@@ -47,17 +47,26 @@ class ReportObject:
         return SUFFIXES[self.kind]
 
 
+@dataclass(frozen=True)
+class Reports:
+    """What was built, and each EHR form that could not be, with why: an Observation or ORU
+    that cannot be made (no Patient ID) costs its own destinations, not the SR."""
+
+    objects: list[ReportObject]
+    unbuilt: dict[DeliveryKind, str]
+
+
 def build_reports(
     header: Dataset,
     findings: Findings,
     cfg: ReportSection,
     ae_title: str,
     ehr: frozenset[DeliveryKind] = frozenset(),
-) -> list[ReportObject]:
+) -> Reports:
     """The reports of ``findings`` on the image ``header`` describes: the SR, the SC when
     configured, and the EHR forms in ``ehr``; ``ae_title`` names the device observer.
-    ValueError (highdicom's, fhir.resources' or hl7apy's validation) when the header cannot
-    make a valid report: the reason names what was wrong."""
+    ValueError (highdicom's validation) when the header cannot make a valid SR or SC: the
+    reason names what was wrong."""
     _check_uids(header)
     uids = ReportUIDs(header.SOPInstanceUID, findings.card.sha256)
     with warnings.catch_warnings():
@@ -67,22 +76,26 @@ def build_reports(
         if cfg.secondary_capture:
             sc = build_sc(header, findings, uids, cfg.sc_series_number)
             made.append(ReportObject(DeliveryKind.SC, uids.sc_instance, _encode(sc)))
+    unbuilt: dict[DeliveryKind, str] = {}
     if DeliveryKind.OBSERVATION in ehr:
-        observation = build_observation(
-            header, findings, uids.sr_instance, cfg.patient_identifier_system
-        )
-        made.append(
-            ReportObject(
-                DeliveryKind.OBSERVATION, uids.observation, encode_observation(observation)
+        try:
+            observation = build_observation(
+                header, findings, uids.sr_instance, cfg.patient_identifier_system
             )
-        )
+            made.append(
+                ReportObject(
+                    DeliveryKind.OBSERVATION, uids.observation, encode_observation(observation)
+                )
+            )
+        except ValueError as e:
+            unbuilt[DeliveryKind.OBSERVATION] = str(e)
     if DeliveryKind.ORU in ehr:
         try:
             oru = build_oru(header, findings, uids.oru, ae_title, cfg.institution_name)
-        except HL7apyException as e:
-            raise ValueError(f"HL7 ORU: {e}") from None
-        made.append(ReportObject(DeliveryKind.ORU, uids.oru, encode_oru(oru)))
-    return made
+            made.append(ReportObject(DeliveryKind.ORU, uids.oru, encode_oru(oru)))
+        except (ValueError, HL7apyException) as e:
+            unbuilt[DeliveryKind.ORU] = f"HL7 ORU: {e}"
+    return Reports(made, unbuilt)
 
 
 # The source UIDs a report copies or references (study, series in the evidence, frame of

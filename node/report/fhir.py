@@ -123,7 +123,10 @@ def build_observation(
         else None,
         note=[Annotation(text=UNTRAINED_NOTE)] if card.untrained else None,
     )
-    patient = Identifier(system=patient_identifier_system, value=str(header.PatientID))
+    patient_id = str(header.get("PatientID") or "").strip()
+    if not patient_id:
+        raise ValueError("FHIR Observation: no Patient ID, so the EHR cannot place the result")
+    patient = Identifier(system=patient_identifier_system, value=patient_id)
     study = Reference(
         type="ImagingStudy",
         identifier=Identifier(system=DICOM_UID, value=f"urn:oid:{header.StudyInstanceUID}"),

@@ -80,7 +80,10 @@ def build_oru(
     facility: str | None,
     now: dt.datetime | None = None,
 ) -> Message:
-    """The ORU^R01 of ``findings`` on the image ``header`` describes."""
+    """The ORU^R01 of ``findings`` on the image ``header`` describes. ValueError without a
+    Patient ID: the receiver could not place the result."""
+    if not str(header.get("PatientID") or "").strip():
+        raise ValueError("no Patient ID, so the EHR cannot place the result")
     card = findings.card
     msg = Message("ORU_R01", version="2.5.1", validation_level=VALIDATION_LEVEL.STRICT)
     msh = msg.msh
