@@ -289,16 +289,19 @@ class FhirServer:
     port: int
     token: str = "ehr-token-0123456789"
     proc: subprocess.Popen[bytes] | None = None
+    tls: tuple[Path, Path, Path] | None = None  # certificate, key, the CA that signed them
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/fhir"
+        scheme = "https" if self.tls else "http"
+        return f"{scheme}://127.0.0.1:{self.port}/fhir"
 
     def start(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         settings = self.folder / "settings.yaml"
+        served = f"tls_certfile: {self.tls[0]}\ntls_keyfile: {self.tls[1]}\n" if self.tls else ""
         settings.write_text(
-            f"base_url: {self.url}\ndata_dir: {self.folder / 'data'}\n"
+            f"base_url: {self.url}\ndata_dir: {self.folder / 'data'}\n{served}"
             f"server_auth:\n  types: [bearer]\n  tokens: [{self.token}]\n"
             "validation:\n  inbound: strict\n"
         )
@@ -314,20 +317,24 @@ class FhirServer:
         if self.proc is not None and self.proc.poll() is not None:
             raise AssertionError(f"sekmet exited: {(self.folder / 'fhir.log').read_text()}")
         try:
-            return requests.get(f"{self.url}/metadata", timeout=1).ok
+            return requests.get(f"{self.url}/metadata", timeout=1, verify=self._verify).ok
         except requests.ConnectionError:
             return False
+
+    @property
+    def _verify(self) -> str | bool:
+        return str(self.tls[2]) if self.tls else True
 
     def post(self, resource: dict[str, Any]) -> requests.Response:
         return requests.post(
             f"{self.url}/{resource['resourceType']}", json=resource, timeout=10,
-            headers={"Authorization": f"Bearer {self.token}"},
+            headers={"Authorization": f"Bearer {self.token}"}, verify=self._verify,
         )  # fmt: skip
 
     def search(self, resource_type: str, **params: str) -> list[dict[str, Any]]:
         r = requests.get(
             f"{self.url}/{resource_type}", params=params, timeout=10,
-            headers={"Authorization": f"Bearer {self.token}"},
+            headers={"Authorization": f"Bearer {self.token}"}, verify=self._verify,
         )  # fmt: skip
         r.raise_for_status()
         return [e["resource"] for e in r.json().get("entry", [])]

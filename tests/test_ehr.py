@@ -33,6 +33,7 @@ from storage.tables import DeliveryKind
 from tests.conftest import node_config, small_chests, storescu
 from tests.servers import FhirServer, MllpListener, NodeProcess, free_port, wait_until
 from tests.test_cli import run
+from tests.test_tls import pki  # noqa: F401 - the fixture
 
 TRAINED = ModelCard(name="seresnet-test", version="2", sha256="ab" * 32, gap_correction=(0.1, -3))
 OPS = "ehr-test-ops-token-0123"
@@ -348,3 +349,32 @@ def test_routing_without_conditions_keeps_todays_behaviour_and_names_what_it_dro
     routing.drop({DeliveryKind.OBSERVATION: "FHIR Observation: no Patient ID"})
     assert list(routing.takes) == ["pacs"] and routing.ehr_kinds == frozenset()
     assert routing.summary() == "pacs (sc, sr); not ehr: FHIR Observation: no Patient ID"
+
+
+def test_fhir_over_https_trusts_the_configured_ca_only(
+    tmp_path: Path,
+    pki: Path,  # noqa: F811 - the fixture imported above
+    header: pydicom.Dataset,
+) -> None:
+    """sekmet serves https with a certificate of a private CA: the node delivers when
+    ``tls.ca_certificates`` names that CA, and retries (a certificate error is no refusal)
+    when it does not."""
+    server = FhirServer(
+        tmp_path / "fhir", free_port(), tls=(pki / "node.crt", pki / "node.key", pki / "ca.crt")
+    )
+    server.start()
+    try:
+        uids = ReportUIDs(header.SOPInstanceUID, TRAINED.sha256)
+        obs = build_observation(header, Findings(55.0, 61.0, TRAINED), uids.sr_instance, None)
+        path = _stored(tmp_path, "obs.json", encode_observation(obs))
+        trusted = Destination(
+            name="ehr", fhir_url=server.url, token=server.token,
+            tls={"ca_certificates": pki / "ca.crt"},
+        )  # fmt: skip
+        assert FhirSender(trusted, 10).send([path]) == [None]
+        assert server.search("Observation", identifier=f"urn:oid:{uids.sr_instance}")
+        untrusted = Destination(name="ehr", fhir_url=server.url, token=server.token)
+        (error,) = FhirSender(untrusted, 10).send([path])
+        assert "SSLError" in error and not isinstance(error, Refused)
+    finally:
+        server.stop()

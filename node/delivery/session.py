@@ -28,8 +28,20 @@ class BearerFile(AuthBase):
         return request
 
 
+class _Session(requests.Session):
+    """A session whose own CA file wins: plain requests lets ``REQUESTS_CA_BUNDLE`` (set on
+    many hosts, often to the system bundle) override ``Session.verify`` (psf/requests issue
+    3829), so a destination's ``tls.ca_certificates`` would be ignored there."""
+
+    def merge_environment_settings(self, url, proxies, stream, verify, cert):  # type: ignore[no-untyped-def]
+        settings = super().merge_environment_settings(url, proxies, stream, verify, cert)
+        if isinstance(self.verify, str) and verify in (None, True):
+            settings["verify"] = self.verify
+        return settings
+
+
 def http_session(dest: Destination) -> requests.Session:
-    session = requests.Session()
+    session = _Session()
     if dest.token:
         session.headers["Authorization"] = f"Bearer {dest.token}"
     elif dest.token_file is not None:
