@@ -17,7 +17,7 @@ from fhir.resources.R4B.operationoutcome import OperationOutcome
 from pydantic import ValidationError
 
 from node.config import Destination
-from node.delivery.sender import Refused
+from node.delivery.sender import Refused, one_by_one
 from node.delivery.session import http_session
 from node.report.fhir import read_observation
 
@@ -34,14 +34,7 @@ class FhirSender:
         self.timeout = timeout
 
     def send(self, paths: list[Path]) -> list[str | None]:
-        errors: list[str | None] = []
-        for i, path in enumerate(paths):
-            error = self._create(path)
-            errors.append(error)
-            if error is not None and not isinstance(error, Refused):
-                # The server is away: the rest would wait out the same timeout each.
-                return errors + [error] * (len(paths) - i - 1)
-        return errors
+        return one_by_one(paths, self._create)
 
     def _create(self, path: Path) -> str | None:
         observation = read_observation(path)

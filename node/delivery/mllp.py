@@ -22,7 +22,7 @@ from hl7apy.core import Message
 from hl7apy.exceptions import HL7apyException
 
 from node.config import Destination
-from node.delivery.sender import Refused
+from node.delivery.sender import Refused, one_by_one
 from node.dicom.tls import client_context
 from node.report.hl7 import parse
 
@@ -37,14 +37,7 @@ class MllpSender:
         self.tls = client_context(dest.tls, dest.hl7_host) if dest.tls else None
 
     def send(self, paths: list[Path]) -> list[str | None]:
-        errors: list[str | None] = []
-        for path in paths:
-            error = asyncio.run(self._send(path.read_bytes()))
-            errors.append(error)
-            if error is not None and not isinstance(error, Refused):
-                # The receiver is away: the rest would wait out the same timeout each.
-                return errors + [error] * (len(paths) - len(errors))
-        return errors
+        return one_by_one(paths, lambda path: asyncio.run(self._send(path.read_bytes())))
 
     async def _send(self, data: bytes) -> str | None:
         """One message on its own connection: many receivers close theirs after each ACK."""
@@ -72,15 +65,15 @@ class MllpSender:
 
     def _outcome(self, ack: bytes, control_id: str) -> str | None:
         try:
-            msa = parse(ack).msa
-            code, acked = msa.msa_1.value, msa.msa_2.value
+            answer = parse(ack)
+            code, acked = answer.msa.msa_1.value, answer.msa.msa_2.value
         except (HL7apyException, UnicodeDecodeError, AttributeError, IndexError) as e:
             return f"HL7 {self.where}: the answer is no ACK ({type(e).__name__})"
         if acked != control_id:
             return f"HL7 {self.where}: ACK for message {acked!r}, not {control_id}"
         if code in ("AA", "CA"):
             return None
-        return Refused(f"HL7 {self.where}: ACK {code}: {_ack_text(parse(ack))}")
+        return Refused(f"HL7 {self.where}: ACK {code}: {_ack_text(answer)}")
 
 
 def read_control_id(data: bytes) -> str:

@@ -42,7 +42,7 @@ def refusal(dest: Destination, facts: ImageFacts) -> str | None:
     return None
 
 
-@dataclass(frozen=True)
+@dataclass
 class Routing:
     """Each destination that takes the result, with what it takes; each other, with why not."""
 

@@ -25,6 +25,19 @@ class Refused(str):
     once with this reason, since sending it again would get the same answer."""
 
 
+def one_by_one(paths: list[Path], send_one: Callable[[Path], str | None]) -> list[str | None]:
+    """Send each file alone (FHIR, HL7: one request or message each), in order. After an
+    error that is no refusal the destination is away, and the rest get that error without
+    each waiting out the same timeout."""
+    errors: list[str | None] = []
+    for path in paths:
+        error = send_one(path)
+        errors.append(error)
+        if error is not None and not isinstance(error, Refused):
+            return errors + [error] * (len(paths) - len(errors))
+    return errors
+
+
 def _read_dicom(path: Path) -> Any:
     return pydicom.dcmread(path).SOPInstanceUID
 

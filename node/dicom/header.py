@@ -21,7 +21,7 @@ from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset, read_file_meta_info
 from pydicom.uid import UID
-from pydicom.valuerep import VR
+from pydicom.valuerep import TM, VR
 from pydicom.values import convert_SQ
 
 # -- values ------------------------------------------------------------------------------------
@@ -73,6 +73,24 @@ def parse_da(found: object) -> dt.date | None:
     """A DA value (PS3.5 6.2) as a date; None when absent or not a date."""
     try:
         return dt.datetime.strptime(str(found).strip()[:8], "%Y%m%d").date()
+    except ValueError:
+        return None
+
+
+def study_datetime(
+    ds: Dataset, dates: tuple[str, ...] = ("StudyDate",)
+) -> dt.date | dt.datetime | None:
+    """The study's date (the first of ``dates`` present) and, with Study Time, its time to the
+    second; None when absent or not a date and time (what the EHR forms say of when)."""
+    found = next((t for k in dates if (t := text(ds, k))), None)
+    day = parse_da(found) if found else None
+    if day is None:
+        return None
+    time = text(ds, "StudyTime")
+    if not time:
+        return day
+    try:
+        return dt.datetime.combine(day, TM(time).replace(microsecond=0))
     except ValueError:
         return None
 

@@ -39,8 +39,8 @@ from fhir.resources.R4B.quantity import Quantity
 from fhir.resources.R4B.reference import Reference
 from pydantic import ValidationError
 from pydicom.dataset import Dataset
-from pydicom.valuerep import DA, TM
 
+from node.dicom.header import study_datetime
 from node.report.findings import Findings
 from node.report.uids import NAMESPACE
 
@@ -76,17 +76,9 @@ def sr_identifier(sr_sop_instance_uid: str) -> Identifier:
 def effective_time(header: Dataset) -> str | None:
     """The study's date (and time, in the node's time zone where the header gives none), as a
     FHIR dateTime: a time needs a zone there."""
-    date = header.get("StudyDate") or header.get("ContentDate")
-    if not date:
-        return None
-    try:
-        day = DA(date)
-        time = header.get("StudyTime")
-        if not time:
-            return day.isoformat()
-        moment = dt.datetime.combine(day, TM(time).replace(microsecond=0))
-    except ValueError:
-        return None
+    moment = study_datetime(header, ("StudyDate", "ContentDate"))
+    if not isinstance(moment, dt.datetime):
+        return None if moment is None else moment.isoformat()
     offset = header.get("TimezoneOffsetFromUTC")
     if offset:
         sign = -1 if str(offset).startswith("-") else 1

@@ -30,12 +30,12 @@ from hl7apy.core import Element, Message
 from hl7apy.factories import datatype_factory
 from hl7apy.parser import parse_message
 from pydicom.dataset import Dataset
-from pydicom.valuerep import DA, TM
 
+from node.dicom.header import parse_da, study_datetime
 from node.report.fhir import AGE_GAP, CORRECTED_GAP, UNTRAINED_NOTE, XRAY_AGE
 from node.report.findings import Findings
+from node.report.sr import SCHEME  # a local coding system (HL7 table 0396's 99zzz)
 
-SCHEME = "99XRAYAGE"  # a local coding system (HL7 table 0396's 99zzz), as in the SR
 YEARS = ("a", "year", "UCUM")
 CHRONOLOGICAL_AGE = ("30525-0", "Age", "LN")
 STUDY_UID = ("110180", "Study Instance UID", "DCM")
@@ -57,14 +57,11 @@ def _put(parent: Element, name: str, value: object, max_length: int = 199) -> No
         setattr(parent, name, datatype_factory(datatype, text, version="2.5.1"))
 
 
-def _dtm(date: object, time: object = None) -> str | None:
-    try:
-        day = DA(str(date))
-        if not time:
-            return day.strftime("%Y%m%d")
-        return dt.datetime.combine(day, TM(str(time))).strftime("%Y%m%d%H%M%S")
-    except (TypeError, ValueError):
+def _dtm(when: dt.date | None) -> str | None:
+    """An HL7 DTM: to the second for a date and time, the day for a date."""
+    if when is None:
         return None
+    return when.strftime("%Y%m%d%H%M%S" if isinstance(when, dt.datetime) else "%Y%m%d")
 
 
 def _coded(field: Element, concept: tuple[str, str, str]) -> None:
@@ -112,7 +109,7 @@ def build_oru(
         _put(pid.pid_5.xpn_1, "fn_1", name.family_name, 64)
         _put(pid.pid_5, "xpn_2", name.given_name, 64)
         _put(pid.pid_5, "xpn_3", name.middle_name, 64)
-    birth = _dtm(header.get("PatientBirthDate"))
+    birth = _dtm(parse_da(header.get("PatientBirthDate")))
     if birth:
         pid.pid_7 = birth
     sex = str(header.get("PatientSex", "") or "")
@@ -123,7 +120,7 @@ def build_oru(
     obr.obr_1 = "1"
     _put(obr.obr_3, "ei_1", header.get("AccessionNumber"), 16)
     _coded(obr.obr_4, (XRAY_AGE[0], XRAY_AGE[1], SCHEME))
-    studied = _dtm(header.get("StudyDate"), header.get("StudyTime"))
+    studied = _dtm(study_datetime(header))
     if studied:
         obr.obr_7 = studied
     obr.obr_25 = "P"
